@@ -1,0 +1,37 @@
+"""Errors the user can fix: they carry one line naming the file or option and the problem."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class SynomalyError(Exception):
+    """Base class of user-facing errors; the CLI prints ``str(error)`` and exits non-zero."""
+
+
+class InputError(SynomalyError, ValueError):
+    """An input file or folder cannot be used.
+
+    Args:
+        path: The offending file or folder.
+        problem: What is wrong with it, in a few words.
+    """
+
+    def __init__(self, path: str | Path, problem: str) -> None:
+        self.path = Path(path)
+        self.problem = problem
+        super().__init__(f"{path}: {problem}")
+
+
+class ConfigError(SynomalyError, ValueError):
+    """An option or configuration value is out of range or inconsistent.
+
+    Args:
+        option: The option's name, e.g. ``detect.threshold``.
+        problem: What is wrong with it.
+    """
+
+    def __init__(self, option: str, problem: str) -> None:
+        self.option = option
+        self.problem = problem
+        super().__init__(f"{option}: {problem}")
