@@ -35,3 +35,16 @@ class ConfigError(SynomalyError, ValueError):
         self.option = option
         self.problem = problem
         super().__init__(f"{option}: {problem}")
+
+
+class OutputExistsError(SynomalyError, FileExistsError):
+    """An output already exists and overwriting was not asked for.
+
+    Args:
+        path: The existing output.
+        hint: How to proceed, e.g. which option allows overwriting.
+    """
+
+    def __init__(self, path: str | Path, hint: str = "pass overwrite=True (--overwrite) to replace it") -> None:
+        self.path = Path(path)
+        super().__init__(f"{path}: already exists; {hint}")

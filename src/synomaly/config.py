@@ -1,0 +1,267 @@
+"""Typed configuration of a model folder: UNet, schedule, training noise, detection defaults.
+
+Every dataclass validates itself on construction and round-trips through plain JSON data
+(``to_dict`` / ``from_dict``); ``from_dict`` rejects unknown keys, so a typo in a config file
+is an error naming the key instead of a silently ignored value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from synomaly.errors import ConfigError
+
+T = TypeVar("T")
+
+FUSION_MODES = ("binary", "continuous")
+SCHEDULES = ("cosine", "linear")
+
+
+def _check(condition: bool, option: str, problem: str) -> None:
+    if not condition:
+        raise ConfigError(option, problem)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Keyword arguments of MONAI's ``DiffusionModelUNet`` (2-D, one channel in and out).
+
+    Attributes:
+        channels: Feature channels per resolution level.
+        attention_levels: Whether each level has self-attention.
+        num_res_blocks: Residual blocks per level.
+        num_head_channels: Channels per attention head.
+        norm_num_groups: Groups of the group normalisation (must divide every channel count).
+        resblock_updown: Down/up-sample with residual blocks (guided-diffusion style).
+        use_flash_attention: Use PyTorch's fused attention kernel.
+        image_size: The square image size the model is trained at.
+    """
+
+    channels: tuple[int, ...] = (32, 64, 128)
+    attention_levels: tuple[bool, ...] = (False, False, True)
+    num_res_blocks: int = 1
+    num_head_channels: int = 32
+    norm_num_groups: int = 32
+    resblock_updown: bool = False
+    use_flash_attention: bool = False
+    image_size: int = 64
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        object.__setattr__(self, "attention_levels", tuple(bool(a) for a in self.attention_levels))
+        _check(len(self.channels) >= 1, "model.channels", "needs at least one level")
+        _check(
+            len(self.attention_levels) == len(self.channels),
+            "model.attention_levels",
+            f"needs one entry per level ({len(self.channels)}), got {len(self.attention_levels)}",
+        )
+        _check(
+            all(c > 0 and c % self.norm_num_groups == 0 for c in self.channels),
+            "model.channels",
+            f"every channel count must be a positive multiple of norm_num_groups={self.norm_num_groups}",
+        )
+        _check(self.num_res_blocks >= 1, "model.num_res_blocks", "must be >= 1")
+        _check(self.num_head_channels >= 1, "model.num_head_channels", "must be >= 1")
+        _check(self.image_size >= 8, "model.image_size", f"must be >= 8, got {self.image_size}")
+        _check(
+            self.image_size % self.size_multiple == 0,
+            "model.image_size",
+            f"{self.image_size} is not divisible by {self.size_multiple} "
+            f"(2^(levels-1) for {len(self.channels)} levels)",
+        )
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this (each level halves the resolution)."""
+        return 2 ** (len(self.channels) - 1)
+
+    def unet_kwargs(self) -> dict[str, Any]:
+        """Arguments for ``monai.networks.nets.DiffusionModelUNet``."""
+        return {
+            "spatial_dims": 2,
+            "in_channels": 1,
+            "out_channels": 1,
+            "channels": self.channels,
+            "attention_levels": self.attention_levels,
+            "num_res_blocks": self.num_res_blocks,
+            "num_head_channels": self.num_head_channels,
+            "norm_num_groups": self.norm_num_groups,
+            "resblock_updown": self.resblock_updown,
+            "use_flash_attention": self.use_flash_attention,
+        }
+
+
+MODEL_PRESETS: dict[str, ModelConfig] = {
+    # The reference guided-diffusion UNet: 98,619,009 parameters.
+    "paper": ModelConfig(
+        channels=(128, 128, 256, 384, 512),
+        attention_levels=(False, False, False, True, True),
+        num_res_blocks=2,
+        num_head_channels=64,
+        resblock_updown=True,
+        use_flash_attention=True,
+        image_size=128,
+    ),
+    # About 2.7 M parameters: trains on a laptop CPU at 64x64.
+    "small": ModelConfig(),
+    # About 25 k parameters: for tests.
+    "tiny": ModelConfig(
+        channels=(8, 8, 8),
+        attention_levels=(False, False, True),
+        num_head_channels=8,
+        norm_num_groups=8,
+        image_size=32,
+    ),
+}
+
+
+def model_preset(name: str, **overrides: Any) -> ModelConfig:
+    """The named UNet preset (``paper``, ``small``, ``tiny``), with optional field overrides."""
+    if name not in MODEL_PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; valid presets: {', '.join(sorted(MODEL_PRESETS))}")
+    return dataclasses.replace(MODEL_PRESETS[name], **overrides)
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Noise schedule: ``cosine`` (Nichol & Dhariwal) or ``linear`` (Ho et al.), with T steps."""
+
+    kind: str = "cosine"
+    num_timesteps: int = 1000
+
+    def __post_init__(self) -> None:
+        _check(self.kind in SCHEDULES, "schedule.kind", f"must be one of {', '.join(SCHEDULES)}, got {self.kind!r}")
+        _check(self.num_timesteps >= 2, "schedule.num_timesteps", f"must be >= 2, got {self.num_timesteps}")
+
+
+@dataclass(frozen=True)
+class DetectConfig:
+    """Multi-stage detection settings (METHOD.md sections 3-5).
+
+    Attributes:
+        t: Partial diffusion timestep of each stage (0 <= t < T).
+        max_stages: Upper bound on stages (network evaluations) per image; 1 is single-stage.
+        kernel: Odd size of the OpenCV-style Gaussian blur applied before differencing.
+        threshold: Differences below this (on the [-1, 1] scale) are set to zero.
+        min_size: Connected components smaller than this many pixels are removed.
+        fusion: Fusion weight: ``binary`` (the mask, the paper's figure) or ``continuous``
+            (the thresholded difference, as the reference scripts do).
+        tol: A stage's relative mask-area change below this stops the image.
+        min_area: Floor of the denominator of the relative change, in pixels.
+        connectivity: 1 (4-neighbourhood) or 2 (8-neighbourhood) for connected components.
+        noise: Name of the noise added at inference (``gaussian`` for Synomaly).
+    """
+
+    t: int = 200
+    max_stages: int = 5
+    kernel: int = 5
+    threshold: float = 0.1
+    min_size: int = 30
+    fusion: str = "binary"
+    tol: float = 0.01
+    min_area: int = 500
+    connectivity: int = 1
+    noise: str = "gaussian"
+
+    def __post_init__(self) -> None:
+        _check(self.t >= 0, "detect.t", f"must be >= 0, got {self.t}")
+        _check(self.max_stages >= 1, "detect.max_stages", f"must be >= 1, got {self.max_stages}")
+        _check(self.kernel >= 1 and self.kernel % 2 == 1, "detect.kernel", f"must be a positive odd integer, got {self.kernel}")
+        _check(0.0 <= self.threshold < 2.0, "detect.threshold", f"must be in [0, 2), got {self.threshold}")
+        _check(self.min_size >= 0, "detect.min_size", f"must be >= 0, got {self.min_size}")
+        _check(self.fusion in FUSION_MODES, "detect.fusion", f"must be one of {', '.join(FUSION_MODES)}, got {self.fusion!r}")
+        _check(self.tol >= 0.0, "detect.tol", f"must be >= 0, got {self.tol}")
+        _check(self.min_area >= 1, "detect.min_area", f"must be >= 1, got {self.min_area}")
+        _check(self.connectivity in (1, 2), "detect.connectivity", f"must be 1 or 2, got {self.connectivity}")
+
+    def check_timestep(self, num_timesteps: int) -> None:
+        """Raise ``ConfigError`` unless ``t`` is a valid timestep of a ``num_timesteps`` schedule."""
+        _check(self.t < num_timesteps, "detect.t", f"must be < T={num_timesteps}, got {self.t}")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Everything ``config.json`` of a model folder holds."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    noise: dict[str, Any] = field(default_factory=lambda: {"name": "synomaly"})
+    detect: DetectConfig = field(default_factory=DetectConfig)
+    preprocess: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    version: str = ""
+
+    def __post_init__(self) -> None:
+        self.detect.check_timestep(self.schedule.num_timesteps)
+        _check("name" in self.noise, "noise", "needs a 'name'")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON data (tuples become lists)."""
+        return _to_plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PipelineConfig:
+        """Rebuild from ``to_dict`` output; unknown keys or bad values raise ``ConfigError``."""
+        return from_dict(cls, data)
+
+
+def _to_plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
+    """Build dataclass ``cls`` from plain data, recursing into nested dataclass fields.
+
+    Raises:
+        ConfigError: on unknown keys, values of the wrong type, or values out of range.
+    """
+    name = prefix or cls.__name__
+    if not isinstance(data, dict):
+        raise ConfigError(name, f"expected an object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ConfigError(name, f"unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(fields))}")
+    kwargs = {key: _coerce(hints[key], value, f"{prefix}.{key}" if prefix else key) for key, value in data.items()}
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, option: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, option)
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(option, f"expected a list, got {value!r}")
+        inner = typing.get_args(hint)[0]
+        return tuple(_coerce(inner, v, option) for v in value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(option, f"expected an object, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(option, f"expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(option, f"expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(option, f"expected a number, got {value!r}")
+        return float(value)
+    if hint is str and not isinstance(value, str):
+        raise ConfigError(option, f"expected a string, got {value!r}")
+    return value

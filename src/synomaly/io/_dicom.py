@@ -1,0 +1,192 @@
+"""DICOM files and series folders through pydicom (MONAI's DICOM reader transposes; we do not).
+
+Orientation: ``array[row, col]`` is the stored pixel matrix, which is how every DICOM viewer shows
+it (row 0 at the top). A multi-frame file gives one slice per frame. A series folder is all
+``.dcm`` files directly inside it, sorted along the slice normal by ``ImagePositionPatient`` (else by
+``InstanceNumber``, else by file name). Stored values go through the modality LUT / ``RescaleSlope``
+and ``RescaleIntercept`` (e.g. CT in HU). ``MONOCHROME1`` images are *not* inverted; colour images
+become gray by BT.601 luminance.
+
+``properties.affine`` is the voxel-to-RAS+ affine of the NIfTI volume that ``write_image`` makes
+from the slices (same convention as NIfTI input: volume ``[W, H, N]``, rows reversed), so a NIfTI
+output overlays the DICOM series in a viewer. Writing DICOM itself is not supported.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from synomaly.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+_LUMA = np.array([0.299, 0.587, 0.114])
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def _dcmread(path: Path):
+    """Read a dataset, turning pydicom's errors for damaged or foreign files into InputError."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        return pydicom.dcmread(path)
+    except (InvalidDicomError, OSError, EOFError, ValueError, struct.error) as error:
+        raise InputError(path, f"not a readable DICOM file ({error})") from error
+
+
+def _shared_item(ds, sequence: str):
+    """The first item of a shared functional group sequence (enhanced multi-frame objects), or None."""
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    if shared and sequence in shared[0] and shared[0][sequence].value:
+        return shared[0][sequence][0]
+    return None
+
+
+def _pixels(path: Path, ds) -> tuple[np.ndarray, np.ndarray]:
+    """Decoded pixels as ``[frames, rows, cols]`` after the modality LUT or rescale, and the raw array."""
+    from pydicom.pixels import apply_modality_lut
+
+    if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise InputError(path, "DICOM file has no pixel data")
+    try:
+        raw = ds.pixel_array
+    except (RuntimeError, NotImplementedError, ValueError, AttributeError, KeyError) as error:
+        raise InputError(path, f"cannot decode pixel data ({error})") from error
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if int(ds.get("SamplesPerPixel", 1)) > 1:
+        pixels = raw[..., :3] @ _LUMA
+    else:
+        rescale = ds if "RescaleSlope" in ds or "ModalityLUTSequence" in ds else None
+        rescale = rescale or _shared_item(ds, "PixelValueTransformationSequence")
+        pixels = apply_modality_lut(raw, rescale) if rescale is not None else raw
+    return pixels.reshape(frames, *pixels.shape[-2:]), raw
+
+
+def _spacing(ds) -> tuple[float, float] | None:
+    """``(row spacing, column spacing)`` in mm from the dataset or its shared functional groups."""
+    source = ds if "PixelSpacing" in ds else _shared_item(ds, "PixelMeasuresSequence")
+    if source is None or "PixelSpacing" not in source:
+        return None
+    row, col = (float(v) for v in source.PixelSpacing)
+    return row, col
+
+
+def _affine(ipp0, iop, spacing: tuple[float, float], rows: int, step: np.ndarray) -> list[list[float]]:
+    """Voxel-to-RAS+ affine of the ``[W, H, N]`` volume made from the slices.
+
+    Voxel ``(a, b, n)`` holds pixel ``(row = rows-1-b, col = a)`` of slice ``n``, whose LPS position
+    is ``IPP_n + col * dc * X + row * dr * Y`` (DICOM PS3.3 C.7.6.2.1.1).
+    """
+    x, y = np.asarray(iop[:3], float), np.asarray(iop[3:], float)
+    dr, dc = spacing
+    lps = np.eye(4)
+    lps[:3, 0] = x * dc
+    lps[:3, 1] = -y * dr
+    lps[:3, 2] = step
+    lps[:3, 3] = np.asarray(ipp0, float) + (rows - 1) * dr * y
+    return (_LPS_TO_RAS @ lps).tolist()
+
+
+def _slice_step(ds) -> float:
+    """Distance between slices for a lone slice, where the file records one."""
+    for tag in ("SpacingBetweenSlices", "SliceThickness"):
+        if ds.get(tag):
+            return float(ds.get(tag))
+    return 1.0
+
+
+def _extra(ds) -> dict:
+    """Tags worth keeping with the array (JSON-safe)."""
+    return {
+        "modality": str(ds.get("Modality", "")),
+        "photometric_interpretation": str(ds.get("PhotometricInterpretation", "")),
+    }
+
+
+def read_dicom_file(path: Path) -> tuple[np.ndarray, dict]:
+    """Read one ``.dcm`` file (2-D or multi-frame) as a ``[frames, rows, cols]`` stack."""
+    ds = _dcmread(path)
+    stack, raw = _pixels(path, ds)
+    spacing = _spacing(ds)
+    affine = None
+    geometry = ("ImagePositionPatient" in ds and "ImageOrientationPatient" in ds and spacing is not None)
+    if geometry and stack.shape[0] == 1:
+        iop = [float(v) for v in ds.ImageOrientationPatient]
+        step = np.cross(iop[:3], iop[3:]) * _slice_step(ds)
+        affine = _affine(ds.ImagePositionPatient, iop, spacing, stack.shape[1], step)
+    props = {
+        "format": "dicom",
+        "shape": tuple(raw.shape),
+        "dtype": raw.dtype.name,
+        "spacing": spacing,
+        "affine": affine,
+        "extra": _extra(ds),
+    }
+    return stack, props
+
+
+def _series_order(files: list[Path], datasets: list) -> tuple[np.ndarray, str, np.ndarray | None]:
+    """Sort order of a series' slices, the rule used, and the sorted positions along the normal."""
+    geometry = all("ImagePositionPatient" in ds and "ImageOrientationPatient" in ds for ds in datasets)
+    if geometry:
+        iops = np.array([[float(v) for v in ds.ImageOrientationPatient] for ds in datasets])
+        geometry = np.allclose(iops, iops[0], atol=1e-4)
+    if geometry:
+        normal = np.cross(iops[0, :3], iops[0, 3:])
+        positions = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in datasets])
+        order = np.argsort(positions @ normal, kind="stable")
+        return order, "position", positions[order]
+    if all("InstanceNumber" in ds for ds in datasets):
+        return np.argsort([int(ds.InstanceNumber) for ds in datasets], kind="stable"), "instance", None
+    logger.warning("%s: slices have neither positions nor instance numbers; sorted by file name",
+                   files[0].parent)
+    return np.arange(len(files)), "name", None
+
+
+def _series_affine(ds, positions: np.ndarray, spacing, rows: int) -> list[list[float]] | None:
+    """Affine of a sorted series from its first and last slice positions."""
+    iop = [float(v) for v in ds.ImageOrientationPatient]
+    if len(positions) == 1:
+        step = np.cross(iop[:3], iop[3:]) * _slice_step(ds)
+    else:
+        step = (positions[-1] - positions[0]) / (len(positions) - 1)
+        gaps = np.linalg.norm(np.diff(positions, axis=0), axis=1)
+        if gaps.min() < 1e-6 or not np.allclose(gaps, gaps.mean(), rtol=0.01):
+            logger.warning("slice gaps of this series are not uniform (%.3g..%.3g mm); the NIfTI affine "
+                           "assumes uniform steps", gaps.min(), gaps.max())
+    return _affine(positions[0], iop, spacing, rows, step)
+
+
+def read_dicom_series(folder: Path) -> tuple[np.ndarray, dict]:
+    """Read every ``.dcm`` file directly inside ``folder`` as one sorted series ``[N, rows, cols]``."""
+    files = sorted(p for p in folder.iterdir()
+                   if p.is_file() and p.suffix.lower() == ".dcm" and not p.name.startswith("."))
+    if not files:
+        raise InputError(folder, "folder has no .dcm files (a folder is read as one DICOM series)")
+    datasets = [_dcmread(path) for path in files]
+    series = {str(ds.get("SeriesInstanceUID", "")) for ds in datasets}
+    if len(series) > 1:
+        raise InputError(folder, f"holds {len(series)} DICOM series; put each series in its own folder")
+    slices, raw_dtype = [], None
+    for path, ds in zip(files, datasets):
+        stack, raw = _pixels(path, ds)
+        if stack.shape[0] != 1:
+            raise InputError(path, "multi-frame file inside a series folder; read it on its own")
+        if slices and stack.shape != slices[0].shape:
+            raise InputError(path, f"slice size {stack.shape[1:]} differs from {slices[0].shape[1:]} in {files[0].name}")
+        slices.append(stack)
+        raw_dtype = raw.dtype.name
+    order, rule, positions = _series_order(files, datasets)
+    stack = np.concatenate([slices[i] for i in order])
+    spacing = _spacing(datasets[0])
+    affine = _series_affine(datasets[order[0]], positions, spacing, stack.shape[1]) if (
+        positions is not None and spacing is not None) else None
+    extra = {**_extra(datasets[0]), "files": [files[i].name for i in order], "sorted_by": rule}
+    props = {"format": "dicom-series", "shape": tuple(stack.shape), "dtype": raw_dtype,
+             "spacing": spacing, "affine": affine, "extra": extra}
+    return stack, props

@@ -1,0 +1,149 @@
+"""NIfTI-1/2 volumes through nibabel.
+
+Slice convention (one rule for every slice axis, images and masks alike, exactly invertible):
+the two remaining array axes ``(a, b)`` of ``vol`` (in array order) become columns and rows with
+``b`` reversed, i.e. ``image = np.rot90(vol_slice)``, so ``image[row, col] = vol_slice[col, B-1-row]``.
+This is what ``matplotlib.imshow(vol_slice.T, origin="lower")`` shows, and for the usual
+RAS/LAS-stored volumes it puts anterior (axial) or superior (coronal, sagittal) at the top.
+A DICOM slice converted by dcm2niix reads back as the same image as the DICOM itself. The volume is
+not reoriented by its affine: ``slice_axis`` indexes the stored array.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from synomaly.errors import ConfigError, InputError
+from synomaly.io._base import ImageProperties
+
+logger = logging.getLogger(__name__)
+
+
+def volume_to_slices(volume: np.ndarray, axis: int) -> np.ndarray:
+    """A ``[K, H, W]`` view of a 3-D volume's slices along ``axis`` in the convention above."""
+    return np.rot90(np.moveaxis(volume, axis, 0), k=1, axes=(1, 2))
+
+
+def slices_to_volume(stack: np.ndarray, axis: int) -> np.ndarray:
+    """Inverse of :func:`volume_to_slices`: a view of ``[K, H, W]`` slices as a 3-D volume."""
+    return np.moveaxis(np.rot90(stack, k=-1, axes=(1, 2)), 0, axis)
+
+
+def _as_3d(path: Path, shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """The 3-D shape a stored shape is handled as: 2-D gets one slice, trailing 1s are dropped."""
+    core = list(shape)
+    while len(core) > 3 and core[-1] == 1:
+        core.pop()
+    if len(core) == 2:
+        core.append(1)
+    if len(core) != 3:
+        raise InputError(path, f"expected a 2-D or 3-D image, got shape {tuple(shape)} (one volume only)")
+    return tuple(core)
+
+
+def read_nifti(path: Path, slice_axis: int) -> tuple[np.ndarray, dict]:
+    """Load a NIfTI file as a ``[K, H, W]`` slice view (scaled by ``scl_slope``/``scl_inter``).
+
+    A 2-D image (or a volume with one slice along ``slice_axis = 2``) gives one slice; for 2-D
+    images ``slice_axis`` is ignored.
+    """
+    import nibabel
+    from nibabel.filebasedimages import ImageFileError
+    from nibabel.spatialimages import HeaderDataError
+
+    if slice_axis not in (0, 1, 2):
+        raise ConfigError("slice_axis", f"must be 0, 1 or 2, got {slice_axis!r}")
+    try:
+        image = nibabel.load(path)
+        data = np.asanyarray(image.dataobj)
+    except (ImageFileError, HeaderDataError, OSError, EOFError, ValueError, zlib.error) as error:
+        raise InputError(path, f"cannot read NIfTI ({error})") from error
+    if not isinstance(image, (nibabel.Nifti1Image, nibabel.Nifti2Image)):
+        raise InputError(path, f"not a NIfTI image ({type(image).__name__})")
+    is_2d = image.ndim == 2
+    if is_2d and slice_axis != 2:
+        logger.debug("%s is 2-D: slice_axis %d does not apply", path, slice_axis)
+    axis = 2 if is_2d else slice_axis
+    volume = data.reshape(_as_3d(path, image.shape))
+    zooms = [float(z) for z in image.header.get_zooms()[:3]]
+    zooms += [1.0] * (3 - len(zooms))
+    a, b = [i for i in range(3) if i != axis]
+    props = {
+        "format": "nifti",
+        "shape": tuple(int(n) for n in image.shape),
+        "dtype": image.get_data_dtype().name,
+        "spacing": (zooms[b], zooms[a]),
+        "affine": image.affine.tolist(),
+        "slice_axis": None if is_2d else axis,
+        "extra": {
+            "nifti_version": 2 if isinstance(image, nibabel.Nifti2Image) else 1,
+            "nifti_header": base64.b64encode(image.header.binaryblock).decode("ascii"),
+        },
+    }
+    return volume_to_slices(volume, axis), props
+
+
+def _header_from(like: ImageProperties):
+    """Rebuild the input's NIfTI header from its properties."""
+    import nibabel
+
+    header_class = nibabel.Nifti2Header if like.extra.get("nifti_version") == 2 else nibabel.Nifti1Header
+    header = header_class(binaryblock=base64.b64decode(like.extra["nifti_header"]))
+    # The input's display window would make a mask or map look wrong in viewers.
+    header["cal_min"], header["cal_max"] = 0, 0
+    return header
+
+
+def _storage_dtype(stack: np.ndarray) -> np.dtype:
+    """NIfTI storage type: masks as uint8 0/1, floats as float32, integers as they are."""
+    if stack.dtype == bool:
+        return np.dtype(np.uint8)
+    if stack.dtype.kind == "f":
+        return np.dtype(np.float32)
+    if stack.dtype.itemsize == 8:
+        info = np.iinfo(np.int32)
+        if stack.size and (stack.min() < info.min or stack.max() > info.max):
+            raise ValueError("64-bit integer values do not fit int32; convert them to float first")
+        return np.dtype(np.int32)
+    return stack.dtype
+
+
+def write_nifti(tmp: Path, stack: np.ndarray, like: ImageProperties | None) -> None:
+    """Write a ``[N, H, W]`` stack as a NIfTI volume at ``tmp``.
+
+    With a NIfTI ``like``, the slices go back to ``like.slice_indices`` of a zero volume of the
+    input's full shape, with the input's affine and header. Otherwise the stack becomes a
+    ``[W, H, N]`` volume (slice axis 2, same convention) with ``like.affine`` if known, else a
+    diagonal affine from ``like.spacing`` (identity without properties).
+    """
+    import nibabel
+
+    dtype = _storage_dtype(stack)
+    if like is not None and like.format == "nifti":
+        shape3 = _as_3d(Path(like.path), like.shape)
+        volume = np.zeros(shape3, dtype=dtype)
+        axis = 2 if like.slice_axis is None else like.slice_axis
+        volume_to_slices(volume, axis)[like.slice_indices] = stack
+        volume = volume.reshape(like.shape)
+        header = _header_from(like)
+    else:
+        volume = np.ascontiguousarray(slices_to_volume(stack.astype(dtype), 2))
+        header = None
+    affine = np.asarray(like.affine) if like is not None and like.affine is not None else _spacing_affine(like)
+    image_class = nibabel.Nifti2Image if like is not None and like.extra.get("nifti_version") == 2 else nibabel.Nifti1Image
+    image = image_class(volume, affine, header=header)
+    image.set_data_dtype(dtype)
+    nibabel.save(image, tmp)
+
+
+def _spacing_affine(like: ImageProperties | None) -> np.ndarray:
+    """Diagonal affine from the pixel spacing (array axis 0 runs along columns, axis 1 along rows)."""
+    affine = np.eye(4)
+    if like is not None and like.spacing is not None:
+        affine[0, 0], affine[1, 1] = like.spacing[1], like.spacing[0]
+    return affine

@@ -1,0 +1,196 @@
+"""``SynomalyPipeline``: a trained model folder, loaded without Lightning, that detects anomalies.
+
+A model folder holds ``config.json`` (everything needed to rebuild the model, the noise and the
+preprocessing, plus the package version), ``model.safetensors`` (EMA weights) and, after
+calibration, ``thresholds.json`` (detection settings chosen on validation data).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import synomaly
+from synomaly import _atomic
+from synomaly.config import DetectConfig, PipelineConfig, from_dict
+from synomaly.detect import DetectionOutput, multistage_detect
+from synomaly.errors import ConfigError, InputError, OutputExistsError
+from synomaly.model import build_unet, check_image_size
+from synomaly.schedule import DiffusionSchedule
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+THRESHOLDS_NAME = "thresholds.json"
+
+
+def read_json(path: Path) -> Any:
+    """Parse a JSON file as plain data; any problem is an ``InputError`` naming the file."""
+    if not path.is_file():
+        raise InputError(path, "missing")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(path, f"not valid JSON ({error})") from None
+
+
+def load_config(folder: str | Path) -> PipelineConfig:
+    """Read and validate ``config.json`` of a model folder."""
+    path = Path(folder) / CONFIG_NAME
+    try:
+        config = PipelineConfig.from_dict(read_json(path))
+    except ConfigError as error:
+        raise InputError(path, str(error)) from None
+    if config.version.split(".")[:1] != synomaly.__version__.split(".")[:1]:
+        log.warning("%s was written by synomaly %s; this is %s", path, config.version or "?", synomaly.__version__)
+    return config
+
+
+def load_thresholds(folder: str | Path, base: DetectConfig) -> DetectConfig:
+    """Apply the ``detect`` settings of ``thresholds.json`` (if present) on top of ``base``."""
+    path = Path(folder) / THRESHOLDS_NAME
+    if not path.exists():
+        return base
+    data = read_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("detect"), dict):
+        raise InputError(path, "expected an object with a 'detect' object")
+    try:
+        return from_dict(DetectConfig, {**dataclasses.asdict(base), **data["detect"]}, "detect")
+    except ConfigError as error:
+        raise InputError(path, str(error)) from None
+
+
+def load_weights(unet: nn.Module, path: Path) -> None:
+    """Load safetensors weights into ``unet``; no pickle is ever read."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise InputError(path, "missing")
+    try:
+        state = load_file(path)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise InputError(path, f"not readable safetensors weights ({error})") from None
+    expected = unet.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    wrong = [k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape]
+    if missing or unexpected or wrong:
+        detail = (missing and f"missing {missing[0]}") or (unexpected and f"unexpected {unexpected[0]}") or f"shape of {wrong[0]}"
+        raise InputError(path, f"weights do not match config.json ({len(missing) + len(unexpected) + len(wrong)} tensors differ, e.g. {detail})")
+    unet.load_state_dict(state)
+
+
+class SynomalyPipeline:
+    """A diffusion model trained on healthy images, with its detection settings.
+
+    Args:
+        unet: The epsilon-prediction network ``unet(x_t, t)``.
+        config: The model folder's configuration.
+        bf16: Run the network under bfloat16 autocast.
+    """
+
+    def __init__(self, unet: nn.Module, config: PipelineConfig, bf16: bool = False) -> None:
+        self.unet = unet.eval()
+        self.config = config
+        self.bf16 = bf16
+        device = next(unet.parameters()).device
+        self.schedule = DiffusionSchedule.from_config(config.schedule).to(device)
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the network; inputs are moved here."""
+        return next(self.unet.parameters()).device
+
+    def to(self, device: str | torch.device) -> SynomalyPipeline:
+        """Move the network and schedule to ``device``; returns ``self``."""
+        self.unet.to(device)
+        self.schedule.to(device)
+        return self
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu", bf16: bool = False) -> SynomalyPipeline:
+        """Load a model folder written by ``save_pretrained`` or by training."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise InputError(folder, "model folder not found")
+        config = load_config(folder)
+        config = dataclasses.replace(config, detect=load_thresholds(folder, config.detect))
+        unet = build_unet(config.model)
+        load_weights(unet, folder / WEIGHTS_NAME)
+        return cls(unet.to(device), config, bf16=bf16)
+
+    def save_pretrained(self, folder: str | Path, overwrite: bool = False) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` atomically into ``folder``."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        weights = folder / WEIGHTS_NAME
+        if weights.exists() and not overwrite:
+            raise OutputExistsError(weights)
+        config = dataclasses.replace(self.config, version=synomaly.__version__)
+        state = {k: v.detach().to("cpu").contiguous() for k, v in self.unet.state_dict().items()}
+        with _atomic.atomic_path(weights) as tmp:
+            save_file(state, tmp)
+        _atomic.write_json(folder / CONFIG_NAME, config.to_dict())
+        return folder
+
+    def inference_noise(self, name: str):
+        """The noise added at inference: the training noise's parameters when the names match."""
+        from synomaly.noise import make_noise, noise_from_dict
+
+        return noise_from_dict(self.config.noise) if self.config.noise.get("name") == name else make_noise(name)
+
+    def detect(
+        self,
+        images: Tensor,
+        generator: torch.Generator | None = None,
+        foreground: Tensor | None = None,
+        **overrides: Any,
+    ) -> DetectionOutput:
+        """Detect anomalies in ``[B, 1, H, W]`` images scaled to [-1, 1].
+
+        Args:
+            images: The batch; moved to the pipeline's device.
+            generator: Source of the inference noise, on the pipeline's device.
+            foreground: Optional ``[B, 1, H, W]`` mask; nothing is flagged outside it.
+            **overrides: Any ``DetectConfig`` field (``t``, ``max_stages``, ``kernel``,
+                ``threshold``, ``min_size``, ``fusion``, ...) for this call.
+        """
+        config = self.detect_config(**overrides)
+        images = self._check_images(images)
+        if foreground is not None:
+            foreground = foreground.to(self.device).bool()
+            if foreground.shape != images.shape:
+                raise ValueError(f"foreground shape {tuple(foreground.shape)} differs from images {tuple(images.shape)}")
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return multistage_detect(
+                self.unet, self.schedule, images, config, self.inference_noise(config.noise), generator, foreground
+            )
+
+    def detect_config(self, **overrides: Any) -> DetectConfig:
+        """The folder's detection settings with ``overrides`` applied and validated."""
+        config = from_dict(DetectConfig, {**dataclasses.asdict(self.config.detect), **overrides}, "detect")
+        config.check_timestep(self.schedule.num_timesteps)
+        return config
+
+    def _check_images(self, images: Tensor) -> Tensor:
+        if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 1:
+            shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+            raise ValueError(f"images must be a [B, 1, H, W] tensor, got {shape}")
+        if not images.is_floating_point():
+            raise ValueError(f"images must be floating point in [-1, 1], got {images.dtype}")
+        check_image_size(self.config.model, images.shape[2], images.shape[3])
+        images = images.to(self.device, torch.float32)
+        if not torch.isfinite(images).all():
+            raise ValueError("images contain NaN or Inf values")
+        lo, hi = images.aminmax()
+        if lo < -1.001 or hi > 1.001:
+            raise ValueError(f"images must be scaled to [-1, 1], got values in [{lo.item():.3g}, {hi.item():.3g}]")
+        return images

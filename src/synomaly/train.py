@@ -1,0 +1,293 @@
+"""Training on healthy images with any registered noise (Lightning: CPU/GPU, DDP, bf16, resume).
+
+The product of training is a model folder (``config.json`` + ``model.safetensors`` holding the EMA
+weights) that ``SynomalyPipeline.from_pretrained`` loads without importing Lightning. Beside it,
+``checkpoints/last.ckpt`` (for ``resume``), ``logs/`` (CSV, TensorBoard when installed) and
+``previews/`` (input / noised / one-step reconstruction pictures).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from synomaly import _atomic
+from synomaly.config import DetectConfig, ModelConfig, PipelineConfig, ScheduleConfig, _check
+from synomaly.errors import OutputExistsError
+from synomaly.model import build_unet, check_image_size
+from synomaly.pipeline import WEIGHTS_NAME, SynomalyPipeline
+from synomaly.schedule import LOSSES, DiffusionSchedule
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = {"32": "32-true", "bf16": "bf16-mixed"}
+CHECKPOINT = Path("checkpoints") / "last.ckpt"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and hardware settings.
+
+    Attributes:
+        steps: Optimiser steps in total (a resumed run stops at the same count).
+        batch_size: Images per step and device.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        grad_clip: Gradient norm clipping (0 disables).
+        ema_decay: Decay of the exponential moving average of the weights that is exported.
+        loss: ``mse`` or ``hybrid`` (MSE plus the fixed-variance variational bound).
+        flips: Random horizontal and vertical flips.
+        precision: ``32`` or ``bf16`` (mixed).
+        accelerator: Lightning accelerator (``auto``, ``cpu``, ``gpu``).
+        devices: Devices per node.
+        num_nodes: Nodes (multi-node DDP, e.g. under SLURM).
+        strategy: Lightning strategy (``auto``, ``ddp``, ...).
+        seed: Seed of the data order, noise and initial weights.
+        checkpoint_every: Steps between resume checkpoints.
+        preview_every: Steps between preview pictures (0 disables).
+        log_every: Steps between log rows.
+        num_workers: Data-loader worker processes.
+        progress: Show a progress bar.
+    """
+
+    steps: int = 1000
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    loss: str = "mse"
+    flips: bool = True
+    precision: str = "32"
+    accelerator: str = "auto"
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    seed: int = 0
+    checkpoint_every: int = 200
+    preview_every: int = 500
+    log_every: int = 10
+    num_workers: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 1, "train.steps", f"must be >= 1, got {self.steps}")
+        _check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _check(0.0 <= self.ema_decay < 1.0, "train.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+        _check(self.loss in LOSSES, "train.loss", f"must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        _check(self.precision in PRECISIONS, "train.precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        _check(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
+        _check(self.devices >= 1 and self.num_nodes >= 1, "train.devices", "devices and num_nodes must be >= 1")
+
+
+def random_flips(images: Tensor, foreground: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Flip each image (and its foreground) horizontally and vertically with probability 1/2 each."""
+    flips = torch.rand(2, images.shape[0], 1, 1, 1, device=images.device) < 0.5
+    out = [images, foreground]
+    for flag, dim in zip(flips, (-1, -2)):
+        out = [None if x is None else torch.where(flag, x.flip(dim), x) for x in out]
+    return out[0], out[1]
+
+
+def _lightning_module(unet: nn.Module, schedule: DiffusionSchedule, noise: Any, config: TrainConfig):
+    """The ``LightningModule`` (built lazily: importing Lightning costs seconds)."""
+    import lightning.pytorch as pl
+
+    class DiffusionModule(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.unet, self.schedule, self.noise = unet, schedule, noise
+
+        def on_fit_start(self) -> None:
+            # Different noise per rank; the data order is already split by the sampler.
+            torch.manual_seed(config.seed + 1 + self.global_rank)
+
+        def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
+            x, fg = batch[0], (batch[1] if len(batch) > 1 else None)
+            if config.flips:
+                x, fg = random_flips(x, fg)
+            t = self.schedule.sample_timesteps(x.shape[0], x.device)
+            n = self.noise(x, foreground=fg)
+            x_t = self.schedule.q_sample(x, t, n)
+            loss = self.schedule.loss(self.unet(x_t, t).float(), n, x, x_t, t, config.loss)
+            self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=x.shape[0])
+            return loss
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.AdamW(self.unet.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+    return DiffusionModule()
+
+
+def _callbacks(output_dir: Path, config: TrainConfig, preview_batch: Tensor, noise: Any) -> list:
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
+
+    class Preview(pl.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+            step = trainer.global_step
+            if config.preview_every and trainer.is_global_zero and step % config.preview_every == 0:
+                write_preview(output_dir / "previews" / f"step_{step:07d}.png", module, preview_batch.to(module.device), noise)
+
+    callbacks = [
+        EMAWeightAveraging(decay=config.ema_decay),
+        ModelCheckpoint(dirpath=output_dir / CHECKPOINT.parent, save_last=True, save_top_k=0,
+                        every_n_train_steps=config.checkpoint_every, enable_version_counter=False),
+        Preview(),
+    ]
+    return callbacks
+
+
+@torch.no_grad()
+def write_preview(path: Path, module: Any, images: Tensor, noise: Any) -> None:
+    """Save rows input / noised (t = T/4, training noise) / one-step reconstruction as a PNG."""
+    from PIL import Image
+
+    was_training = module.training
+    module.eval()
+    schedule = module.schedule
+    t = torch.full((images.shape[0],), schedule.num_timesteps // 4, device=images.device, dtype=torch.long)
+    x_t = schedule.q_sample(images, t, noise(images))
+    recon = schedule.predict_x0(x_t, t, module.unet(x_t, t).float())
+    module.train(was_training)
+    rows = [torch.cat(list(r[:, 0]), dim=1) for r in (images, x_t.clamp(-1, 1), recon)]
+    grid = ((torch.cat(rows, dim=0) + 1) * 127.5).clamp(0, 255).to(torch.uint8).cpu().numpy()
+    with _atomic.atomic_path(path) as tmp:
+        Image.fromarray(grid).save(tmp, format="PNG")
+
+
+def _loggers(output_dir: Path) -> list:
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    loggers = [CSVLogger(output_dir, name="logs", version=0)]
+    if importlib.util.find_spec("tensorboard") is not None:
+        loggers.append(TensorBoardLogger(output_dir, name="logs", version=0))
+    return loggers
+
+
+def _check_outputs(output_dir: Path, resume: bool, overwrite: bool) -> Path | None:
+    """The checkpoint to resume from, or None; refuses to clobber an existing run."""
+    checkpoint = output_dir / CHECKPOINT
+    if resume:
+        if checkpoint.is_file():
+            return checkpoint
+        log.warning("%s not found: starting from scratch", checkpoint)
+        return None
+    for existing in (output_dir / WEIGHTS_NAME, checkpoint):
+        if existing.exists() and not overwrite:
+            raise OutputExistsError(existing, "pass resume=True (--resume) to continue or overwrite=True (--overwrite)")
+    if overwrite:
+        checkpoint.unlink(missing_ok=True)
+    return None
+
+
+def _dataset(images: Tensor | np.ndarray, foreground: Tensor | np.ndarray | None, model: ModelConfig):
+    images = torch.as_tensor(images, dtype=torch.float32)
+    if images.ndim != 4 or images.shape[1] != 1:
+        raise ValueError(f"training images must be [N, 1, H, W], got {tuple(images.shape)}")
+    check_image_size(model, images.shape[2], images.shape[3])
+    if images.shape[2] != model.image_size or images.shape[3] != model.image_size:
+        raise ValueError(f"training images are {images.shape[2]}x{images.shape[3]} but model.image_size is {model.image_size}")
+    if not torch.isfinite(images).all() or images.min() < -1.001 or images.max() > 1.001:
+        raise ValueError("training images must be finite and scaled to [-1, 1]")
+    tensors = [images] if foreground is None else [images, torch.as_tensor(foreground).bool().reshape(images.shape)]
+    return torch.utils.data.TensorDataset(*tensors)
+
+
+def train(
+    images: Tensor | np.ndarray,
+    output_dir: str | Path,
+    *,
+    model: ModelConfig,
+    noise: dict[str, Any],
+    train_config: TrainConfig = TrainConfig(),
+    schedule: ScheduleConfig = ScheduleConfig(),
+    detect: DetectConfig = DetectConfig(),
+    preprocess: dict[str, Any] | None = None,
+    foreground: Tensor | np.ndarray | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> Path:
+    """Train a diffusion model on healthy ``[N, 1, H, W]`` images in [-1, 1]; returns the model folder.
+
+    Args:
+        images: Healthy training images.
+        output_dir: The model folder to write (with checkpoints, logs and previews inside).
+        model: UNet configuration; ``image_size`` must match the images.
+        noise: Training noise as ``{"name": ..., **params}`` (see ``synomaly.noise``).
+        train_config: Optimisation and hardware settings.
+        schedule: Diffusion schedule.
+        detect: Detection defaults stored in the model folder.
+        preprocess: Preprocessing settings stored in the model folder (plain data).
+        foreground: Optional ``[N, 1, H, W]`` masks that confine noise blobs.
+        resume: Continue from ``checkpoints/last.ckpt`` when it exists.
+        overwrite: Replace an existing model folder's run.
+    """
+    import lightning.pytorch as pl
+
+    from synomaly.noise import noise_from_dict
+
+    output_dir = Path(output_dir)
+    ckpt_path = _check_outputs(output_dir, resume, overwrite)
+    config = PipelineConfig(model=model, schedule=schedule, noise=dict(noise), detect=detect, preprocess=dict(preprocess or {}))
+    noise_fn = noise_from_dict(config.noise)
+    dataset = _dataset(images, foreground, model)
+    pl.seed_everything(train_config.seed, workers=True, verbose=False)
+    unet = build_unet(model)
+    module = _lightning_module(unet, DiffusionSchedule.from_config(schedule), noise_fn, train_config)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=train_config.batch_size, shuffle=True, drop_last=len(dataset) >= train_config.batch_size,
+        num_workers=train_config.num_workers, persistent_workers=train_config.num_workers > 0,
+    )
+    trainer = _trainer(output_dir, train_config, dataset.tensors[0][:4], noise_fn)
+    start = time.perf_counter()
+    trainer.fit(module, loader, ckpt_path=ckpt_path, weights_only=True)
+    seconds = time.perf_counter() - start
+    if trainer.is_global_zero:
+        summary = {**dataclasses.asdict(train_config), "images": len(dataset), "final_step": trainer.global_step,
+                   "seconds_last_run": round(seconds, 3), "device": str(trainer.strategy.root_device)}
+        config = dataclasses.replace(config, training=summary)
+        SynomalyPipeline(module.unet, config).save_pretrained(output_dir, overwrite=True)
+        log.info("model folder written to %s (%d steps)", output_dir, trainer.global_step)
+    trainer.strategy.barrier("model folder written")
+    return output_dir
+
+
+def _trainer(output_dir: Path, config: TrainConfig, preview_batch: Tensor, noise: Any):
+    import lightning.pytorch as pl
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    class AtomicCheckpointIO(TorchCheckpointIO):
+        """Checkpoints go to a temporary file first, so a kill never leaves a truncated one."""
+
+        def save_checkpoint(self, checkpoint: dict, path: Any, storage_options: Any = None) -> None:
+            with _atomic.atomic_path(path) as tmp:
+                super().save_checkpoint(checkpoint, tmp, storage_options)
+
+    return pl.Trainer(
+        max_steps=config.steps,
+        max_epochs=-1,
+        accelerator=config.accelerator,
+        devices=config.devices,
+        num_nodes=config.num_nodes,
+        strategy=config.strategy,
+        precision=PRECISIONS[config.precision],
+        gradient_clip_val=config.grad_clip or None,
+        callbacks=_callbacks(output_dir, config, preview_batch, noise),
+        logger=_loggers(output_dir),
+        log_every_n_steps=config.log_every,
+        enable_progress_bar=config.progress,
+        enable_model_summary=False,
+        plugins=[AtomicCheckpointIO()],
+        default_root_dir=output_dir,
+    )
