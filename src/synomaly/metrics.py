@@ -41,7 +41,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -50,7 +50,7 @@ from synomaly.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-Spacing = Union[float, Sequence[float], None]
+Spacing = float | Sequence[float] | None
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,9 @@ def _check_masks(pred: Tensor, target: Tensor) -> None:
     if pred.dtype != torch.bool or target.dtype != torch.bool:
         raise ValueError(f"masks must be bool tensors, got {pred.dtype} and {target.dtype}")
     if pred.shape != target.shape or pred.ndim != 4 or pred.shape[1] != 1:
-        raise ValueError(f"masks must both be [B, 1, H, W], got {tuple(pred.shape)} and {tuple(target.shape)}")
+        raise ValueError(
+            f"masks must both be [B, 1, H, W], got {tuple(pred.shape)} and {tuple(target.shape)}"
+        )
 
 
 def confusion_counts(pred: Tensor, target: Tensor) -> Counts:
@@ -164,6 +166,8 @@ def nanmean_count(values: Tensor) -> tuple[float, int]:
 
 
 def _check_map(anomaly_map: Tensor, target: Tensor) -> None:
+    if target.dtype != torch.bool:
+        raise ValueError(f"target must be a bool tensor, got {target.dtype}")
     if anomaly_map.shape != target.shape or not anomaly_map.is_floating_point():
         raise ValueError(
             f"anomaly map must be a float tensor shaped like the target {tuple(target.shape)}, "
@@ -197,7 +201,9 @@ def _single_class(n_positive: int, n_total: int, what: str) -> bool:
 def _image_scores(scores: Tensor, labels: Tensor) -> Tensor:
     """Validated image scores, shifted and scaled into ``[0, 1]`` in float64 (order kept)."""
     if scores.shape != labels.shape or scores.ndim != 1 or labels.dtype != torch.bool:
-        raise ValueError(f"scores and bool labels must both be [N], got {tuple(scores.shape)}, {tuple(labels.shape)}")
+        raise ValueError(
+            f"scores and bool labels must both be [N], got {tuple(scores.shape)} and {tuple(labels.shape)}"
+        )
     if bool(scores.isnan().any()):
         raise ValueError("image scores contain NaN")
     shifted = scores.detach().double().cpu()
@@ -281,9 +287,10 @@ class PixelRankingMetrics:
     """
 
     def __init__(self, thresholds: int | None = None, map_max: float | None = None) -> None:
-        if thresholds is not None and (isinstance(thresholds, bool) or not isinstance(thresholds, int) or thresholds < 2):
+        binned = thresholds is not None
+        if binned and (isinstance(thresholds, bool) or not isinstance(thresholds, int) or thresholds < 2):
             raise ConfigError("ap_thresholds", f"must be None (exact) or an integer >= 2, got {thresholds!r}")
-        if thresholds is not None and (map_max is None or not map_max > 0):
+        if binned and (map_max is None or not map_max > 0):
             raise ConfigError("map_max", f"binned AP/AUROC needs a positive map_max, got {map_max!r}")
         self.thresholds = thresholds
         self.map_max = map_max
@@ -315,8 +322,9 @@ class PixelRankingMetrics:
         self._n_positive += int(target.sum())
         self._n_pixels += target.numel()
         if self._binned is None:
-            self._maps.append(anomaly_map.detach().float().flatten().cpu())
-            self._targets.append(target.flatten().cpu())
+            # Copies: the caller may reuse its buffers for the next batch.
+            self._maps.append(anomaly_map.detach().to("cpu", torch.float32, copy=True).flatten())
+            self._targets.append(target.to("cpu", copy=True).flatten())
             return
         self._n_clipped += int((anomaly_map > self.map_max).sum())
         scores = (anomaly_map.detach().float() / self.map_max).clamp(max=1.0).flatten()
@@ -630,7 +638,8 @@ def _per_volume(counts: Counts, group_ids: list[str]) -> tuple[list[dict[str, An
     index = torch.tensor([position[g] for g in group_ids], dtype=torch.long)
     volumes = counts.group_sum(index, len(names))
     n_slices = torch.bincount(index, minlength=len(names)).tolist()
-    n_anomalous_slices = torch.bincount(index, weights=(counts.tp + counts.fn > 0).double(), minlength=len(names))
+    slice_anomalous = (counts.tp + counts.fn > 0).double()
+    n_anomalous_slices = torch.bincount(index, weights=slice_anomalous, minlength=len(names))
     anomalous = volumes.tp + volumes.fn > 0
     table = _count_metrics(volumes)
     rows = [

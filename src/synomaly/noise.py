@@ -56,7 +56,6 @@ class Noise(Protocol):
         self, reference: Tensor, generator: torch.Generator | None = None, foreground: Tensor | None = None
     ) -> Tensor:
         """Draw noise shaped like ``reference`` ``[B, C, H, W]`` on its device, in its dtype."""
-        ...
 
 
 NOISES: dict[str, type] = {}
@@ -181,7 +180,10 @@ def _work_dtype(reference: Tensor, generator: torch.Generator | None) -> torch.d
     return torch.float64 if reference.dtype == torch.float64 else torch.float32
 
 
-def _randn(shape: tuple[int, ...], generator: torch.Generator | None, reference: Tensor, dtype: torch.dtype) -> Tensor:
+def _randn(
+    shape: tuple[int, ...], generator: torch.Generator | None, reference: Tensor, dtype: torch.dtype
+) -> Tensor:
+    """``N(0, I)`` of ``shape`` on the reference's device."""
     return torch.randn(shape, generator=generator, device=reference.device, dtype=dtype)
 
 
@@ -317,7 +319,9 @@ def _directions(value: object) -> tuple[int, ...]:
         isinstance(v, numbers.Real) and not isinstance(v, bool) and v in (1, -1) for v in values
     ):
         return tuple(int(v) for v in values)
-    raise ConfigError("synomaly noise", f"direction must be 1, -1 or a non-empty sequence of them, got {value!r}")
+    raise ConfigError(
+        "synomaly noise", f"direction must be 1, -1 or a non-empty sequence of them, got {value!r}"
+    )
 
 
 def _foreground_mask(foreground: Tensor, reference: Tensor) -> Tensor:
@@ -339,7 +343,9 @@ def _foreground_mask(foreground: Tensor, reference: Tensor) -> Tensor:
 _SKEW = 0.5 * (math.sqrt(3.0) - 1.0)
 _UNSKEW = (3.0 - math.sqrt(3.0)) / 6.0
 # Gustavson's gradient table projected on the plane, duplicates removed: 4 diagonals and 4 axes.
-_GRADIENTS_2D = ((1.0, 1.0), (-1.0, 1.0), (1.0, -1.0), (-1.0, -1.0), (1.0, 0.0), (-1.0, 0.0), (0.0, 1.0), (0.0, -1.0))
+_GRADIENTS_2D = (
+    (1.0, 1.0), (-1.0, 1.0), (1.0, -1.0), (-1.0, -1.0), (1.0, 0.0), (-1.0, 0.0), (0.0, 1.0), (0.0, -1.0)
+)
 # Gustavson's output scale; with these gradients the extremes are about +-0.998 (found numerically).
 _SIMPLEX_SCALE = 70.0
 
@@ -359,7 +365,9 @@ def simplex2d(x: Tensor, y: Tensor, perm: Tensor) -> Tensor:
             gradients; a different permutation gives a different noise field.
     """
     if tuple(perm.shape) != (256,) or perm.dtype.is_floating_point:
-        raise ValueError(f"perm must be an integer tensor of shape [256], got {perm.dtype} {list(perm.shape)}")
+        raise ValueError(
+            f"perm must be an integer tensor of shape [256], got {perm.dtype} {list(perm.shape)}"
+        )
     perm = perm.to(device=x.device, dtype=torch.long)
     gradients = torch.tensor(_GRADIENTS_2D, device=x.device, dtype=x.dtype)
     skew = (x + y) * _SKEW
@@ -419,7 +427,9 @@ class SimplexNoise:
         device = reference.device
         perm = torch.randperm(256, generator=generator, device=device)
         # Offsets within the 256-unit lattice period act as independent seeds per octave and image.
-        offsets = 256.0 * torch.rand((self.octaves, batch, channels, 2), generator=generator, device=device, dtype=dtype)
+        offsets = 256.0 * torch.rand(
+            (self.octaves, batch, channels, 2), generator=generator, device=device, dtype=dtype
+        )
         rows = torch.arange(height, device=device, dtype=dtype).view(height, 1) / self.frequency
         cols = torch.arange(width, device=device, dtype=dtype).view(1, width) / self.frequency
         total = torch.zeros((batch, channels, height, width), device=device, dtype=dtype)
@@ -462,7 +472,8 @@ class CoarseNoise:
         """Draw coarse noise shaped like ``reference``; ``foreground`` is ignored."""
         dtype = _work_dtype(reference, generator)
         batch, channels, height, width = reference.shape
-        grid = self.std * _randn((batch, channels, self.resolution, self.resolution), generator, reference, dtype)
+        grid_shape = (batch, channels, self.resolution, self.resolution)
+        grid = self.std * _randn(grid_shape, generator, reference, dtype)
         upsampled = F.interpolate(grid, size=(height, width), mode="bilinear", align_corners=False)
         shift_rows = torch.randint(height, (batch,), generator=generator, device=reference.device)
         shift_cols = torch.randint(width, (batch,), generator=generator, device=reference.device)
@@ -507,7 +518,8 @@ class PyramidNoise:
         dtype = _work_dtype(reference, generator)
         batch, channels, height, width = reference.shape
         # One host sync per call to read the ratio; it decides the level sizes.
-        ratio = 2.0 + 2.0 * torch.rand((), generator=generator, device=reference.device, dtype=torch.float64).item()
+        draw = torch.rand((), generator=generator, device=reference.device, dtype=torch.float64)
+        ratio = 2.0 + 2.0 * draw.item()
         total = _randn((batch, channels, height, width), generator, reference, dtype)
         for level in range(1, self.levels):
             size = (max(1, int(height / ratio**level)), max(1, int(width / ratio**level)))

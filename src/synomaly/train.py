@@ -255,7 +255,8 @@ def train(
     seconds = time.perf_counter() - start
     if trainer.is_global_zero:
         summary = {**dataclasses.asdict(train_config), "images": len(dataset), "final_step": trainer.global_step,
-                   "seconds_last_run": round(seconds, 3), "device": str(trainer.strategy.root_device)}
+                   "seconds_last_run": round(seconds, 3), "device": str(trainer.strategy.root_device),
+                   "world_size": trainer.world_size}
         config = dataclasses.replace(config, training=summary)
         SynomalyPipeline(module.unet, config).save_pretrained(output_dir, overwrite=True)
         log.info("model folder written to %s (%d steps)", output_dir, trainer.global_step)

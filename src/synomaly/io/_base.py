@@ -36,6 +36,7 @@ class ImageProperties:
             from the DICOM geometry in the same slice convention.
         slice_axis: The NIfTI array axis the slices were taken along; ``None`` for other formats.
         slice_indices: Which slices of the stored stack or volume were taken, in order.
+        slice_count: How many slices the stored stack or volume has (before ``slice_range``).
         extra: Format details a writer needs (NIfTI header, npz key, DICOM file names, ...),
             JSON-safe.
     """
@@ -49,6 +50,7 @@ class ImageProperties:
     affine: list[list[float]] | None = None
     slice_axis: int | None = None
     slice_indices: list[int] = field(default_factory=list)
+    slice_count: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

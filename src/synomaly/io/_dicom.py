@@ -4,8 +4,9 @@ Orientation: ``array[row, col]`` is the stored pixel matrix, which is how every 
 it (row 0 at the top). A multi-frame file gives one slice per frame. A series folder is all
 ``.dcm`` files directly inside it, sorted along the slice normal by ``ImagePositionPatient`` (else by
 ``InstanceNumber``, else by file name). Stored values go through the modality LUT / ``RescaleSlope``
-and ``RescaleIntercept`` (e.g. CT in HU). ``MONOCHROME1`` images are *not* inverted; colour images
-become gray by BT.601 luminance.
+and ``RescaleIntercept`` (e.g. CT in HU). ``MONOCHROME1`` images are *not* inverted; colour and
+palette images become gray by BT.601 luminance. Files without the DICOM preamble/meta header and
+compressed transfer syntaxes without an installed decoder are refused with the reason.
 
 ``properties.affine`` is the voxel-to-RAS+ affine of the NIfTI volume that ``write_image`` makes
 from the slices (same convention as NIfTI input: volume ``[W, H, N]``, rows reversed), so a NIfTI
@@ -49,7 +50,7 @@ def _shared_item(ds, sequence: str):
 
 def _pixels(path: Path, ds) -> tuple[np.ndarray, np.ndarray]:
     """Decoded pixels as ``[frames, rows, cols]`` after the modality LUT or rescale, and the raw array."""
-    from pydicom.pixels import apply_modality_lut
+    from pydicom.pixels import apply_color_lut, apply_modality_lut
 
     if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise InputError(path, "DICOM file has no pixel data")
@@ -58,7 +59,9 @@ def _pixels(path: Path, ds) -> tuple[np.ndarray, np.ndarray]:
     except (RuntimeError, NotImplementedError, ValueError, AttributeError, KeyError) as error:
         raise InputError(path, f"cannot decode pixel data ({error})") from error
     frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if int(ds.get("SamplesPerPixel", 1)) > 1:
+    if ds.get("PhotometricInterpretation") == "PALETTE COLOR":
+        pixels = apply_color_lut(raw, ds)[..., :3] @ _LUMA
+    elif int(ds.get("SamplesPerPixel", 1)) > 1:
         pixels = raw[..., :3] @ _LUMA
     else:
         rescale = ds if "RescaleSlope" in ds or "ModalityLUTSequence" in ds else None
@@ -148,7 +151,7 @@ def _series_order(files: list[Path], datasets: list) -> tuple[np.ndarray, str, n
     return np.arange(len(files)), "name", None
 
 
-def _series_affine(ds, positions: np.ndarray, spacing, rows: int) -> list[list[float]] | None:
+def _series_affine(ds, positions: np.ndarray, spacing: tuple[float, float], rows: int) -> list[list[float]]:
     """Affine of a sorted series from its first and last slice positions."""
     iop = [float(v) for v in ds.ImageOrientationPatient]
     if len(positions) == 1:
@@ -178,8 +181,9 @@ def read_dicom_series(folder: Path) -> tuple[np.ndarray, dict]:
         if stack.shape[0] != 1:
             raise InputError(path, "multi-frame file inside a series folder; read it on its own")
         if slices and stack.shape != slices[0].shape:
-            raise InputError(path, f"slice size {stack.shape[1:]} differs from {slices[0].shape[1:]} in {files[0].name}")
-        slices.append(stack)
+            raise InputError(path, f"slice size {stack.shape[1:]} differs from {slices[0].shape[1:]} "
+                                   f"in {files[0].name}")
+        slices.append(stack.astype(np.float32))  # float32 in the end anyway; halves peak memory
         raw_dtype = raw.dtype.name
     order, rule, positions = _series_order(files, datasets)
     stack = np.concatenate([slices[i] for i in order])

@@ -5,8 +5,9 @@ the two remaining array axes ``(a, b)`` of ``vol`` (in array order) become colum
 ``b`` reversed, i.e. ``image = np.rot90(vol_slice)``, so ``image[row, col] = vol_slice[col, B-1-row]``.
 This is what ``matplotlib.imshow(vol_slice.T, origin="lower")`` shows, and for the usual
 RAS/LAS-stored volumes it puts anterior (axial) or superior (coronal, sagittal) at the top.
-A DICOM slice converted by dcm2niix reads back as the same image as the DICOM itself. The volume is
-not reoriented by its affine: ``slice_axis`` indexes the stored array.
+It is also the inverse of NIfTI's bottom-up row order, so a NIfTI that ``write_image`` made from
+DICOM input reads back as exactly the DICOM's images (converters such as dcm2niix store rows the
+same way). The volume is not reoriented by its affine: ``slice_axis`` indexes the stored array.
 """
 
 from __future__ import annotations
@@ -134,8 +135,10 @@ def write_nifti(tmp: Path, stack: np.ndarray, like: ImageProperties | None) -> N
     else:
         volume = np.ascontiguousarray(slices_to_volume(stack.astype(dtype), 2))
         header = None
-    affine = np.asarray(like.affine) if like is not None and like.affine is not None else _spacing_affine(like)
-    image_class = nibabel.Nifti2Image if like is not None and like.extra.get("nifti_version") == 2 else nibabel.Nifti1Image
+    known = like is not None and like.affine is not None
+    affine = np.asarray(like.affine) if known else _spacing_affine(like)
+    nifti2 = like is not None and like.extra.get("nifti_version") == 2
+    image_class = nibabel.Nifti2Image if nifti2 else nibabel.Nifti1Image
     image = image_class(volume, affine, header=header)
     image.set_data_dtype(dtype)
     nibabel.save(image, tmp)

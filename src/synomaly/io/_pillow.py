@@ -46,8 +46,7 @@ def read_pillow(path: Path) -> tuple[np.ndarray, dict]:
     try:
         with Image.open(path) as image:
             fmt = _FORMAT_NAMES.get(image.format or "", (image.format or "unknown").lower())
-            mode = image.mode
-            first = np.asarray(image)
+            mode, bands = image.mode, len(image.getbands())
             frames = [_frame_to_gray(frame) for frame in ImageSequence.Iterator(image)]
     # Damaged files surface from Pillow's many decoders as any of these.
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, struct.error,
@@ -55,12 +54,18 @@ def read_pillow(path: Path) -> tuple[np.ndarray, dict]:
         raise InputError(path, f"cannot read image ({error})") from error
     if len({frame.shape for frame in frames}) > 1:
         raise InputError(path, "pages differ in size; cannot stack them")
-    shape = first.shape if len(frames) == 1 else (len(frames), *first.shape)
-    props = {"format": fmt, "shape": tuple(shape), "dtype": first.dtype.name, "extra": {"mode": mode}}
+    # Pillow's colour and palette modes hold 8 bits per band.
+    gray = mode in _GRAY_MODES
+    page_shape = frames[0].shape if gray else (*frames[0].shape, bands)
+    shape = page_shape if len(frames) == 1 else (len(frames), *page_shape)
+    dtype = frames[0].dtype.name if gray else "uint8"
+    props = {"format": fmt, "shape": tuple(shape), "dtype": dtype, "extra": {"mode": mode}}
     return np.stack(frames), props
 
 
-def _to_storable(array: np.ndarray, path: Path, allow_float: bool) -> tuple[np.ndarray, tuple[float, float] | None]:
+def _to_storable(
+    array: np.ndarray, path: Path, allow_float: bool
+) -> tuple[np.ndarray, tuple[float, float] | None]:
     """Pick the stored integer type: masks become 0/255 bytes, integers keep 8 or 16 bits.
 
     Float maps are kept as float32 where the format can (TIFF) and otherwise scaled linearly
@@ -96,7 +101,8 @@ def write_pillow(path: Path, tmp: Path, stack: np.ndarray) -> None:
 
     is_tiff = tmp.name.lower().endswith((".tif", ".tiff"))
     if not is_tiff and stack.shape[0] != 1:
-        raise InputError(path, f"a PNG holds one 2-D image, got {stack.shape[0]} slices; write .tif, .nii.gz or .npy")
+        raise InputError(path, f"a PNG holds one 2-D image, got {stack.shape[0]} slices; "
+                               "write .tif, .nii.gz or .npy")
     data, value_range = _to_storable(stack, path, allow_float=is_tiff)
     pages = [Image.fromarray(np.ascontiguousarray(page)) for page in data]
     if is_tiff:

@@ -1,0 +1,47 @@
+"""Session-scoped fixtures: synthetic phantoms and one tiny model trained once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from synomaly.config import DetectConfig, model_preset
+from synomaly.synthetic import healthy_phantoms, insert_lesions
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+TINY_NOISE = {"name": "synomaly", "sigma": 1.0, "threshold": 175.0, "offset": 0.5, "direction": [1]}
+
+
+@pytest.fixture(scope="session")
+def phantom_train() -> torch.Tensor:
+    return healthy_phantoms(512, 32, torch.Generator().manual_seed(0))[0]
+
+
+@pytest.fixture(scope="session")
+def phantom_test() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(healthy images, images with lesions, lesion masks): 48 each, 32x32."""
+    g = torch.Generator().manual_seed(1)
+    healthy, head = healthy_phantoms(48, 32, g)
+    lesioned, masks = insert_lesions(healthy, head, g)
+    return healthy, lesioned, masks
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, phantom_train) -> Path:
+    """A tiny Synomaly model trained on healthy phantoms (about 30 s on 2 CPU cores)."""
+    from synomaly.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("tiny_model")
+    config = TrainConfig(steps=300, batch_size=16, lr=2e-3, ema_decay=0.99, checkpoint_every=100,
+                         preview_every=100, progress=False, accelerator="cpu")
+    detect = DetectConfig(t=200, kernel=3, threshold=0.2, min_size=4)
+    return train(phantom_train, out, model=model_preset("tiny"), noise=TINY_NOISE, train_config=config, detect=detect)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data not found at {SHARED_DATA} (it sits beside the repository in CI)")
+    return SHARED_DATA

@@ -1,0 +1,144 @@
+"""SynomalyPipeline: model folder round trip, settings, input checks, and detection on a trained tiny model."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from synomaly import SynomalyPipeline
+from synomaly.config import PipelineConfig, model_preset
+from synomaly.errors import ConfigError, InputError, OutputExistsError
+from synomaly.model import build_unet
+
+
+@pytest.fixture
+def random_pipeline():
+    torch.manual_seed(0)
+    return SynomalyPipeline(build_unet(model_preset("tiny")), PipelineConfig(model=model_preset("tiny")))
+
+
+def test_save_and_load_give_identical_detections(random_pipeline, tmp_path):
+    random_pipeline.save_pretrained(tmp_path)
+    loaded = SynomalyPipeline.from_pretrained(tmp_path)
+    images = torch.rand(3, 1, 32, 32) * 2 - 1
+    a = random_pipeline.detect(images, generator=torch.Generator().manual_seed(0), min_size=2)
+    b = loaded.detect(images, generator=torch.Generator().manual_seed(0), min_size=2)
+    torch.testing.assert_close(a.reconstruction, b.reconstruction)
+    torch.testing.assert_close(a.stages, b.stages)
+    assert loaded.config.model == random_pipeline.config.model
+    assert json.loads((tmp_path / "config.json").read_text())["version"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_save_refuses_to_overwrite(random_pipeline, tmp_path):
+    random_pipeline.save_pretrained(tmp_path)
+    with pytest.raises(OutputExistsError, match="already exists"):
+        random_pipeline.save_pretrained(tmp_path)
+    random_pipeline.save_pretrained(tmp_path, overwrite=True)
+
+
+def test_loading_does_not_import_lightning(random_pipeline, tmp_path):
+    random_pipeline.save_pretrained(tmp_path)
+    code = (
+        "import sys; from synomaly import SynomalyPipeline; import torch;"
+        f"p = SynomalyPipeline.from_pretrained({str(tmp_path)!r}); p.detect(torch.zeros(1, 1, 32, 32));"
+        "print(sorted(m for m in sys.modules if m.startswith(('lightning', 'pytorch_lightning'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda d: (d / "config.json").unlink(), "config.json: missing"),
+        (lambda d: (d / "config.json").write_text("{not json"), "config.json: not valid JSON"),
+        (lambda d: (d / "config.json").write_text('{"detect": {"t": 5000}}'), "detect.t: must be < T=1000"),
+        (lambda d: (d / "model.safetensors").write_bytes(b"\x00" * 10), "model.safetensors: not readable"),
+        (lambda d: (d / "model.safetensors").unlink(), "model.safetensors: missing"),
+        (lambda d: (d / "thresholds.json").write_text('{"detect": {"kernel": 4}}'), "thresholds.json: detect.kernel"),
+    ],
+)
+def test_damaged_model_folders_raise_one_clear_error(random_pipeline, tmp_path, damage, message):
+    random_pipeline.save_pretrained(tmp_path)
+    damage(tmp_path)
+    with pytest.raises(InputError, match=message):
+        SynomalyPipeline.from_pretrained(tmp_path)
+
+
+def test_weights_of_another_architecture_are_rejected(random_pipeline, tmp_path):
+    random_pipeline.save_pretrained(tmp_path)
+    other = SynomalyPipeline(build_unet(model_preset("tiny", channels=(16, 16, 16))), random_pipeline.config)
+    other.save_pretrained(tmp_path / "other")
+    (tmp_path / "other" / "model.safetensors").replace(tmp_path / "model.safetensors")
+    with pytest.raises(InputError, match="weights do not match config.json"):
+        SynomalyPipeline.from_pretrained(tmp_path)
+
+
+def test_thresholds_json_overrides_detection_defaults(random_pipeline, tmp_path):
+    random_pipeline.save_pretrained(tmp_path)
+    (tmp_path / "thresholds.json").write_text(json.dumps({"detect": {"threshold": 0.33, "t": 150}}))
+    loaded = SynomalyPipeline.from_pretrained(tmp_path)
+    assert (loaded.config.detect.threshold, loaded.config.detect.t) == (0.33, 150)
+
+
+@pytest.mark.parametrize(
+    "images, message",
+    [
+        (torch.zeros(1, 32, 32), r"\[B, 1, H, W\]"),
+        (torch.zeros(1, 3, 32, 32), r"\[B, 1, H, W\]"),
+        (torch.zeros(1, 1, 32, 32, dtype=torch.uint8), "floating point"),
+        (torch.full((1, 1, 32, 32), float("nan")), "NaN"),
+        (torch.full((1, 1, 32, 32), 3.0), r"scaled to \[-1, 1\]"),
+        (torch.zeros(1, 1, 30, 32), "multiples of 4"),
+    ],
+)
+def test_bad_images_are_rejected(random_pipeline, images, message):
+    with pytest.raises(ValueError, match=message):
+        random_pipeline.detect(images)
+
+
+@pytest.mark.parametrize("override, message", [({"t": 1000}, "detect.t"), ({"kernel": 2}, "detect.kernel"), ({"tresh": 1}, "unknown key")])
+def test_bad_overrides_are_rejected(random_pipeline, override, message):
+    with pytest.raises(ConfigError, match=message):
+        random_pipeline.detect(torch.zeros(1, 1, 32, 32), **override)
+
+
+def test_inference_noise_keeps_training_parameters(random_pipeline):
+    import dataclasses
+
+    pipe = SynomalyPipeline(random_pipeline.unet, dataclasses.replace(random_pipeline.config, noise={"name": "simplex", "octaves": 3}))
+    assert pipe.inference_noise("simplex").octaves == 3
+    assert type(pipe.inference_noise("gaussian")).__name__ == "GaussianNoise"
+
+
+@pytest.mark.slow
+def test_trained_tiny_model_finds_inserted_lesions(tiny_model_dir, phantom_test):
+    from sklearn.metrics import average_precision_score
+
+    _, lesioned, masks = phantom_test
+    pipe = SynomalyPipeline.from_pretrained(tiny_model_dir)
+    one = pipe.detect(lesioned, generator=torch.Generator().manual_seed(0), max_stages=1)
+    multi = pipe.detect(lesioned, generator=torch.Generator().manual_seed(0), max_stages=5)
+    prevalence = masks.float().mean().item()
+    for out in (one, multi):
+        ap = average_precision_score(masks.flatten().numpy(), out.anomaly_map.flatten().numpy())
+        assert ap > 10 * prevalence, f"AP {ap:.3f} vs prevalence {prevalence:.3f}"
+        inter = (out.mask & masks).flatten(1).sum(1)
+        dice = (2 * inter / (out.mask.flatten(1).sum(1) + masks.flatten(1).sum(1))).mean().item()
+        assert dice > 0.5
+    assert one.stages.max() == 1
+    assert 2 <= multi.stages.float().mean() <= 5
+
+
+@pytest.mark.slow
+def test_healthy_images_score_lower_than_lesioned(tiny_model_dir, phantom_test):
+    from sklearn.metrics import roc_auc_score
+
+    healthy, lesioned, _ = phantom_test
+    pipe = SynomalyPipeline.from_pretrained(tiny_model_dir)
+    scores = pipe.detect(torch.cat([healthy, lesioned]), generator=torch.Generator().manual_seed(0)).score
+    labels = [0] * len(healthy) + [1] * len(lesioned)
+    assert roc_auc_score(labels, scores.numpy()) > 0.8

@@ -1,0 +1,139 @@
+"""Training: model folder product, resume (also after SIGKILL), 2-process DDP on CPU, bf16, previews."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from synomaly import SynomalyPipeline
+from synomaly.config import model_preset
+from synomaly.errors import ConfigError, OutputExistsError
+from synomaly.train import TrainConfig, random_flips, train
+
+NOISE = {"name": "synomaly", "sigma": 1.0}
+
+
+def quick(steps, **kw):
+    return TrainConfig(**{"steps": steps, "batch_size": 4, "checkpoint_every": 5, "preview_every": 0,
+                          "progress": False, "accelerator": "cpu", "log_every": 2, **kw})
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.rand(16, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+
+def final_step(folder):
+    return json.loads((folder / "config.json").read_text())["training"]["final_step"]
+
+
+def test_training_writes_a_loadable_model_folder_with_previews(images, tmp_path):
+    train(images, tmp_path, model=model_preset("tiny"), noise=NOISE, train_config=quick(6, preview_every=3))
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["noise"] == NOISE and config["training"]["final_step"] == 6
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert (tmp_path / "logs" / "version_0" / "metrics.csv").is_file()
+    from PIL import Image
+
+    preview = np.asarray(Image.open(tmp_path / "previews" / "step_0000006.png"))
+    assert preview.shape == (3 * 32, 4 * 32) and preview.std() > 10
+    SynomalyPipeline.from_pretrained(tmp_path).detect(images[:2])
+    assert not list(tmp_path.rglob("*.tmp*"))
+
+
+def test_exported_weights_are_the_moving_average(images, tmp_path):
+    train(images, tmp_path, model=model_preset("tiny"), noise=NOISE, train_config=quick(5, ema_decay=0.5))
+    # Lightning's EMA callback keeps the average in the checkpoint's state_dict, the raw weights beside it.
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    average = {k.removeprefix("unet."): v for k, v in state["state_dict"].items()}
+    raw = {k.removeprefix("unet."): v for k, v in state["current_model_state"].items()}
+    from safetensors.torch import load_file
+
+    exported = load_file(tmp_path / "model.safetensors")
+    assert all(torch.equal(exported[k], average[k]) for k in exported)
+    assert any(not torch.equal(exported[k], raw[k]) for k in exported if exported[k].is_floating_point())
+
+
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    from synomaly.config import model_preset
+    from synomaly.train import TrainConfig, train
+    images = torch.rand(16, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    config = TrainConfig(steps=int(sys.argv[2]), batch_size=4, checkpoint_every=5, preview_every=0,
+                         progress=False, accelerator="cpu", devices=int(sys.argv[3]),
+                         strategy="ddp" if int(sys.argv[3]) > 1 else "auto")
+    train(images, sys.argv[1], model=model_preset("tiny"), noise={"name": "synomaly", "sigma": 1.0},
+          train_config=config, resume=True)
+    """
+)
+
+
+def run_script(tmp_path, out, steps, devices=1, **popen):
+    script = tmp_path / "train_script.py"
+    script.write_text(KILL_SCRIPT)
+    return subprocess.Popen([sys.executable, str(script), str(out), str(steps), str(devices)], **popen)
+
+
+def test_sigkill_mid_training_then_resume_reaches_the_same_step(tmp_path):
+    out = tmp_path / "run"
+    proc = run_script(tmp_path, out, 400, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = out / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    assert proc.poll() is None, "training finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "model.safetensors").exists()
+    torch.load(checkpoint, weights_only=True)  # the checkpoint on disk is complete
+    resumed = run_script(tmp_path, out, 400, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, log
+    assert "Restored all states" in log
+    assert final_step(out) == 400
+
+
+def test_two_process_ddp_on_cpu(tmp_path):
+    out = tmp_path / "ddp"
+    proc = run_script(tmp_path, out, 6, devices=2, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, log
+    training = json.loads((out / "config.json").read_text())["training"]
+    assert training["world_size"] == 2 and training["final_step"] == 6
+
+
+def test_bf16_training_on_cpu(images, tmp_path):
+    train(images, tmp_path, model=model_preset("tiny"), noise=NOISE, train_config=quick(2, precision="bf16"))
+    assert final_step(tmp_path) == 2
+
+
+def test_training_images_must_match_the_model_size(images, tmp_path):
+    with pytest.raises(ValueError, match="model.image_size is 64"):
+        train(images, tmp_path, model=model_preset("small"), noise=NOISE, train_config=quick(1))
+
+
+@pytest.mark.parametrize("field, value", [("steps", 0), ("loss", "l1"), ("precision", "fp8"), ("ema_decay", 1.0)])
+def test_train_config_validation(field, value):
+    with pytest.raises(ConfigError, match=f"train.{field}"):
+        TrainConfig(**{field: value})
+
+
+def test_random_flips_flip_images_and_foregrounds_together():
+    torch.manual_seed(0)
+    images = torch.arange(64 * 16, dtype=torch.float32).reshape(64, 1, 4, 4)
+    flipped, fg = random_flips(images, images.clone())
+    torch.testing.assert_close(flipped, fg)
+    variants = {
+        "none": images, "h": images.flip(-1), "v": images.flip(-2), "hv": images.flip(-1).flip(-2)
+    }
+    seen = {name for i in range(64) for name, v in variants.items() if torch.equal(flipped[i], v[i])}
+    assert seen == set(variants)
