@@ -1,0 +1,482 @@
+"""Choose detection settings on validation data (BENCHMARK.md, "Tuning: validation only").
+
+Two rules, with explicit fallbacks (anomalib-style threshold finding):
+
+* **dice-grid** (validation slices with lesion masks): every point of a :class:`CalibrationGrid`
+  over ``t``, ``kernel``, ``threshold``, ``max_stages`` and ``fusion`` is scored by the mean
+  per-slice Dice over the anomalous slices; the best point wins (ties: fewer network evaluations,
+  then smaller ``t``, then grid order).
+* **healthy-percentile** (no lesions available): the threshold is a high percentile of the
+  one-stage anomaly-map values on healthy slices; ``t``, ``kernel`` and the stage settings stay as
+  the pipeline's config has them. This unsupervised threshold is also reported beside a Dice-grid
+  choice, so users without lesion masks know what to expect.
+* **default**: the percentile rule is needed but no healthy foreground pixel exists, so the
+  config's values are kept.
+
+Every fallback is logged as a warning and listed in :attr:`CalibrationResult.warnings`.
+``min_size``, ``connectivity``, ``tol`` and ``min_area`` always stay as the pipeline's config has them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+import synomaly
+from synomaly import _atomic
+from synomaly.config import DetectConfig, from_dict
+from synomaly.detect import one_step_reconstruction
+from synomaly.errors import ConfigError, InputError, OutputExistsError
+from synomaly.maps import difference_map, remove_small_components
+from synomaly.metrics import confusion_counts, dice
+from synomaly.pipeline import THRESHOLDS_NAME, SynomalyPipeline
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CalibrationGrid", "CalibrationResult", "calibrate", "write_thresholds"]
+
+TUNED_FIELDS = ("t", "kernel", "threshold", "max_stages", "fusion")
+
+
+@dataclass(frozen=True)
+class CalibrationGrid:
+    """Candidate detection settings; the grid is their Cartesian product.
+
+    ``fusion`` only matters with more than one stage, so single-stage points are scored once
+    (they keep the pipeline's ``fusion``).
+
+    Attributes:
+        t: Partial diffusion timesteps.
+        kernel: Odd Gaussian blur sizes.
+        threshold: Difference thresholds on the [-1, 1] scale.
+        max_stages: Stage limits (1 is single-stage).
+        fusion: Fusion modes of the multi-stage loop (``binary``, ``continuous``).
+    """
+
+    t: tuple[int, ...] = (100, 200, 300)
+    kernel: tuple[int, ...] = (3, 5, 7)
+    threshold: tuple[float, ...] = (0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45)
+    max_stages: tuple[int, ...] = (1, 5)
+    fusion: tuple[str, ...] = ("binary",)
+
+    def __post_init__(self) -> None:
+        for name in TUNED_FIELDS:
+            values = getattr(self, name)
+            if isinstance(values, (str, bytes)) or not isinstance(values, (list, tuple)) or not values:
+                raise ConfigError(f"grid.{name}", f"must be a non-empty list of values, got {values!r}")
+            for value in values:
+                _check_value(name, value)
+            object.__setattr__(self, name, tuple(values))
+
+    def to_dict(self) -> dict[str, list]:
+        """Plain JSON data."""
+        return {name: list(getattr(self, name)) for name in TUNED_FIELDS}
+
+
+def _check_value(name: str, value: Any) -> None:
+    """Validate one grid value exactly as ``DetectConfig`` validates that field."""
+    try:
+        from_dict(DetectConfig, {name: value}, "grid")
+    except ConfigError as error:
+        raise ConfigError(f"grid.{name}", error.problem) from None
+
+
+@dataclass
+class CalibrationResult:
+    """Outcome of :func:`calibrate`.
+
+    Attributes:
+        detect: The chosen values of ``t``, ``kernel``, ``threshold``, ``max_stages``, ``fusion``.
+        method: ``dice-grid``, ``healthy-percentile`` or ``default``.
+        score: Mean per-slice validation Dice of the choice (``dice-grid`` only).
+        table: Every grid point with its mean Dice (``dice``), mean network evaluations per image
+            (``nfe``) and the number of anomalous slices it was scored on (``n``).
+        healthy_percentile_threshold: The ``percentile``-th percentile of one-stage anomaly-map
+            values on healthy slices (inside the foreground), at the chosen ``t`` and ``kernel``.
+        n_anomalous: Validation slices with a non-empty mask.
+        n_healthy: Validation slices with an empty (or no) mask.
+        warnings: Every fallback taken, as logged.
+        grid: The grid searched, as plain data.
+        percentile: The percentile of the unsupervised rule.
+    """
+
+    detect: dict[str, Any]
+    method: str
+    score: float | None
+    table: list[dict[str, Any]]
+    healthy_percentile_threshold: float | None
+    n_anomalous: int
+    n_healthy: int
+    warnings: list[str] = field(default_factory=list)
+    grid: dict[str, list] = field(default_factory=dict)
+    percentile: float = 99.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON data (no NaN: an undefined number is ``None``)."""
+        return json_safe(dataclasses.asdict(self))
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with tuples as lists, NumPy/Torch scalars as Python numbers and NaN/Inf as ``None``.
+
+    Shared with :mod:`synomaly.evaluate`; ``json.dumps(..., allow_nan=False)`` accepts the result.
+    """
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def check_inputs(images: Tensor, masks: Tensor | None, foreground: Tensor | None) -> None:
+    """Raise ``ValueError`` unless the shapes fit: ``[N, 1, H, W]`` images, masks and foreground alike.
+
+    Values are checked batch by batch by the pipeline. Shared with :mod:`synomaly.evaluate`.
+    """
+    if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 1:
+        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"images must be a [N, 1, H, W] tensor, got {shape}")
+    if images.shape[0] == 0:
+        raise ValueError("no images given")
+    for name, extra in (("masks", masks), ("foreground", foreground)):
+        if extra is not None and (not isinstance(extra, Tensor) or extra.shape != images.shape):
+            shape = tuple(extra.shape) if isinstance(extra, Tensor) else type(extra).__name__
+            raise ValueError(f"{name} must be shaped like the images {tuple(images.shape)}, got {shape}")
+
+
+@dataclass
+class _Runner:
+    """What every pass shares: the data, the pipeline, batching, the noise seed and one progress bar."""
+
+    pipeline: SynomalyPipeline
+    images: Tensor
+    masks: Tensor | None
+    foreground: Tensor | None
+    batch_size: int
+    seed: int
+    bar: Any
+
+    def generator(self) -> torch.Generator:
+        """A fresh generator, so every grid point sees the same noise."""
+        return torch.Generator(device=self.pipeline.device).manual_seed(self.seed)
+
+    def batches(self, index: Tensor) -> Iterator[tuple[Tensor, Tensor | None, Tensor | None]]:
+        """``(images, masks, foreground)`` of the selected cases, ``batch_size`` at a time, on the device."""
+        device = self.pipeline.device
+        for start in range(0, len(index), self.batch_size):
+            batch = index[start : start + self.batch_size]
+            images = self.pipeline._check_images(self.images[batch])
+            masks = None if self.masks is None else self.masks[batch].to(device, torch.bool)
+            foreground = None if self.foreground is None else self.foreground[batch].to(device, torch.bool)
+            yield images, masks, foreground
+            self.bar.update(1)
+
+    def reconstruct(self, images: Tensor, t: int, generator: torch.Generator) -> Tensor:
+        """One-step reconstruction, exactly as the first stage of ``pipeline.detect`` computes it."""
+        pipe = self.pipeline
+        noise = pipe.inference_noise(pipe.config.detect.noise)
+        with torch.no_grad(), torch.autocast(pipe.device.type, dtype=torch.bfloat16, enabled=pipe.bf16):
+            return one_step_reconstruction(pipe.unet, pipe.schedule, images, t, noise, generator)
+
+
+def calibrate(
+    pipeline: SynomalyPipeline,
+    images: Tensor,
+    masks: Tensor | None = None,
+    *,
+    foreground: Tensor | None = None,
+    grid: CalibrationGrid = CalibrationGrid(),
+    percentile: float = 99.0,
+    batch_size: int = 32,
+    seed: int = 0,
+    progress: bool = True,
+) -> CalibrationResult:
+    """Choose detection settings on preprocessed validation slices.
+
+    Args:
+        pipeline: The trained model.
+        images: Validation slices ``[N, 1, H, W]`` in [-1, 1].
+        masks: Lesion masks ``[N, 1, H, W]`` (bool); an empty mask marks a healthy slice, ``None``
+            marks every slice healthy.
+        foreground: Optional ``[N, 1, H, W]`` region; nothing is flagged or counted outside it.
+        grid: Candidate settings of the Dice grid search.
+        percentile: Percentile of healthy anomaly-map values for the unsupervised threshold.
+        batch_size: Slices per network call.
+        seed: Seed of the inference noise; every grid point sees the same noise.
+        progress: Show a progress bar.
+
+    Returns:
+        The chosen settings, how they were chosen, and the whole grid table.
+
+    Raises:
+        ValueError: On empty or mis-shaped inputs, or ``percentile`` outside [0, 100].
+        ConfigError: On a grid ``t`` beyond the model's schedule or a bad ``batch_size``.
+    """
+    check_inputs(images, masks, foreground)
+    _check_options(pipeline, grid, percentile, batch_size)
+    anomalous = masks.flatten(1).any(1).cpu() if masks is not None else torch.zeros(len(images), dtype=torch.bool)
+    lesioned, healthy = anomalous.nonzero().flatten(), (~anomalous).nonzero().flatten()
+    total = _count_batches(len(lesioned), batch_size) * _passes(grid) + _count_batches(len(healthy), batch_size)
+    with tqdm(total=total, desc="calibrate", unit="batch", disable=not progress) as bar:
+        run = _Runner(pipeline, images, masks, foreground, batch_size, seed, bar)
+        result = _choose(run, grid, lesioned, percentile)
+        if len(healthy):
+            result.healthy_percentile_threshold = _healthy_percentile(
+                run, healthy, result.detect["t"], result.detect["kernel"], percentile
+            )
+    result.n_anomalous, result.n_healthy = len(lesioned), len(healthy)
+    _apply_fallbacks(result)
+    log.info("calibration (%s): %s, validation Dice %s", result.method, result.detect, result.score)
+    return result
+
+
+def _check_options(pipeline: SynomalyPipeline, grid: CalibrationGrid, percentile: float, batch_size: int) -> None:
+    for t in grid.t:
+        pipeline.detect_config(t=t)  # raises ConfigError("detect.t") beyond the schedule
+    if not 0.0 <= percentile <= 100.0:
+        raise ValueError(f"percentile must be in [0, 100], got {percentile}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError("batch_size", f"must be a positive integer, got {batch_size!r}")
+
+
+def _count_batches(n: int, batch_size: int) -> int:
+    return -(-n // batch_size)
+
+
+def _passes(grid: CalibrationGrid) -> int:
+    """Passes over the anomalous slices: one per ``t`` (single stage), one per multi-stage setting."""
+    single = len(grid.t) if 1 in grid.max_stages else 0
+    multi = len(grid.t) * len(grid.kernel) * len(grid.threshold) * len(grid.fusion) if max(grid.max_stages) > 1 else 0
+    return single + multi
+
+
+def _choose(run: _Runner, grid: CalibrationGrid, lesioned: Tensor, percentile: float) -> CalibrationResult:
+    """The Dice grid search when lesions exist, else the config's settings awaiting the percentile rule."""
+    base = run.pipeline.config.detect
+    result = CalibrationResult(
+        detect={name: getattr(base, name) for name in TUNED_FIELDS},
+        method="healthy-percentile",
+        score=None,
+        table=[],
+        healthy_percentile_threshold=None,
+        n_anomalous=0,
+        n_healthy=0,
+        grid=grid.to_dict(),
+        percentile=percentile,
+    )
+    if len(lesioned):
+        result.table = _single_stage_rows(run, grid, lesioned) + _multistage_rows(run, grid, lesioned)
+        best = _best(result.table)
+        result.detect = {name: best[name] for name in TUNED_FIELDS}
+        result.method, result.score = "dice-grid", best["dice"]
+    return result
+
+
+def _apply_fallbacks(result: CalibrationResult) -> None:
+    """Log and record every fallback; apply the percentile rule when no lesions were available."""
+    if result.n_healthy == 0:
+        _warn(result, "no healthy validation slices: the healthy-percentile threshold is not available")
+    elif result.healthy_percentile_threshold is None:
+        _warn(result, "the healthy validation slices have no foreground pixels: no healthy-percentile threshold")
+    if result.method == "dice-grid":
+        return
+    _warn(
+        result,
+        "no lesions in the validation masks (or no masks given): the threshold comes from healthy images only "
+        f"(the {result.percentile:g}th percentile of their anomaly maps); t, kernel and stages stay as configured",
+    )
+    if result.healthy_percentile_threshold is None:
+        result.method = "default"
+        _warn(result, "neither lesions nor healthy foreground pixels: keeping the configured detection settings")
+    else:
+        result.detect["threshold"] = result.healthy_percentile_threshold
+
+
+def _warn(result: CalibrationResult, message: str) -> None:
+    log.warning("%s", message)
+    result.warnings.append(message)
+
+
+def _row(t: int, kernel: int, threshold: float, max_stages: int, fusion: str, dice_sum: float, nfe_sum: float, n: int) -> dict[str, Any]:
+    return {
+        "t": t,
+        "kernel": kernel,
+        "threshold": threshold,
+        "max_stages": max_stages,
+        "fusion": fusion,
+        "dice": dice_sum / n,
+        "nfe": nfe_sum / n,
+        "n": n,
+    }
+
+
+def _best(table: list[dict[str, Any]]) -> dict[str, Any]:
+    """Highest mean Dice; ties go to fewer network evaluations, then smaller ``t``, then grid order."""
+    # Rounding keeps Dice values that differ only by summation order tied, so the cheaper point wins.
+    return min(table, key=lambda row: (-round(row["dice"], 12), row["nfe"], row["t"]))
+
+
+def _single_stage_rows(run: _Runner, grid: CalibrationGrid, index: Tensor) -> list[dict[str, Any]]:
+    """Score every single-stage (kernel, threshold) from one reconstruction per ``t``.
+
+    With one stage the reconstruction depends on ``t`` only, so each ``t`` costs one network
+    evaluation per slice however many kernels and thresholds are scored from it.
+    """
+    if 1 not in grid.max_stages:
+        return []
+    base = run.pipeline.config.detect
+    sums = torch.zeros(len(grid.t), len(grid.kernel), len(grid.threshold), dtype=torch.float64)
+    for i, t in enumerate(grid.t):
+        generator = run.generator()
+        for images, target, fg in run.batches(index):
+            recon = run.reconstruct(images, t, generator)
+            for j, kernel in enumerate(grid.kernel):
+                sums[i, j] += _threshold_dice(images, recon, target, fg, kernel, grid.threshold, base).sum(1).cpu()
+    return [
+        _row(t, kernel, threshold, 1, base.fusion, float(sums[i, j, m]), len(index), len(index))
+        for (i, t), (j, kernel), (m, threshold) in itertools.product(
+            enumerate(grid.t), enumerate(grid.kernel), enumerate(grid.threshold)
+        )
+    ]
+
+
+def _threshold_dice(
+    images: Tensor, recon: Tensor, target: Tensor, fg: Tensor | None, kernel: int,
+    thresholds: tuple[float, ...], base: DetectConfig,
+) -> Tensor:
+    """Per-slice Dice ``[len(thresholds), B]`` of the one-stage mask at every threshold.
+
+    The mask rule is ``synomaly.detect.stage_mask``'s (a test pins the equality with ``detect``),
+    but the blur runs once per kernel and small components of all thresholds go in one batched call.
+    """
+    diff = difference_map(images, recon, kernel)
+    if fg is not None:
+        diff = diff * fg
+    levels = torch.tensor(thresholds, dtype=diff.dtype, device=diff.device).view(-1, 1, 1, 1, 1)
+    above = (diff >= levels) & (diff > 0)
+    masks, _ = remove_small_components(above.flatten(0, 1), base.min_size, base.connectivity)
+    counts = confusion_counts(masks, target.repeat(len(thresholds), 1, 1, 1))
+    return dice(counts).view(len(thresholds), -1)
+
+
+def _multistage_rows(run: _Runner, grid: CalibrationGrid, index: Tensor) -> list[dict[str, Any]]:
+    """Score every multi-stage point with ``pipeline.detect``: the mask drives the fusion, so no shortcut.
+
+    A run with ``S`` stages contains every shorter run: images stop by the same rule and draw the
+    same noise, so stage ``s`` of ``detect``'s padded ``stage_masks`` is the final mask of a run with
+    ``max_stages = s``. Each (t, kernel, threshold, fusion) therefore runs once, at the largest ``S``.
+    """
+    rows = []
+    stages = [s for s in grid.max_stages if s > 1]
+    if not stages:
+        return rows
+    for t, kernel, threshold, fusion in itertools.product(grid.t, grid.kernel, grid.threshold, grid.fusion):
+        generator = run.generator()
+        dice_sums, nfe_sums = torch.zeros(len(stages), dtype=torch.float64), torch.zeros(len(stages), dtype=torch.float64)
+        settings = {"t": t, "kernel": kernel, "threshold": threshold, "max_stages": max(stages), "fusion": fusion}
+        for images, target, fg in run.batches(index):
+            out = run.pipeline.detect(images, generator, fg, **settings)
+            for i, limit in enumerate(stages):
+                mask = out.stage_masks[:, min(limit, out.stage_masks.shape[1]) - 1]
+                dice_sums[i] += dice(confusion_counts(mask, target)).sum().cpu()
+                nfe_sums[i] += out.stages.clamp(max=limit).sum().cpu()
+        rows += [
+            _row(t, kernel, threshold, limit, fusion, float(dice_sums[i]), float(nfe_sums[i]), len(index))
+            for i, limit in enumerate(stages)
+        ]
+    return rows
+
+
+def _healthy_percentile(run: _Runner, index: Tensor, t: int, kernel: int, percentile: float) -> float | None:
+    """The percentile of one-stage anomaly-map values on healthy slices, inside the foreground.
+
+    ``None`` when the healthy slices hold no foreground pixel.
+    """
+    size = run.images[0].numel()
+    n_values = len(index) * size if run.foreground is None else int(run.foreground[index].sum())
+    if n_values == 0:
+        return None
+    quantile = _UpperPercentile(n_values, percentile)
+    generator = run.generator()
+    for images, _, fg in run.batches(index):
+        diff = difference_map(images, run.reconstruct(images, t, generator), kernel)
+        quantile.update(diff.flatten() if fg is None else diff[fg])
+    return quantile.compute()
+
+
+class _UpperPercentile:
+    """NumPy's ``percentile`` (linear rule) of values arriving in batches, keeping only the top ones.
+
+    The number of values is known in advance, so only those at or above the lower interpolation
+    rank are needed: memory is about ``1 - q/100`` of the values, not all of them.
+
+    Args:
+        n_values: How many values :meth:`update` will receive in total.
+        q: The percentile, in [0, 100].
+    """
+
+    def __init__(self, n_values: int, q: float) -> None:
+        self.position = q / 100 * (n_values - 1)  # NumPy's virtual index
+        self.keep = n_values - math.floor(self.position)
+        self.top = torch.empty(0)
+
+    def update(self, values: Tensor) -> None:
+        """Add a batch of values (any shape)."""
+        both = torch.cat([self.top.to(values.device), values.detach().flatten().float()])
+        self.top = both.topk(min(self.keep, both.numel())).values
+
+    def compute(self) -> float:
+        """Linear interpolation between the two order statistics around the virtual index."""
+        ascending = self.top.flip(0).double().cpu()
+        low = float(ascending[0])
+        high = float(ascending[1]) if len(ascending) > 1 else low
+        return low + (high - low) * (self.position - math.floor(self.position))
+
+
+def write_thresholds(model_dir: str | Path, result: CalibrationResult, overwrite: bool = False) -> Path:
+    """Write ``thresholds.json`` into a model folder; ``from_pretrained`` applies its ``detect`` part.
+
+    Args:
+        model_dir: The model folder (it must exist).
+        result: Output of :func:`calibrate`.
+        overwrite: Replace an existing ``thresholds.json``.
+
+    Returns:
+        The path written.
+
+    Raises:
+        InputError: When ``model_dir`` is not a folder.
+        OutputExistsError: When ``thresholds.json`` exists and ``overwrite`` is False.
+        ConfigError: When the chosen settings are not valid detection settings.
+    """
+    folder = Path(model_dir)
+    if not folder.is_dir():
+        raise InputError(folder, "model folder not found")
+    path = folder / THRESHOLDS_NAME
+    if path.exists() and not overwrite:
+        raise OutputExistsError(path)
+    from_dict(DetectConfig, result.detect, "detect")  # refuse to write what from_pretrained would reject
+    data = result.to_dict()
+    calibration = {key: data[key] for key in _CALIBRATION_KEYS}
+    _atomic.write_json(path, {"detect": data["detect"], "calibration": {**calibration, "version": synomaly.__version__}})
+    return path
+
+
+_CALIBRATION_KEYS = (
+    "method", "score", "grid", "table", "percentile", "healthy_percentile_threshold",
+    "n_anomalous", "n_healthy", "warnings",
+)

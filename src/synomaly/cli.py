@@ -1,0 +1,224 @@
+"""``synomaly`` command: train, detect, calibrate, evaluate, report, demo (thin over ``synomaly.commands``).
+
+Every subcommand takes ``--config file.yaml`` and ``--print_config``. User errors (bad files, bad
+options, existing outputs) print one line and exit with status 2; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from typing import Any
+
+from synomaly.errors import SynomalyError
+
+log = logging.getLogger("synomaly")
+
+DETECT_OPTIONS = ("t", "max_stages", "kernel", "threshold", "min_size", "fusion")
+SOURCES_HELP = "image sources: files, folders (searched recursively; a folder of .dcm files is one series) or bundle.npz:key"
+MASKS_HELP = "one mask source per image source, in the same order ('none' for healthy inputs)"
+
+
+def _common(parser: Any, device: bool = True) -> None:
+    from jsonargparse import ActionConfigFile
+
+    parser.add_argument("--config", action=ActionConfigFile, help="read options from a YAML or JSON file")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    if device:
+        parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
+        parser.add_argument("--batch-size", type=int, default=32, help="images per network evaluation batch")
+        parser.add_argument("--seed", type=int, default=0, help="seed of the noise (results are reproducible)")
+
+
+def _slices(parser: Any) -> None:
+    parser.add_argument("--slice-axis", type=int, default=2, help="NIfTI axis to cut 2-D slices along")
+    parser.add_argument("--slice-range", type=int, nargs=2, default=None, help="half-open range START STOP of slices")
+
+
+def _detect_overrides(parser: Any) -> None:
+    from synomaly.config import DetectConfig
+
+    for field in dataclasses.fields(DetectConfig):
+        if field.name in DETECT_OPTIONS:
+            parser.add_argument(f"--{field.name}", type=field.type if isinstance(field.type, type) else
+                                {"int": int, "float": float, "str": str}[field.type], default=None,
+                                help=f"override the model folder's detect.{field.name}")
+
+
+def _train_parser() -> Any:
+    from jsonargparse import ArgumentParser
+
+    from synomaly.commands import preset_names
+    from synomaly.train import TrainConfig
+
+    p = ArgumentParser(description="Train a diffusion model on healthy images (Synomaly noise by default).")
+    p.add_argument("data", nargs="+", help=f"healthy {SOURCES_HELP}")
+    p.add_argument("--output", "-o", required=True, help="model folder to write")
+    p.add_argument("--preset", default="brain-flair", choices=preset_names(), help="modality preset (noise settings, foreground)")
+    p.add_argument("--model", default="small", help="UNet preset: paper, small or tiny")
+    p.add_argument("--image-size", type=int, default=None, help="square model input size (default: the UNet preset's)")
+    p.add_argument("--noise", default=None, help="training noise: synomaly, gaussian, simplex, coarse, pyramid")
+    p.add_argument("--sigma", type=float, default=None, help="Synomaly blob size in pixels (default: preset, scaled to the size)")
+    p.add_argument("--threshold", type=float, default=None, help="Synomaly blob threshold on the 0..255 scale")
+    p.add_argument("--offset", type=float, default=None, help="Synomaly intensity offset")
+    p.add_argument("--direction", type=int, nargs="+", default=None, help="Synomaly shift direction(s): 1, -1 or both")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
+    p.add_argument("--device", default="auto", help="Lightning accelerator: auto, cpu or gpu")
+    p.add_argument("--batch-size", type=int, default=8, help="images per step and device")
+    p.add_argument("--seed", type=int, default=0, help="seed of data order, noise and initial weights")
+    p.add_class_arguments(TrainConfig, "train", skip={"batch_size", "seed", "accelerator"})
+    _slices(p)
+    _common(p, device=False)
+    return p
+
+
+def _detect_parser() -> Any:
+    from jsonargparse import ArgumentParser
+
+    p = ArgumentParser(description="Detect anomalies: reconstruction, anomaly map and mask per input, and summary.json.")
+    p.add_argument("inputs", nargs="+", help=SOURCES_HELP)
+    p.add_argument("--model", "-m", required=True, help="model folder")
+    p.add_argument("--output", "-o", required=True, help="output folder")
+    p.add_argument("--on-error", default="skip", choices=["skip", "stop"], help="skip a bad input (and report it) or stop")
+    _detect_overrides(p)
+    _slices(p)
+    _common(p)
+    return p
+
+
+def _calibrate_parser() -> Any:
+    from jsonargparse import ArgumentParser
+
+    from synomaly.calibrate import CalibrationGrid
+
+    p = ArgumentParser(description="Choose t, kernel, threshold and stages on validation data; writes thresholds.json.")
+    p.add_argument("data", nargs="+", help=f"validation {SOURCES_HELP}")
+    p.add_argument("--model", "-m", required=True, help="model folder (thresholds.json is written into it)")
+    p.add_argument("--masks", nargs="+", default=None, help=f"{MASKS_HELP}; without masks the threshold is a percentile of healthy maps")
+    p.add_argument("--percentile", type=float, default=99.0, help="percentile of healthy anomaly-map values (unsupervised rule)")
+    p.add_class_arguments(CalibrationGrid, "grid")
+    _slices(p)
+    _common(p)
+    return p
+
+
+def _evaluate_parser() -> Any:
+    from jsonargparse import ArgumentParser
+
+    p = ArgumentParser(description="Evaluate against masks: per-case and aggregate metrics (JSON, CSV).")
+    p.add_argument("data", nargs="+", help=SOURCES_HELP)
+    p.add_argument("--masks", nargs="+", required=True, help=MASKS_HELP)
+    p.add_argument("--model", "-m", required=True, help="model folder")
+    p.add_argument("--output", "-o", required=True, help="evaluation folder")
+    _detect_overrides(p)
+    _slices(p)
+    _common(p)
+    return p
+
+
+def _report_parser() -> Any:
+    from jsonargparse import ArgumentParser
+
+    p = ArgumentParser(description="Write a self-contained HTML report of an evaluation folder.")
+    p.add_argument("evaluation", help="folder written by 'synomaly evaluate'")
+    p.add_argument("--output", "-o", default=None, help="HTML file (default: EVALUATION/report.html)")
+    p.add_argument("--title", default="Synomaly report")
+    p.add_argument("--notes", default=None, help="a paragraph shown at the top")
+    _common(p, device=False)
+    return p
+
+
+def _demo_parser() -> Any:
+    from jsonargparse import ArgumentParser
+
+    p = ArgumentParser(description="Run the whole method on the MNI152 brain template with synthetic lesions; ends with an HTML report.")
+    p.add_argument("--output", "-o", default="synomaly-demo", help="demo folder")
+    p.add_argument("--train-steps", type=int, default=0, help="train the demo model from scratch for this many steps (0: use the shipped model)")
+    _common(p)
+    return p
+
+
+def build_parser() -> Any:
+    """The ``synomaly`` argument parser with its subcommands."""
+    from jsonargparse import ArgumentParser
+
+    import synomaly
+
+    parser = ArgumentParser(prog="synomaly", description="Unsupervised anomaly detection with Synomaly noise and multi-stage diffusion.")
+    parser.add_argument("--version", action="version", version=f"synomaly {synomaly.__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subcommands(dest="command")
+    for name, build, text in (
+        ("train", _train_parser, "train a model on healthy images"),
+        ("detect", _detect_parser, "detect anomalies with a trained model"),
+        ("calibrate", _calibrate_parser, "choose detection settings on validation data"),
+        ("evaluate", _evaluate_parser, "evaluate detections against masks"),
+        ("report", _report_parser, "HTML report of an evaluation"),
+        ("demo", _demo_parser, "the whole method on a built-in brain template, offline"),
+    ):
+        sub.add_subcommand(name, build(), help=text)
+    return parser
+
+
+def _run(command: str, a: Any) -> Any:
+    from synomaly import commands
+
+    detect = {name: a.get(name) for name in DETECT_OPTIONS} if command in ("detect", "evaluate") else None
+    slices = {"slice_axis": a.get("slice_axis", 2), "slice_range": tuple(a.slice_range) if a.get("slice_range") else None}
+    if command == "train":
+        return _run_train(a, slices)
+    if command == "detect":
+        return commands.run_detect(a.model, a.inputs, a.output, detect=detect, batch_size=a.batch_size, device=a.device,
+                                   seed=a.seed, on_error=a.on_error, overwrite=a.overwrite, **slices)
+    if command == "calibrate":
+        from synomaly.calibrate import CalibrationGrid
+
+        grid = CalibrationGrid(**{k: tuple(v) for k, v in a.grid.items()})
+        return commands.run_calibrate(a.model, a.data, masks=a.masks, grid=grid, percentile=a.percentile,
+                                      batch_size=a.batch_size, device=a.device, seed=a.seed, overwrite=a.overwrite, **slices)
+    if command == "evaluate":
+        return commands.run_evaluate(a.model, a.data, a.masks, a.output, detect=detect, batch_size=a.batch_size,
+                                     device=a.device, seed=a.seed, overwrite=a.overwrite, **slices)
+    if command == "report":
+        return commands.run_report(a.evaluation, a.output, title=a.title, notes=a.notes, overwrite=a.overwrite)
+    from synomaly.demo import run_demo
+
+    return run_demo(a.output, train_steps=a.train_steps, device=a.device, batch_size=a.batch_size, seed=a.seed,
+                    overwrite=a.overwrite)
+
+
+def _run_train(a: Any, slices: dict[str, Any]) -> Any:
+    from synomaly import commands
+    from synomaly.train import TrainConfig
+
+    accelerator = {"cuda": "gpu"}.get(a.device.split(":")[0], a.device)
+    config = TrainConfig(**{**a.train.as_dict(), "batch_size": a.batch_size, "seed": a.seed, "accelerator": accelerator})
+    noise = {"name": a.noise, "sigma": a.sigma, "threshold": a.threshold, "offset": a.offset,
+             "direction": list(a.direction) if a.direction else None}
+    return commands.run_train(a.data, a.output, preset=a.preset, model=a.model, image_size=a.image_size, noise=noise,
+                              train_config=config, resume=a.resume, overwrite=a.overwrite, **slices)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``synomaly`` command; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
+    command = args.command
+    try:
+        _run(command, args[command])
+    except (SynomalyError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as error:
+        if args.debug:
+            raise
+        print(f"synomaly {command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"synomaly {command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,326 @@
+"""The command-line jobs as importable functions: files in, files out (``synomaly.cli`` parses arguments).
+
+Each function reads its inputs through ``synomaly.data``, applies the model folder's preprocessing,
+and writes every output atomically; existing outputs are kept unless ``overwrite`` is set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import synomaly
+from synomaly import _atomic
+from synomaly.config import DetectConfig, model_preset
+from synomaly.data import Cases, Source, expand, load_cases, load_file
+from synomaly.errors import InputError, OutputExistsError, SynomalyError
+from synomaly.pipeline import SynomalyPipeline
+from synomaly.preprocess import MODALITY_PRESETS, Preprocessing, noise_params_for, restore_size
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` becomes ``cuda`` when a GPU is visible, else ``cpu``."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def preprocessing_of(pipe: SynomalyPipeline) -> Preprocessing:
+    """The model folder's preprocessing (defaults at the model's size when none was stored)."""
+    stored = pipe.config.preprocess
+    return Preprocessing.from_dict(stored) if stored else Preprocessing(size=pipe.config.model.image_size)
+
+
+def scaled_min_size(size: int, min_size_128: int = 30) -> int:
+    """The reference's 30-pixel minimum component, scaled by area from 128 px to ``size``."""
+    return max(1, round(min_size_128 * (size / 128) ** 2))
+
+
+def run_train(
+    data: list[str],
+    output: str | Path,
+    *,
+    preset: str = "brain-flair",
+    model: str = "small",
+    image_size: int | None = None,
+    noise: dict[str, Any] | None = None,
+    train_config: Any = None,
+    slice_axis: int = 2,
+    slice_range: tuple[int, int] | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> Path:
+    """Train on healthy images; returns the model folder.
+
+    Args:
+        data: Healthy image sources (files, folders, ``bundle.npz:key``).
+        output: The model folder to write.
+        preset: Modality preset: Synomaly noise settings and foreground rule.
+        model: UNet preset (``paper``, ``small``, ``tiny``).
+        image_size: Square model input size (default: the UNet preset's).
+        noise: Overrides of the training noise (``name`` and its parameters).
+        train_config: A ``synomaly.train.TrainConfig``.
+        slice_axis: NIfTI axis to slice along.
+        slice_range: Half-open range of slices to use.
+        resume: Continue an interrupted run from its last checkpoint.
+        overwrite: Replace an existing run in ``output``.
+    """
+    from synomaly.train import TrainConfig, train
+
+    unet = model_preset(model)
+    size = image_size or unet.image_size
+    unet = dataclasses.replace(unet, image_size=size)
+    pre = Preprocessing.from_preset(preset, size=size)
+    cases = load_cases(data, pre, slice_axis=slice_axis, slice_range=slice_range)
+    noise_config = _noise_config(preset, size, noise or {})
+    detect = DetectConfig(min_size=scaled_min_size(size))
+    log.info("training on %d healthy slices from %d inputs at %dx%d", len(cases), len(cases.files), size, size)
+    return train(cases.images, output, model=unet, noise=noise_config, train_config=train_config or TrainConfig(),
+                 detect=detect, preprocess=pre.to_dict(), foreground=cases.foreground, resume=resume,
+                 overwrite=overwrite)
+
+
+def _noise_config(preset: str, size: int, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The preset's Synomaly noise, or another registered noise with its own defaults."""
+    name = overrides.get("name") or "synomaly"
+    base = noise_params_for(preset, size) if name == "synomaly" else {}
+    return {"name": name, **base, **{k: v for k, v in overrides.items() if k != "name" and v is not None}}
+
+
+def _batched_detect(pipe: SynomalyPipeline, images: torch.Tensor, foreground: torch.Tensor, batch_size: int,
+                    generator: torch.Generator, overrides: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Run ``detect`` over ``images`` in batches; returns the outputs concatenated on the CPU."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, len(images), batch_size):
+        out = pipe.detect(images[start : start + batch_size], generator=generator,
+                          foreground=foreground[start : start + batch_size], **overrides)
+        for key in ("reconstruction", "anomaly_map", "mask", "stages", "score"):
+            parts.setdefault(key, []).append(getattr(out, key).cpu())
+    return {key: torch.cat(values) for key, values in parts.items()}
+
+
+def _write_case_outputs(case_dir: Path, record: Any, outputs: dict[str, torch.Tensor], pre: Preprocessing) -> dict[str, str]:
+    """Write maps back at the input's size and on its grid; returns the written file names."""
+    from synomaly.io import write_image
+    from synomaly.report import overlay_rgb
+
+    props = record.properties
+    spatial = props.format in ("nifti", "dicom") and props.affine is not None
+    suffix = ".nii.gz" if spatial else ".npy"
+    restored = {
+        "mask": restore_size(outputs["mask"][:, 0].numpy(), record.fit, kind="mask"),
+        "anomaly_map": restore_size(outputs["anomaly_map"][:, 0].numpy(), record.fit, kind="image"),
+        "reconstruction": restore_size(outputs["reconstruction"][:, 0].numpy(), record.fit, kind="image"),
+    }
+    files = {}
+    for name, array in restored.items():
+        path = case_dir / f"{name}{suffix}"
+        write_image(path, array.astype(np.uint8) if name == "mask" else array.astype(np.float32),
+                    like=props if spatial else None)
+        files[name] = path.name
+    best = int(outputs["score"].argmax())
+    image = pre.apply(record.raw[best : best + 1])[0][0, 0]
+    overlay = overlay_rgb(image, outputs["mask"][best, 0].numpy(), None)
+    strip = np.concatenate([_gray_rgb(image), _gray_rgb(outputs["reconstruction"][best, 0].numpy()),
+                            _heat_rgb(outputs["anomaly_map"][best, 0].numpy()), overlay], axis=1)
+    _write_png(case_dir / "overlay.png", strip)
+    files["overlay"] = "overlay.png"
+    return files
+
+
+def _gray_rgb(image: np.ndarray) -> np.ndarray:
+    gray = ((np.clip(image, -1, 1) + 1) * 127.5).round().astype(np.uint8)
+    return np.repeat(gray[..., None], 3, axis=-1)
+
+
+def _heat_rgb(amap: np.ndarray) -> np.ndarray:
+    from matplotlib import colormaps
+
+    scaled = np.clip(amap / 0.5, 0, 1)  # 0.5 on the [-1, 1] scale saturates the colour map
+    return (colormaps["inferno"](scaled)[..., :3] * 255).round().astype(np.uint8)
+
+
+def _write_png(path: Path, rgb: np.ndarray) -> None:
+    from PIL import Image
+
+    scale = max(1, 256 // rgb.shape[0])
+    image = Image.fromarray(rgb).resize((rgb.shape[1] * scale, rgb.shape[0] * scale), Image.NEAREST)
+    with _atomic.atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
+def run_detect(
+    model: str | Path,
+    inputs: list[str],
+    output: str | Path,
+    *,
+    detect: dict[str, Any] | None = None,
+    batch_size: int = 32,
+    device: str = "auto",
+    seed: int = 0,
+    slice_axis: int = 2,
+    slice_range: tuple[int, int] | None = None,
+    on_error: str = "skip",
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Detect anomalies in every input; writes per-input outputs and ``summary.json``.
+
+    Inputs whose outputs exist (``<stem>/case.json``) are skipped unless ``overwrite`` is set, so a
+    killed run completes the missing cases when started again. A bad input is reported and skipped
+    (``on_error="skip"``) or stops the run (``on_error="stop"``).
+    """
+    if on_error not in ("skip", "stop"):
+        raise synomaly.errors.ConfigError("on_error", f"must be skip or stop, got {on_error!r}")
+    pipe = SynomalyPipeline.from_pretrained(model, device=resolve_device(device))
+    overrides = {k: v for k, v in (detect or {}).items() if v is not None}
+    settings = pipe.detect_config(**overrides)
+    pre = preprocessing_of(pipe)
+    output = Path(output)
+    generator = torch.Generator(pipe.device).manual_seed(seed)
+    summary: dict[str, Any] = {"synomaly": synomaly.__version__, "model": str(model), "detect": dataclasses.asdict(settings),
+                               "cases": [], "failed": []}
+    for spec in inputs:
+        for source in _expand_or_report(spec, summary, on_error):
+            _detect_one(pipe, pre, source, Path(spec), output, summary, overrides, batch_size, generator,
+                        slice_axis, slice_range, on_error, overwrite)
+    _atomic.write_json(output / "summary.json", summary)
+    log.info("%d inputs done, %d failed; summary in %s", len(summary["cases"]), len(summary["failed"]), output / "summary.json")
+    return summary
+
+
+def _expand_or_report(spec: str, summary: dict[str, Any], on_error: str) -> list[Source]:
+    try:
+        return expand(spec)
+    except SynomalyError as error:
+        if on_error == "stop":
+            raise
+        log.error("%s", error)
+        summary["failed"].append({"input": spec, "error": str(error)})
+        return []
+
+
+def _detect_one(pipe, pre, source, root, output, summary, overrides, batch_size, generator, slice_axis,
+                slice_range, on_error, overwrite) -> None:
+    from synomaly.io import output_stem
+
+    stem = output_stem(source.path, root if root.is_dir() else source.path) + (f"__{source.key}" if source.key else "")
+    case_dir = output / stem
+    marker = case_dir / "case.json"
+    if marker.exists() and not overwrite:
+        log.info("%s: outputs exist, skipped (use --overwrite to redo)", source.name)
+        summary["cases"].append(_read_marker(marker))
+        return
+    try:
+        record, images, foreground = load_file(source, pre, slice_axis, slice_range)
+    except SynomalyError as error:
+        if on_error == "stop":
+            raise
+        log.error("%s", error)
+        summary["failed"].append({"input": str(source.path), "error": str(error)})
+        return
+    start = time.perf_counter()
+    outputs = _batched_detect(pipe, torch.from_numpy(images), torch.from_numpy(foreground), batch_size, generator, overrides)
+    seconds = time.perf_counter() - start
+    files = _write_case_outputs(case_dir, record, outputs, pre)
+    entry = {"input": str(source.path), "key": source.key, "output": stem, "files": files, "slices": len(images),
+             "case_ids": record.case_ids, "score": outputs["score"].tolist(), "stages": outputs["stages"].tolist(),
+             "seconds": round(seconds, 4)}
+    _atomic.write_json(marker, entry)  # written last: marks the input as done
+    summary["cases"].append(entry)
+
+
+def _read_marker(marker: Path) -> dict[str, Any]:
+    from synomaly.pipeline import read_json
+
+    return read_json(marker)
+
+
+def load_labelled(pipe: SynomalyPipeline, data: list[str], masks: list[str] | None, slice_axis: int,
+                  slice_range: tuple[int, int] | None) -> Cases:
+    """Read images (and masks) with the model folder's preprocessing."""
+    return load_cases(data, preprocessing_of(pipe), masks, slice_axis=slice_axis, slice_range=slice_range)
+
+
+def run_calibrate(
+    model: str | Path,
+    data: list[str],
+    *,
+    masks: list[str] | None = None,
+    grid: Any = None,
+    percentile: float = 99.0,
+    batch_size: int = 32,
+    device: str = "auto",
+    seed: int = 0,
+    slice_axis: int = 2,
+    slice_range: tuple[int, int] | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Choose detection settings on validation data and write ``thresholds.json`` into the model folder."""
+    from synomaly.calibrate import CalibrationGrid, calibrate, write_thresholds
+
+    if (Path(model) / "thresholds.json").exists() and not overwrite:
+        raise OutputExistsError(Path(model) / "thresholds.json")
+    pipe = SynomalyPipeline.from_pretrained(model, device=resolve_device(device))
+    cases = load_labelled(pipe, data, masks, slice_axis, slice_range)
+    result = calibrate(pipe, cases.images, cases.masks, foreground=cases.foreground, grid=grid or CalibrationGrid(),
+                       percentile=percentile, batch_size=batch_size, seed=seed)
+    path = write_thresholds(model, result, overwrite=overwrite)
+    log.info("chose %s by %s (validation Dice %s); written to %s", result.detect, result.method, result.score, path)
+    return result.to_dict()
+
+
+def run_evaluate(
+    model: str | Path,
+    data: list[str],
+    masks: list[str],
+    output: str | Path,
+    *,
+    detect: dict[str, Any] | None = None,
+    batch_size: int = 32,
+    device: str = "auto",
+    seed: int = 0,
+    slice_axis: int = 2,
+    slice_range: tuple[int, int] | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Evaluate against masks: per-case and aggregate metrics as JSON and CSV in ``output``."""
+    from synomaly.evaluate import evaluate, write_evaluation
+
+    output = Path(output)
+    if (output / "metrics.json").exists() and not overwrite:
+        raise OutputExistsError(output / "metrics.json")
+    pipe = SynomalyPipeline.from_pretrained(model, device=resolve_device(device))
+    cases = load_labelled(pipe, data, masks, slice_axis, slice_range)
+    if cases.masks is None:
+        raise InputError(data[0], "evaluation needs masks (--masks, one per input; 'none' for healthy inputs)")
+    overrides = {k: v for k, v in (detect or {}).items() if v is not None}
+    result = evaluate(pipe, cases.images, cases.masks, case_ids=cases.case_ids, group_ids=cases.group_ids,
+                      foreground=cases.foreground, batch_size=batch_size, seed=seed, **overrides)
+    result.metrics["model"] = {"folder": str(model), "config": pipe.config.to_dict()}
+    write_evaluation(result, output, overwrite=overwrite)
+    log.info("Dice (mean over anomalous slices) %.3f, AP %.3f; written to %s",
+             result.metrics["aggregate"]["dice_mean"], result.metrics["aggregate"]["ap"], output)
+    return result.metrics
+
+
+def run_report(evaluation: str | Path, output: str | Path | None = None, *, title: str = "Synomaly report",
+               notes: str | None = None, overwrite: bool = False) -> Path:
+    """Render the HTML report of an evaluation folder."""
+    from synomaly.report import build_report
+
+    path = build_report(evaluation, output, title=title, notes=notes, overwrite=overwrite)
+    log.info("report written to %s", path)
+    return path
+
+
+def preset_names() -> list[str]:
+    """Valid ``--preset`` values."""
+    return list(MODALITY_PRESETS)

@@ -1,0 +1,165 @@
+"""From files on disk to model-space tensors: sources, masks, preprocessing, case and group ids.
+
+A *source* is a file, a folder (expanded to the supported files or DICOM series inside it), or an
+``.npz`` bundle with the array named after a colon: ``lgg_flair.npz:test_anomalous``. The same
+spec names a mask (``lgg_flair.npz:test_masks``); ``none`` marks a source as healthy (empty masks).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from synomaly.errors import InputError
+from synomaly.io import ImageProperties, list_inputs, read_images, read_mask
+from synomaly.preprocess import FitInfo, Preprocessing, fit_to_size
+
+log = logging.getLogger(__name__)
+
+_NPZ_KEY = re.compile(r"^(?P<path>.+\.npz):(?P<key>[\w.-]+)$", re.IGNORECASE)
+HEALTHY = "none"
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input: a path and, for ``.npz`` bundles, the array's key."""
+
+    path: Path
+    key: str | None = None
+
+    @classmethod
+    def parse(cls, spec: str | Path) -> Source:
+        """Parse ``path`` or ``bundle.npz:key``."""
+        match = _NPZ_KEY.match(str(spec))
+        if match:
+            return cls(Path(match["path"]), match["key"])
+        return cls(Path(spec))
+
+    @property
+    def name(self) -> str:
+        return f"{self.path.name}:{self.key}" if self.key else self.path.name
+
+
+@dataclass
+class FileCases:
+    """The slices of one file (or series, or npz array), as read and as model input."""
+
+    source: Source
+    properties: ImageProperties
+    fit: FitInfo
+    raw: np.ndarray  # [n, H, W] raw intensities
+    case_ids: list[str]
+    group_ids: list[str]
+
+
+@dataclass
+class Cases:
+    """A data set in model space, with everything needed to map outputs back to the files."""
+
+    images: Tensor  # [N, 1, S, S] float32 in [-1, 1]
+    foreground: Tensor  # [N, 1, S, S] bool
+    masks: Tensor | None  # [N, 1, S, S] bool, None when no masks were given
+    case_ids: list[str]
+    group_ids: list[str]
+    files: list[FileCases] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+def expand(spec: str | Path) -> list[Source]:
+    """A source spec as the list of files (or DICOM series folders) it stands for."""
+    source = Source.parse(spec)
+    if source.key is not None:
+        return [source]
+    return [Source(path) for path in list_inputs(source.path)]
+
+
+def _ids(source: Source, n: int) -> tuple[list[str], list[str]]:
+    """Case ids (file[, slice]) and group ids (patient/volume) for ``n`` slices of ``source``."""
+    if source.key is not None:
+        case_ids = [f"{source.key}[{i}]" for i in range(n)]
+        with np.load(source.path, allow_pickle=False) as bundle:
+            ids_key = f"{source.key}_ids"
+            if ids_key in bundle.files and len(bundle[ids_key]) == n:
+                return case_ids, [str(g) for g in bundle[ids_key]]
+        return case_ids, case_ids
+    stem = source.path.name
+    case_ids = [stem] if n == 1 else [f"{stem}[{i}]" for i in range(n)]
+    return case_ids, [stem] * n
+
+
+def load_file(source: Source, preprocessing: Preprocessing, slice_axis: int = 2,
+              slice_range: tuple[int, int] | None = None) -> tuple[FileCases, np.ndarray, np.ndarray]:
+    """Read and preprocess one source; returns the file record, model-space images and foreground."""
+    raw, props = read_images(source.path, slice_axis=slice_axis, slice_range=slice_range, key=source.key)
+    images, foreground, fit = preprocessing.apply(raw)
+    case_ids, group_ids = _ids(source, len(raw))
+    return FileCases(source, props, fit, raw, case_ids, group_ids), images, foreground
+
+
+def load_mask(spec: str, record: FileCases, preprocessing: Preprocessing) -> np.ndarray:
+    """The mask of ``record`` in model space (``[n, 1, S, S]`` bool); ``none`` gives empty masks."""
+    n = len(record.raw)
+    if spec.lower() == HEALTHY:
+        return np.zeros((n, 1, preprocessing.size, preprocessing.size), dtype=bool)
+    source = Source.parse(spec)
+    mask = read_mask(source.path, record.properties, key=source.key)
+    fitted, _ = fit_to_size(mask, preprocessing.size, preprocessing.fit, kind="mask")
+    return np.asarray(fitted, dtype=bool)[:, None]
+
+
+def _pair_masks(image_specs: list[str], mask_specs: list[str] | None) -> list[tuple[Source, str | None]]:
+    """Expand image specs and pair every file with its mask spec (folders pair by file name)."""
+    if mask_specs is not None and len(mask_specs) != len(image_specs):
+        raise InputError(mask_specs[0] if mask_specs else "masks",
+                         f"{len(mask_specs)} mask sources given for {len(image_specs)} image sources")
+    pairs: list[tuple[Source, str | None]] = []
+    for i, spec in enumerate(image_specs):
+        sources = expand(spec)
+        mask_spec = None if mask_specs is None else mask_specs[i]
+        for source in sources:
+            if mask_spec is None or mask_spec.lower() == HEALTHY or len(sources) == 1:
+                pairs.append((source, mask_spec))
+            else:
+                pairs.append((source, str(Path(mask_spec) / source.path.relative_to(Path(spec)))))
+    return pairs
+
+
+def load_cases(
+    image_specs: list[str],
+    preprocessing: Preprocessing,
+    mask_specs: list[str] | None = None,
+    *,
+    slice_axis: int = 2,
+    slice_range: tuple[int, int] | None = None,
+) -> Cases:
+    """Read, preprocess and stack every source (and its mask) into one :class:`Cases`.
+
+    Raises:
+        InputError: A file cannot be used; the message names it.
+    """
+    files, images, foregrounds, masks = [], [], [], []
+    for source, mask_spec in _pair_masks(list(image_specs), mask_specs):
+        record, x, fg = load_file(source, preprocessing, slice_axis, slice_range)
+        files.append(record)
+        images.append(x)
+        foregrounds.append(fg)
+        if mask_specs is not None:
+            masks.append(load_mask(mask_spec, record, preprocessing))
+    if not files:
+        raise InputError(image_specs[0] if image_specs else ".", "no images found")
+    return Cases(
+        images=torch.from_numpy(np.concatenate(images)),
+        foreground=torch.from_numpy(np.concatenate(foregrounds)),
+        masks=torch.from_numpy(np.concatenate(masks)) if masks else None,
+        case_ids=[c for f in files for c in f.case_ids],
+        group_ids=[g for f in files for g in f.group_ids],
+        files=files,
+    )

@@ -1,0 +1,418 @@
+"""Evaluate a pipeline on preprocessed test slices (BENCHMARK.md, "Metrics on the test split").
+
+One batched pass runs ``detect`` and feeds a :class:`~synomaly.metrics.SegmentationEvaluator`
+(per-case, per-volume and pooled metrics, pixel AP/AUROC on the raw map, image AUROC with the mask
+area as score), pooled PR and ROC curves in constant memory, the per-stage Dice of the multi-stage
+loop, its cost, and a running selection of a few cases to look at. No anomaly map is kept beyond
+its batch except those of the selected cases.
+
+Written results (:func:`write_evaluation`) are ``metrics.json`` (everything but the case arrays; NaN
+is written as ``null``), ``per_case.csv``, ``per_volume.csv`` (with volume ids) and ``cases.npz``
+(loadable with ``allow_pickle=False``).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from synomaly import _atomic
+from synomaly.calibrate import check_inputs, json_safe
+from synomaly.detect import DetectionOutput
+from synomaly.errors import ConfigError, InputError, OutputExistsError
+from synomaly.metrics import SegmentationEvaluator, confusion_counts, dice
+from synomaly.pipeline import SynomalyPipeline, read_json
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EvaluationResult", "evaluate", "read_evaluation", "write_evaluation"]
+
+MAP_MAX = 2.0  # |blur(x) - blur(x_hat)| of images in [-1, 1] never exceeds 2
+CURVE_THRESHOLDS = 200
+METRICS_NAME, CASES_NAME = "metrics.json", "cases.npz"
+PER_CASE_NAME, PER_VOLUME_NAME = "per_case.csv", "per_volume.csv"
+SSIM_MIN_SIZE = 11  # the SSIM window; smaller images get no SSIM
+
+
+@dataclass
+class EvaluationResult:
+    """Outcome of :func:`evaluate`.
+
+    Attributes:
+        metrics: ``SegmentationEvaluator.compute()`` output (``settings``, ``per_case``,
+            ``aggregate``, and ``per_volume`` with volume ids), plus ``detect`` (the settings used)
+            and ``curves`` (pooled pixel ``pr`` and ``roc`` curves). ``aggregate`` also holds
+            ``nfe_mean``, ``nfe_max``, ``ms_per_image`` and ``dice_per_stage``.
+        cases: Arrays of up to ``keep_cases`` cases: the worst and best anomalous cases by Dice
+            (worst first), then a few healthy ones. Keys ``case_id`` (str ``[K]``), ``image``,
+            ``reconstruction``, ``anomaly_map`` (float32 ``[K, H, W]``), ``mask``, ``target`` (bool
+            ``[K, H, W]``), ``stage_reconstructions`` (float32 ``[K, S, H, W]``), ``stage_masks``
+            (bool ``[K, S, H, W]``), ``dice`` (float64 ``[K]``, NaN for healthy), ``stages``
+            (int64 ``[K]``). ``S`` is the most stages any image ran; an image that stopped earlier
+            repeats its last stage.
+    """
+
+    metrics: dict[str, Any]
+    cases: dict[str, np.ndarray]
+
+
+def evaluate(
+    pipeline: SynomalyPipeline,
+    images: Tensor,
+    masks: Tensor | None,
+    *,
+    case_ids: list[str],
+    group_ids: list[str] | None = None,
+    foreground: Tensor | None = None,
+    batch_size: int = 32,
+    seed: int = 0,
+    ap_thresholds: int | None = None,
+    keep_cases: int = 12,
+    progress: bool = True,
+    **detect_overrides: Any,
+) -> EvaluationResult:
+    """Detect anomalies in test slices and measure them against the lesion masks.
+
+    Args:
+        pipeline: The trained (and calibrated) model.
+        images: Test slices ``[N, 1, H, W]`` in [-1, 1].
+        masks: Lesion masks ``[N, 1, H, W]`` (bool); ``None`` means every slice is healthy.
+        case_ids: One name per slice.
+        group_ids: Volume (patient) of each slice, for per-volume metrics.
+        foreground: Optional region ``[N, 1, H, W]``; nothing is flagged outside it.
+        batch_size: Slices per ``detect`` call.
+        seed: Seed of the inference noise.
+        ap_thresholds: ``None`` for exact pooled AP/AUROC, or a number of bins (constant memory).
+        keep_cases: How many cases to keep arrays of.
+        progress: Show a progress bar.
+        **detect_overrides: ``DetectConfig`` fields overriding the pipeline's settings.
+
+    Returns:
+        The metrics and the kept cases.
+    """
+    check_inputs(images, masks, foreground)
+    _check_options(len(images), case_ids, group_ids, batch_size, keep_cases)
+    config = pipeline.detect_config(**detect_overrides)
+    anomalous = masks.flatten(1).any(1) if masks is not None else torch.zeros(len(images), dtype=torch.bool)
+    state = _State(
+        evaluator=SegmentationEvaluator(ap_thresholds=ap_thresholds, map_max=MAP_MAX),
+        curves=_PixelCurves(),
+        stages=_StageDice(config.max_stages),
+        keeper=_CaseKeeper(keep_cases, int(anomalous.sum()), int((~anomalous).sum())),
+    )
+    generator = torch.Generator(device=pipeline.device).manual_seed(seed)
+    starts = range(0, len(images), batch_size)
+    for start in tqdm(starts, desc="evaluate", unit="batch", disable=not progress):
+        batch = slice(start, start + batch_size)
+        x0 = pipeline._check_images(images[batch])
+        target = _batch_mask(masks, batch, x0)
+        fg = None if foreground is None else foreground[batch].to(x0.device, torch.bool)
+        out = state.detect(pipeline, x0, generator, fg, detect_overrides)
+        state.update(start, x0, target, out, case_ids[batch], None if group_ids is None else group_ids[batch])
+    metrics = state.summary(len(images))
+    metrics["detect"] = dataclasses.asdict(config)
+    metrics["settings"].update(seed=seed, batch_size=batch_size, device=str(pipeline.device))
+    return EvaluationResult(metrics, state.keeper.arrays(list(case_ids), images.shape[-2:], state.stages.ran))
+
+
+def _check_options(n: int, case_ids: list[str], group_ids: list[str] | None, batch_size: int, keep_cases: int) -> None:
+    if len(case_ids) != n:
+        raise ValueError(f"got {len(case_ids)} case ids for {n} images")
+    if group_ids is not None and len(group_ids) != n:
+        raise ValueError(f"got {len(group_ids)} group ids for {n} images")
+    for name, value, low in (("batch_size", batch_size, 1), ("keep_cases", keep_cases, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(name, f"must be an integer >= {low}, got {value!r}")
+
+
+def _batch_mask(masks: Tensor | None, batch: slice, like: Tensor) -> Tensor:
+    if masks is None:
+        return torch.zeros_like(like, dtype=torch.bool)
+    return masks[batch].to(like.device, torch.bool)
+
+
+@dataclass
+class _State:
+    """Everything accumulated over the batches."""
+
+    evaluator: SegmentationEvaluator
+    curves: _PixelCurves
+    stages: _StageDice
+    keeper: _CaseKeeper
+    seconds: float = 0.0
+    nfe_sum: int = 0
+    nfe_max: int = 0
+
+    def detect(
+        self, pipeline: SynomalyPipeline, x0: Tensor, generator: torch.Generator, fg: Tensor | None,
+        overrides: dict[str, Any],
+    ) -> DetectionOutput:
+        """``pipeline.detect`` with its wall time added up (the device is synchronised around it)."""
+        _synchronize(x0.device)
+        begin = time.perf_counter()
+        out = pipeline.detect(x0, generator, fg, **overrides)
+        _synchronize(x0.device)
+        self.seconds += time.perf_counter() - begin
+        return out
+
+    def update(
+        self, start: int, x0: Tensor, target: Tensor, out: DetectionOutput, case_ids: list[str],
+        group_ids: list[str] | None,
+    ) -> None:
+        """Add one batch to every accumulator."""
+        with_ssim = min(x0.shape[-2:]) >= SSIM_MIN_SIZE
+        self.evaluator.update(
+            out.anomaly_map, out.mask, target, case_ids=case_ids, group_ids=group_ids, score=out.score,
+            image=x0 if with_ssim else None, reconstruction=out.reconstruction if with_ssim else None,
+        )
+        self.curves.update(out.anomaly_map, target)
+        self.stages.update(out.stage_masks, target)
+        self.keeper.update(start, x0, target, out, dice(confusion_counts(out.mask, target)).cpu())
+        self.nfe_sum += int(out.stages.sum())
+        self.nfe_max = max(self.nfe_max, int(out.stages.max()))
+
+    def summary(self, n: int) -> dict[str, Any]:
+        """The evaluator's summary with cost, per-stage Dice and curves added."""
+        metrics = self.evaluator.compute()
+        metrics["aggregate"].update(
+            nfe_mean=self.nfe_sum / n,
+            nfe_max=self.nfe_max,
+            ms_per_image=1000.0 * self.seconds / n,
+            dice_per_stage=self.stages.compute(),
+        )
+        metrics["curves"] = self.curves.compute()
+        return metrics
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _PixelCurves:
+    """Pooled pixel PR and ROC curves on ``clip(map / MAP_MAX, 0, 1)`` with fixed thresholds.
+
+    torchmetrics' binned curves keep one ``[T, 2, 2]`` confusion table (shared by both curves),
+    so memory does not grow with the test set.
+    """
+
+    def __init__(self) -> None:
+        from torchmetrics import MetricCollection
+        from torchmetrics.classification import BinaryPrecisionRecallCurve, BinaryROC
+
+        self._metrics = MetricCollection(
+            {
+                "pr": BinaryPrecisionRecallCurve(thresholds=CURVE_THRESHOLDS, validate_args=False),
+                "roc": BinaryROC(thresholds=CURVE_THRESHOLDS, validate_args=False),
+            }
+        )
+        self._n_positive = self._n_pixels = 0
+
+    def update(self, anomaly_map: Tensor, target: Tensor) -> None:
+        """Add a batch of raw maps and bool targets."""
+        scores = (anomaly_map.detach().float() / MAP_MAX).clamp(0.0, 1.0).flatten()
+        self._metrics.to(scores.device)
+        self._metrics.update(scores, target.flatten().long())
+        self._n_positive += int(target.sum())
+        self._n_pixels += target.numel()
+
+    def compute(self) -> dict[str, dict[str, list[float]]]:
+        """``{"pr": {"precision", "recall"}, "roc": {"fpr", "tpr"}}``; empty lists with one class only."""
+        if not 0 < self._n_positive < self._n_pixels:
+            log.warning("pixel curves: the pooled target holds a single class, so they are empty")
+            return {"pr": {"precision": [], "recall": []}, "roc": {"fpr": [], "tpr": []}}
+        values = self._metrics.compute()
+        precision, recall, _ = values["pr"]
+        fpr, tpr, _ = values["roc"]
+        return {
+            "pr": {"precision": precision.tolist(), "recall": recall.tolist()},
+            "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()},
+        }
+
+
+class _StageDice:
+    """Mean Dice over anomalous slices of the mask after each stage ``k = 1 .. max_stages``.
+
+    An image that stopped at stage ``s`` keeps its stage-``s`` mask for every later ``k``, so the
+    last entry equals the Dice of the final masks.
+
+    Args:
+        max_stages: The stage limit of the run.
+    """
+
+    def __init__(self, max_stages: int) -> None:
+        self._sums = torch.zeros(max_stages, dtype=torch.float64)
+        self._n = 0
+        self.ran = 0
+
+    def update(self, stage_masks: Tensor, target: Tensor) -> None:
+        """Add a batch of ``[B, S, 1, H, W]`` stage masks and ``[B, 1, H, W]`` targets."""
+        self.ran = max(self.ran, stage_masks.shape[1])
+        anomalous = target.flatten(1).any(1)
+        if not bool(anomalous.any()):
+            return
+        masks, target = stage_masks[anomalous], target[anomalous]
+        count, stages = masks.shape[:2]
+        counts = confusion_counts(masks.flatten(0, 1), target.repeat_interleave(stages, 0))
+        per_stage = dice(counts).view(count, stages).cpu()
+        # Pad to max_stages by repeating the last stage: this batch stopped before the others.
+        padded = per_stage[:, torch.arange(len(self._sums)).clamp(max=stages - 1)]
+        self._sums += padded.sum(0)
+        self._n += count
+
+    def compute(self) -> list[float]:
+        """Mean Dice per stage up to the most stages any image ran (NaN without anomalous slices)."""
+        if not self._n:
+            return [math.nan] * self.ran
+        return (self._sums[: self.ran] / self._n).tolist()
+
+
+class _CaseKeeper:
+    """Chooses the cases to keep while the batches stream by, holding only their arrays.
+
+    Quotas are fixed up front from the known numbers of anomalous and healthy cases: a quarter of
+    ``keep`` healthy cases (the first ones met) and the rest split between the lowest and highest
+    Dice among anomalous cases; a class with too few cases leaves its places to the other.
+
+    Args:
+        keep: Total number of cases to keep.
+        n_anomalous: Anomalous cases in the data.
+        n_healthy: Healthy cases in the data.
+    """
+
+    def __init__(self, keep: int, n_anomalous: int, n_healthy: int) -> None:
+        healthy = min(n_healthy, keep // 4 if n_anomalous else keep)
+        anomalous = min(n_anomalous, keep - healthy)
+        self.n_healthy = min(n_healthy, keep - anomalous)
+        self.n_worst = (anomalous + 1) // 2
+        self.n_best = anomalous - self.n_worst
+        self.anomalous: list[tuple[float, int, dict[str, np.ndarray]]] = []
+        self.healthy: list[tuple[float, int, dict[str, np.ndarray]]] = []
+
+    def update(self, start: int, x0: Tensor, target: Tensor, out: DetectionOutput, dice_values: Tensor) -> None:
+        """Consider a batch whose first case has index ``start``."""
+        is_anomalous = target.flatten(1).any(1).cpu().tolist()
+        new = [(float(dice_values[i]), start + i) for i, flag in enumerate(is_anomalous) if flag]
+        pool = sorted([(d, i) for d, i, _ in self.anomalous] + new)
+        if len(pool) > self.n_worst + self.n_best:
+            pool = pool[: self.n_worst] + pool[len(pool) - self.n_best :]
+        kept = {i: arrays for _, i, arrays in self.anomalous}
+        self.anomalous = [(d, i, kept[i] if i in kept else _case_arrays(x0, target, out, i - start)) for d, i in pool]
+        for i, flag in enumerate(is_anomalous):
+            if not flag and len(self.healthy) < self.n_healthy:
+                self.healthy.append((math.nan, start + i, _case_arrays(x0, target, out, i)))
+
+    def arrays(self, case_ids: list[str], size: torch.Size, stages: int) -> dict[str, np.ndarray]:
+        """The kept cases stacked, stage arrays padded to ``stages`` by repeating the last one."""
+        chosen = self.anomalous + self.healthy
+        height, width = size
+        stack: dict[str, np.ndarray] = {
+            "case_id": np.array([case_ids[i] for _, i, _ in chosen], dtype=np.str_),
+            "dice": np.array([d for d, _, _ in chosen], dtype=np.float64),
+        }
+        shapes = {
+            "image": ((height, width), np.float32), "reconstruction": ((height, width), np.float32),
+            "anomaly_map": ((height, width), np.float32), "mask": ((height, width), bool),
+            "target": ((height, width), bool), "stage_reconstructions": ((stages, height, width), np.float32),
+            "stage_masks": ((stages, height, width), bool), "stages": ((), np.int64),
+        }
+        for key, (shape, dtype) in shapes.items():
+            parts = [_pad_stages(arrays[key], stages) if key.startswith("stage_") else arrays[key] for _, _, arrays in chosen]
+            stack[key] = np.stack(parts).astype(dtype) if parts else np.zeros((0, *shape), dtype=dtype)
+        return stack
+
+
+def _case_arrays(x0: Tensor, target: Tensor, out: DetectionOutput, i: int) -> dict[str, np.ndarray]:
+    """Host copies of one case's arrays (channel axis dropped)."""
+
+    def host(x: Tensor) -> np.ndarray:
+        return x.detach().cpu().numpy()
+
+    return {
+        "image": host(x0[i, 0]),
+        "reconstruction": host(out.reconstruction[i, 0].float()),
+        "anomaly_map": host(out.anomaly_map[i, 0].float()),
+        "mask": host(out.mask[i, 0]),
+        "target": host(target[i, 0]),
+        "stage_reconstructions": host(out.stage_reconstructions[i, :, 0].float()),
+        "stage_masks": host(out.stage_masks[i, :, 0]),
+        "stages": np.int64(int(out.stages[i])),
+    }
+
+
+def _pad_stages(values: np.ndarray, stages: int) -> np.ndarray:
+    """Repeat the last stage of ``[s, H, W]`` up to ``stages`` entries."""
+    index = np.minimum(np.arange(stages), len(values) - 1)
+    return values[index]
+
+
+def write_evaluation(result: EvaluationResult, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write ``metrics.json``, ``per_case.csv``, ``per_volume.csv`` and ``cases.npz`` atomically.
+
+    Args:
+        result: Output of :func:`evaluate`.
+        out_dir: Folder to write into (created if missing).
+        overwrite: Replace an existing evaluation.
+
+    Returns:
+        ``out_dir``.
+
+    Raises:
+        OutputExistsError: When ``metrics.json`` exists and ``overwrite`` is False.
+    """
+    out = Path(out_dir)
+    metrics_path = out / METRICS_NAME
+    if metrics_path.exists() and not overwrite:
+        raise OutputExistsError(metrics_path)
+    metrics = json_safe(result.metrics)
+    _atomic.write_text(out / PER_CASE_NAME, _csv_text(metrics["per_case"]))
+    if "per_volume" in metrics:
+        _atomic.write_text(out / PER_VOLUME_NAME, _csv_text(metrics["per_volume"]))
+    else:
+        # A table left by an overwritten run with volume ids would contradict metrics.json.
+        (out / PER_VOLUME_NAME).unlink(missing_ok=True)
+    with _atomic.atomic_path(out / CASES_NAME) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, **result.cases)
+    # Written last: metrics.json marks a complete evaluation, and it is what the overwrite guard checks.
+    _atomic.write_json(metrics_path, metrics)
+    return out
+
+
+def _csv_text(rows: list[dict[str, Any]]) -> str:
+    """CSV with a header from the first row; ``None`` (undefined or not provided) is an empty cell."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else [], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def read_evaluation(out_dir: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Read what :func:`write_evaluation` wrote: the metrics (``null`` stays ``None``) and the cases.
+
+    Raises:
+        InputError: When ``metrics.json`` or ``cases.npz`` is missing or unreadable.
+    """
+    out = Path(out_dir)
+    metrics = read_json(out / METRICS_NAME)
+    path = out / CASES_NAME
+    if not path.is_file():
+        raise InputError(path, "missing")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            cases = {key: archive[key] for key in archive.files}
+    except (OSError, ValueError) as error:
+        raise InputError(path, f"not a readable npz archive ({error})") from None
+    return metrics, cases
