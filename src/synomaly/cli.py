@@ -205,10 +205,15 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``synomaly`` command; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
+    level = logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(message)s")
+    # Lightning has its own console handler: keep its messages single and at the chosen level.
+    lightning_log = logging.getLogger("lightning.pytorch")
+    lightning_log.propagate = False
+    lightning_log.setLevel(level)
     command = args.command
     try:
-        _run(command, args[command])
+        result = _run(command, args[command])
     except (SynomalyError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as error:
         if args.debug:
             raise
@@ -217,6 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"synomaly {command}: interrupted", file=sys.stderr)
         return 130
+    failed = result.get("failed") if isinstance(result, dict) else None
+    if failed:
+        names = "; ".join(f["error"] for f in failed)
+        print(f"synomaly {command}: {len(failed)} input(s) skipped ({names}); see summary.json", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -113,7 +113,7 @@ def _write_case_outputs(case_dir: Path, record: Any, outputs: dict[str, torch.Te
     from synomaly.report import overlay_rgb
 
     props = record.properties
-    spatial = props.format in ("nifti", "dicom") and props.affine is not None
+    spatial = props.format in ("nifti", "dicom", "dicom-series") and props.affine is not None
     suffix = ".nii.gz" if spatial else ".npy"
     restored = {
         "mask": restore_size(outputs["mask"][:, 0].numpy(), record.fit, kind="mask"),
@@ -128,7 +128,8 @@ def _write_case_outputs(case_dir: Path, record: Any, outputs: dict[str, torch.Te
         files[name] = path.name
     best = int(outputs["score"].argmax())
     image = pre.apply(record.raw[best : best + 1])[0][0, 0]
-    overlay = overlay_rgb(image, outputs["mask"][best, 0].numpy(), None)
+    mask = outputs["mask"][best, 0].numpy()
+    overlay = overlay_rgb(image, mask, np.zeros_like(mask))
     strip = np.concatenate([_gray_rgb(image), _gray_rgb(outputs["reconstruction"][best, 0].numpy()),
                             _heat_rgb(outputs["anomaly_map"][best, 0].numpy()), overlay], axis=1)
     _write_png(case_dir / "overlay.png", strip)

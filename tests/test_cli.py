@@ -1,0 +1,174 @@
+"""The ``synomaly`` command end to end on a tiny on-disk data set in every format."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from synomaly.cli import main
+from synomaly.io import read_images
+from synomaly.synthetic import healthy_phantoms, insert_lesions
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    return ((x.numpy() + 1) * 127.5).round().astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def disk_data(tmp_path_factory):
+    """Healthy and lesioned phantoms as PNG folders (non-square), a NIfTI volume, a DICOM series and an npz."""
+    import nibabel as nib
+    from PIL import Image
+    from test_io import write_dicom
+
+    root = tmp_path_factory.mktemp("disk_data")
+    g = torch.Generator().manual_seed(5)
+    healthy, head = healthy_phantoms(24, 32, g)
+    lesioned, masks = insert_lesions(healthy[:12], head[:12], g)
+    for name in ("png_healthy", "png_lesioned", "png_masks"):
+        (root / name).mkdir()
+    for i in range(6):  # non-square 32x40 PNGs: letterboxed to the model's 32x32 and back
+        pad = lambda a: np.pad(a, ((0, 0), (4, 4)))  # noqa: E731
+        Image.fromarray(pad(to_uint8(healthy[i, 0]))).save(root / "png_healthy" / f"h{i}.png")
+        Image.fromarray(pad(to_uint8(lesioned[i, 0]))).save(root / "png_lesioned" / f"l{i}.png")
+        Image.fromarray(pad(masks[i, 0].numpy().astype(np.uint8) * 255)).save(root / "png_masks" / f"l{i}.png")
+    volume = np.stack([np.rot90(to_uint8(x[0]), -1) for x in lesioned[:6]], axis=2).astype(np.int16)
+    affine = np.diag([0.9, 0.9, 3.0, 1.0])
+    nib.save(nib.Nifti1Image(volume, affine), root / "vol.nii.gz")
+    mask_vol = np.stack([np.rot90(m[0].numpy().astype(np.uint8), -1) for m in masks[:6]], axis=2)
+    nib.save(nib.Nifti1Image(mask_vol, affine), root / "vol_mask.nii.gz")
+    (root / "series").mkdir()
+    for k in range(3):
+        write_dicom(root / "series" / f"s{k}.dcm", to_uint8(lesioned[k, 0]).astype(np.uint16), position=(0, 0, 2.0 * k), instance=k + 1)
+    np.savez(root / "bundle.npz", healthy=to_uint8(healthy[12:, 0]), anomalous=to_uint8(lesioned[:, 0]), masks=masks[:, 0].numpy().astype(np.uint8))
+    return root
+
+
+def run(args, capsys):
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_help_lists_every_subcommand():
+    out = subprocess.run([sys.executable, "-m", "synomaly.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    for name in ("train", "detect", "calibrate", "evaluate", "report", "demo"):
+        assert name in out
+
+
+def test_train_from_png_folder_writes_a_model_folder(disk_data, tmp_path, capsys):
+    out = tmp_path / "model"
+    code, _, err = run(["--quiet", "train", str(disk_data / "png_healthy"), str(disk_data / "bundle.npz:healthy"),
+                        "-o", str(out), "--model", "tiny", "--image-size", "32", "--train.steps", "3",
+                        "--batch-size", "4", "--train.progress", "false", "--device", "cpu"], capsys)
+    assert code == 0, err
+    config = json.loads((out / "config.json").read_text())
+    assert config["preprocess"]["size"] == 32 and config["training"]["images"] == 18
+    assert config["noise"]["name"] == "synomaly" and config["noise"]["sigma"] == pytest.approx(0.75)
+    assert config["detect"]["min_size"] == 2  # 30 px at 128, scaled by area
+    code, _, err = run(["train", str(disk_data / "png_healthy"), "-o", str(out), "--model", "tiny", "--image-size", "32"], capsys)
+    assert code == 2 and "--resume" in err and "Traceback" not in err
+
+
+def test_detect_writes_outputs_on_each_input_grid(tiny_model_dir, disk_data, tmp_path, capsys):
+    out = tmp_path / "detect"
+    inputs = [disk_data / "png_lesioned", disk_data / "vol.nii.gz", disk_data / "series", f"{disk_data / 'bundle.npz'}:anomalous"]
+    code, _, err = run(["--quiet", "detect", *map(str, inputs), "-m", str(tiny_model_dir), "-o", str(out), "--device", "cpu"], capsys)
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["cases"]) == 6 + 1 + 1 + 1 and not summary["failed"]
+    png_map = np.load(out / "png_lesioned__l0" / "anomaly_map.npy") if (out / "png_lesioned__l0").exists() else np.load(out / "l0" / "anomaly_map.npy")
+    assert png_map.shape == (1, 32, 40)
+    _, props = read_images(disk_data / "vol.nii.gz")
+    mask_vol, mask_props = read_images(out / "vol" / "mask.nii.gz")
+    assert mask_vol.shape == (6, 32, 32) and np.allclose(mask_props.affine, props.affine)
+    assert (out / "series" / "mask.nii.gz").exists()
+    assert np.load(out / "bundle__anomalous" / "mask.npy").shape == (12, 32, 32)
+    # A second run finds every case done and rewrites nothing.
+    before = (out / "vol" / "case.json").stat().st_mtime_ns
+    assert run(["--quiet", "detect", *map(str, inputs), "-m", str(tiny_model_dir), "-o", str(out), "--device", "cpu"], capsys)[0] == 0
+    assert (out / "vol" / "case.json").stat().st_mtime_ns == before
+
+
+def test_detect_reports_and_skips_a_corrupt_file(tiny_model_dir, disk_data, tmp_path, capsys):
+    bad = tmp_path / "inputs"
+    bad.mkdir()
+    (bad / "broken.png").write_bytes(b"\x89PNG not really")
+    (bad / "good.png").write_bytes((disk_data / "png_lesioned" / "l0.png").read_bytes())
+    code, _, err = run(["--quiet", "detect", str(bad), "-m", str(tiny_model_dir), "-o", str(tmp_path / "out"), "--device", "cpu"], capsys)
+    assert code == 1 and "broken.png" in err and "Traceback" not in err
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [f["input"].endswith("broken.png") for f in summary["failed"]] == [True] and len(summary["cases"]) == 1
+    assert not (tmp_path / "out" / "broken").exists()
+    code, _, err = run(["detect", str(bad), "-m", str(tiny_model_dir), "-o", str(tmp_path / "stop"), "--on-error", "stop"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "broken.png" in err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--t", "1000"], "detect.t: must be < T=1000"),
+        (["--kernel", "4"], "detect.kernel"),
+        (["-m", "/nonexistent/model"], "/nonexistent/model: model folder not found"),
+    ],
+)
+def test_detect_option_errors_are_one_line(tiny_model_dir, disk_data, tmp_path, capsys, args, message):
+    base = ["detect", str(disk_data / "vol.nii.gz"), "-m", str(tiny_model_dir), "-o", str(tmp_path / "o")]
+    code, _, err = run(base + args, capsys)
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.fixture
+def model_copy(tiny_model_dir, tmp_path):
+    import shutil
+
+    dest = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, dest, ignore=shutil.ignore_patterns("checkpoints", "logs", "previews"))
+    return dest
+
+
+def test_calibrate_with_masks_then_evaluate_and_report(model_copy, disk_data, tmp_path, capsys):
+    bundle = disk_data / "bundle.npz"
+    code, _, err = run(["--quiet", "calibrate", f"{bundle}:healthy", f"{bundle}:anomalous", "--masks", "none", f"{bundle}:masks",
+                        "-m", str(model_copy), "--grid.t", "[100, 200]", "--grid.kernel", "[3]",
+                        "--grid.threshold", "[0.1, 0.2]", "--grid.max_stages", "[1, 3]", "--device", "cpu"], capsys)
+    assert code == 0, err
+    thresholds = json.loads((model_copy / "thresholds.json").read_text())
+    assert thresholds["calibration"]["method"] == "dice-grid" and thresholds["detect"]["t"] in (100, 200)
+    ev = tmp_path / "eval"
+    code, _, err = run(["--quiet", "evaluate", str(disk_data / "png_lesioned"), f"{bundle}:healthy", "--masks",
+                        str(disk_data / "png_masks"), "none", "-m", str(model_copy), "-o", str(ev), "--device", "cpu"], capsys)
+    assert code == 0, err
+    metrics = json.loads((ev / "metrics.json").read_text())
+    assert metrics["aggregate"]["n_anomalous"] == 6 and metrics["aggregate"]["n_healthy"] == 12
+    assert metrics["detect"]["t"] == thresholds["detect"]["t"]
+    assert (ev / "per_case.csv").read_text().count("\n") == 19
+    code, _, err = run(["--quiet", "report", str(ev)], capsys)
+    assert code == 0, err
+    html = (ev / "report.html").read_text()
+    assert "Dice" in html and "l0.png" in html
+    assert run(["report", str(ev)], capsys)[0] == 2  # no silent overwrite
+
+
+def test_calibrate_without_masks_uses_healthy_percentile(model_copy, disk_data, capsys, caplog):
+    code, _, err = run(["calibrate", f"{disk_data / 'bundle.npz'}:healthy", "-m", str(model_copy), "--device", "cpu"], capsys)
+    assert code == 0, err
+    thresholds = json.loads((model_copy / "thresholds.json").read_text())
+    assert thresholds["calibration"]["method"] == "healthy-percentile"
+    assert thresholds["calibration"]["warnings"]
+
+
+def test_print_config_round_trips_through_a_yaml_file(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["detect", "x.png", "-m", "m", "-o", "o", "--threshold", "0.3", "--print_config"])
+    yaml = capsys.readouterr().out
+    assert "threshold: 0.3" in yaml
+    (tmp_path / "c.yaml").write_text(yaml)
+    from synomaly.cli import build_parser
+
+    args = build_parser().parse_args(["detect", "--config", str(tmp_path / "c.yaml")])
+    assert args.detect.threshold == 0.3 and args.detect.inputs == ["x.png"]
