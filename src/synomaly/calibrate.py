@@ -46,6 +46,10 @@ log = logging.getLogger(__name__)
 __all__ = ["CalibrationGrid", "CalibrationResult", "calibrate", "write_thresholds"]
 
 TUNED_FIELDS = ("t", "kernel", "threshold", "max_stages", "fusion")
+CALIBRATION_KEYS = (
+    "method", "score", "grid", "table", "percentile", "healthy_percentile_threshold", "n_anomalous", "n_healthy",
+    "warnings",
+)
 
 
 @dataclass(frozen=True)
@@ -175,7 +179,7 @@ class _Runner:
         return torch.Generator(device=self.pipeline.device).manual_seed(self.seed)
 
     def batches(self, index: Tensor) -> Iterator[tuple[Tensor, Tensor | None, Tensor | None]]:
-        """``(images, masks, foreground)`` of the selected cases, ``batch_size`` at a time, on the device."""
+        """``(images, masks, foreground)`` of the cases in ``index``, a batch at a time, on the device."""
         device = self.pipeline.device
         for start in range(0, len(index), self.batch_size):
             batch = index[start : start + self.batch_size]
@@ -260,8 +264,9 @@ def _count_batches(n: int, batch_size: int) -> int:
 def _passes(grid: CalibrationGrid) -> int:
     """Passes over the anomalous slices: one per ``t`` (single stage), one per multi-stage setting."""
     single = len(grid.t) if 1 in grid.max_stages else 0
-    multi = len(grid.t) * len(grid.kernel) * len(grid.threshold) * len(grid.fusion) if max(grid.max_stages) > 1 else 0
-    return single + multi
+    if max(grid.max_stages) == 1:
+        return single
+    return single + len(grid.t) * len(grid.kernel) * len(grid.threshold) * len(grid.fusion)
 
 
 def _choose(run: _Runner, grid: CalibrationGrid, lesioned: Tensor, percentile: float) -> CalibrationResult:
@@ -311,17 +316,9 @@ def _warn(result: CalibrationResult, message: str) -> None:
     result.warnings.append(message)
 
 
-def _row(t: int, kernel: int, threshold: float, max_stages: int, fusion: str, dice_sum: float, nfe_sum: float, n: int) -> dict[str, Any]:
-    return {
-        "t": t,
-        "kernel": kernel,
-        "threshold": threshold,
-        "max_stages": max_stages,
-        "fusion": fusion,
-        "dice": dice_sum / n,
-        "nfe": nfe_sum / n,
-        "n": n,
-    }
+def _row(point: tuple[int, int, float, int, str], dice_sum: float, nfe_sum: float, n: int) -> dict[str, Any]:
+    """A table row: the settings (in ``TUNED_FIELDS`` order), mean Dice and network evaluations over ``n`` slices."""
+    return {**dict(zip(TUNED_FIELDS, point)), "dice": dice_sum / n, "nfe": nfe_sum / n, "n": n}
 
 
 def _best(table: list[dict[str, Any]]) -> dict[str, Any]:
@@ -347,7 +344,7 @@ def _single_stage_rows(run: _Runner, grid: CalibrationGrid, index: Tensor) -> li
             for j, kernel in enumerate(grid.kernel):
                 sums[i, j] += _threshold_dice(images, recon, target, fg, kernel, grid.threshold, base).sum(1).cpu()
     return [
-        _row(t, kernel, threshold, 1, base.fusion, float(sums[i, j, m]), len(index), len(index))
+        _row((t, kernel, threshold, 1, base.fusion), float(sums[i, j, m]), len(index), len(index))
         for (i, t), (j, kernel), (m, threshold) in itertools.product(
             enumerate(grid.t), enumerate(grid.kernel), enumerate(grid.threshold)
         )
@@ -386,7 +383,7 @@ def _multistage_rows(run: _Runner, grid: CalibrationGrid, index: Tensor) -> list
         return rows
     for t, kernel, threshold, fusion in itertools.product(grid.t, grid.kernel, grid.threshold, grid.fusion):
         generator = run.generator()
-        dice_sums, nfe_sums = torch.zeros(len(stages), dtype=torch.float64), torch.zeros(len(stages), dtype=torch.float64)
+        dice_sums, nfe_sums = torch.zeros(len(stages), dtype=torch.float64), torch.zeros(len(stages))
         settings = {"t": t, "kernel": kernel, "threshold": threshold, "max_stages": max(stages), "fusion": fusion}
         for images, target, fg in run.batches(index):
             out = run.pipeline.detect(images, generator, fg, **settings)
@@ -395,7 +392,7 @@ def _multistage_rows(run: _Runner, grid: CalibrationGrid, index: Tensor) -> list
                 dice_sums[i] += dice(confusion_counts(mask, target)).sum().cpu()
                 nfe_sums[i] += out.stages.clamp(max=limit).sum().cpu()
         rows += [
-            _row(t, kernel, threshold, limit, fusion, float(dice_sums[i]), float(nfe_sums[i]), len(index))
+            _row((t, kernel, threshold, limit, fusion), float(dice_sums[i]), float(nfe_sums[i]), len(index))
             for i, limit in enumerate(stages)
         ]
     return rows
@@ -407,7 +404,7 @@ def _healthy_percentile(run: _Runner, index: Tensor, t: int, kernel: int, percen
     ``None`` when the healthy slices hold no foreground pixel.
     """
     size = run.images[0].numel()
-    n_values = len(index) * size if run.foreground is None else int(run.foreground[index].sum())
+    n_values = len(index) * size if run.foreground is None else int(run.foreground[index].bool().sum())
     if n_values == 0:
         return None
     quantile = _UpperPercentile(n_values, percentile)
@@ -471,12 +468,7 @@ def write_thresholds(model_dir: str | Path, result: CalibrationResult, overwrite
         raise OutputExistsError(path)
     from_dict(DetectConfig, result.detect, "detect")  # refuse to write what from_pretrained would reject
     data = result.to_dict()
-    calibration = {key: data[key] for key in _CALIBRATION_KEYS}
-    _atomic.write_json(path, {"detect": data["detect"], "calibration": {**calibration, "version": synomaly.__version__}})
+    calibration = {key: data[key] for key in CALIBRATION_KEYS}
+    calibration["version"] = synomaly.__version__
+    _atomic.write_json(path, {"detect": data["detect"], "calibration": calibration})
     return path
-
-
-_CALIBRATION_KEYS = (
-    "method", "score", "grid", "table", "percentile", "healthy_percentile_threshold",
-    "n_anomalous", "n_healthy", "warnings",
-)

@@ -94,7 +94,8 @@ def evaluate(
         foreground: Optional region ``[N, 1, H, W]``; nothing is flagged outside it.
         batch_size: Slices per ``detect`` call.
         seed: Seed of the inference noise.
-        ap_thresholds: ``None`` for exact pooled AP/AUROC, or a number of bins (constant memory).
+        ap_thresholds: ``None`` for exact pooled AP/AUROC (keeps every map pixel on the host, 5
+            bytes each, until the end), or a number of bins on ``clip(map / 2, 0, 1)`` (constant memory).
         keep_cases: How many cases to keep arrays of.
         progress: Show a progress bar.
         **detect_overrides: ``DetectConfig`` fields overriding the pipeline's settings.
@@ -123,7 +124,9 @@ def evaluate(
         state.update(start, x0, target, out, case_ids[batch], None if group_ids is None else group_ids[batch])
     metrics = state.summary(len(images))
     metrics["detect"] = dataclasses.asdict(config)
-    metrics["settings"].update(seed=seed, batch_size=batch_size, device=str(pipeline.device))
+    metrics["settings"].update(
+        seed=seed, batch_size=batch_size, device=str(pipeline.device), curve_thresholds=CURVE_THRESHOLDS
+    )
     return EvaluationResult(metrics, state.keeper.arrays(list(case_ids), images.shape[-2:], state.stages.ran))
 
 
@@ -235,6 +238,10 @@ class _PixelCurves:
             return {"pr": {"precision": [], "recall": []}, "roc": {"fpr": [], "tpr": []}}
         values = self._metrics.compute()
         precision, recall, _ = values["pr"]
+        # Thresholds above every map value predict nothing: their precision is undefined (NaN) and
+        # they add no point to the curve.
+        defined = ~precision.isnan()
+        precision, recall = precision[defined], recall[defined]
         fpr, tpr, _ = values["roc"]
         return {
             "pr": {"precision": precision.tolist(), "recall": recall.tolist()},
@@ -329,7 +336,9 @@ class _CaseKeeper:
             "stage_masks": ((stages, height, width), bool), "stages": ((), np.int64),
         }
         for key, (shape, dtype) in shapes.items():
-            parts = [_pad_stages(arrays[key], stages) if key.startswith("stage_") else arrays[key] for _, _, arrays in chosen]
+            parts = [arrays[key] for _, _, arrays in chosen]
+            if key.startswith("stage_"):
+                parts = [_pad_stages(part, stages) for part in parts]
             stack[key] = np.stack(parts).astype(dtype) if parts else np.zeros((0, *shape), dtype=dtype)
         return stack
 

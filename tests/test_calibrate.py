@@ -1,0 +1,237 @@
+"""Calibration: Dice grid search with its one-stage and stage-prefix shortcuts, the healthy-percentile
+rule, every fallback with its warning, and thresholds.json round trips through from_pretrained."""
+
+import json
+import logging
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from synomaly import SynomalyPipeline
+from synomaly.calibrate import CalibrationGrid, _UpperPercentile, calibrate, write_thresholds
+from synomaly.config import PipelineConfig, model_preset
+from synomaly.errors import ConfigError, InputError, OutputExistsError
+from synomaly.model import build_unet
+
+SMALL_GRID = CalibrationGrid(t=(100, 200), kernel=(3, 5), threshold=(0.1, 0.2, 1.5), max_stages=(1, 2, 3))
+N_HEALTHY = 16
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # On two shared, busy cores, OpenMP workers spinning against other processes slow the tiny UNet
+    # by more than 10x; one thread keeps the module fast and does not change any result.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir):
+    return SynomalyPipeline.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def calibrated(trained, phantom_test):
+    """Small-grid calibration on 16 healthy + 48 lesioned phantoms, each class in one batch."""
+    healthy, lesioned, masks = phantom_test
+    images = torch.cat([healthy[:N_HEALTHY], lesioned])
+    targets = torch.cat([torch.zeros_like(masks[:N_HEALTHY]), masks])
+    return calibrate(trained, images, targets, grid=SMALL_GRID, batch_size=64, progress=False)
+
+
+@pytest.fixture
+def random_pipeline():
+    torch.manual_seed(0)
+    return SynomalyPipeline(build_unet(model_preset("tiny")), PipelineConfig(model=model_preset("tiny")))
+
+
+def mean_dice(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """Independent per-slice Dice (both masks non-empty in its uses, or pred empty -> 0)."""
+    inter = (pred & target).flatten(1).sum(1).double()
+    return (2 * inter / (pred.flatten(1).sum(1) + target.flatten(1).sum(1))).mean().item()
+
+
+@pytest.mark.parametrize(
+    "kwargs, option",
+    [
+        ({"t": (-1,)}, "grid.t"),
+        ({"t": ()}, "grid.t"),
+        ({"kernel": (3, 4)}, "grid.kernel"),
+        ({"threshold": (2.5,)}, "grid.threshold"),
+        ({"max_stages": (0,)}, "grid.max_stages"),
+        ({"fusion": ("soft",)}, "grid.fusion"),
+        ({"t": (1.5,)}, "grid.t"),
+        ({"kernel": 3}, "grid.kernel"),
+    ],
+)
+def test_grid_rejects_bad_values_naming_the_field(kwargs, option):
+    with pytest.raises(ConfigError, match=option):
+        CalibrationGrid(**kwargs)
+
+
+@pytest.mark.slow
+def test_dice_grid_picks_the_tables_best_point(calibrated):
+    assert calibrated.method == "dice-grid"
+    assert len(calibrated.table) == 2 * 2 * 3 * 3
+    best = max(row["dice"] for row in calibrated.table)
+    assert calibrated.score == pytest.approx(best, abs=1e-12)
+    chosen = [row for row in calibrated.table if {k: row[k] for k in calibrated.detect} == calibrated.detect]
+    assert len(chosen) == 1 and chosen[0]["dice"] == calibrated.score
+    bad = [row["dice"] for row in calibrated.table if row["threshold"] == 1.5]
+    assert max(bad) == 0.0 and calibrated.score > 0.6
+    assert (calibrated.n_anomalous, calibrated.n_healthy) == (48, N_HEALTHY)
+    assert calibrated.warnings == []
+    assert json.loads(json.dumps(calibrated.to_dict(), allow_nan=False))["grid"]["max_stages"] == [1, 2, 3]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("max_stages", [1, 2, 3])
+def test_table_rows_equal_pipeline_detect_with_the_same_seed(calibrated, trained, phantom_test, max_stages):
+    # max_stages=1 rows come from the one-reconstruction-per-t shortcut, 2 from the 3-stage run's prefix.
+    _, lesioned, masks = phantom_test
+    for settings in ({"t": 200, "kernel": 5, "threshold": 0.2}, {"t": 100, "kernel": 3, "threshold": 0.1}):
+        row = next(
+            r for r in calibrated.table if r["max_stages"] == max_stages and {k: r[k] for k in settings} == settings
+        )
+        out = trained.detect(lesioned, generator=torch.Generator().manual_seed(0), max_stages=max_stages, **settings)
+        assert row["dice"] == pytest.approx(mean_dice(out.mask, masks), abs=1e-12)
+        assert row["nfe"] == pytest.approx(out.stages.double().mean().item(), abs=1e-12)
+
+
+@pytest.mark.slow
+def test_healthy_percentile_equals_numpy_on_independent_maps(calibrated, trained, phantom_test):
+    healthy = phantom_test[0][:N_HEALTHY]
+    t, kernel = calibrated.detect["t"], calibrated.detect["kernel"]
+    out = trained.detect(healthy, generator=torch.Generator().manual_seed(0), max_stages=1, t=t, kernel=kernel)
+    expected = np.percentile(out.anomaly_map.numpy(), 99.0)
+    assert calibrated.healthy_percentile_threshold == pytest.approx(expected, rel=1e-6)
+    assert calibrated.detect["threshold"] != calibrated.healthy_percentile_threshold  # Dice chose it
+
+
+def test_healthy_percentile_with_foreground_over_several_batches(random_pipeline, phantom_test):
+    healthy = phantom_test[0][:10]
+    foreground = healthy > -0.99
+    result = calibrate(
+        random_pipeline, healthy, foreground=foreground, percentile=95.0, batch_size=3, seed=7, progress=False
+    )
+    generator = torch.Generator().manual_seed(7)
+    config = random_pipeline.config.detect
+    maps = [
+        random_pipeline.detect(healthy[i : i + 3], generator, foreground[i : i + 3], max_stages=1).anomaly_map
+        for i in range(0, 10, 3)
+    ]
+    expected = np.percentile(torch.cat(maps)[foreground].numpy(), 95.0)
+    assert result.healthy_percentile_threshold == pytest.approx(expected, rel=1e-6)
+    assert result.detect == {"t": config.t, "kernel": config.kernel, "threshold": result.healthy_percentile_threshold,
+                             "max_stages": config.max_stages, "fusion": config.fusion}
+
+
+@pytest.mark.parametrize("q", [0.0, 37.5, 99.0, 100.0])
+def test_upper_percentile_matches_numpy_when_fed_in_chunks(q):
+    values = torch.rand(1000, generator=torch.Generator().manual_seed(0)) ** 3
+    quantile = _UpperPercentile(values.numel(), q)
+    for chunk in values.split(77):
+        quantile.update(chunk)
+    assert quantile.compute() == pytest.approx(np.percentile(values.double().numpy(), q), rel=1e-6)
+    assert len(quantile.top) <= 1000 - int(q / 100 * 999)
+
+
+def _no_masks(healthy, lesioned, masks):
+    return {"images": healthy, "masks": None}
+
+
+def _empty_masks(healthy, lesioned, masks):
+    return {"images": healthy, "masks": torch.zeros_like(masks[:8])}
+
+
+def _all_anomalous(healthy, lesioned, masks):
+    return {"images": lesioned, "masks": masks[:8]}
+
+
+def _no_healthy_foreground(healthy, lesioned, masks):
+    return {"images": healthy, "masks": None, "foreground": torch.zeros_like(masks[:8])}
+
+
+@pytest.mark.parametrize(
+    "case, method, messages",
+    [
+        (_no_masks, "healthy-percentile", ["no lesions in the validation masks"]),
+        (_empty_masks, "healthy-percentile", ["no lesions in the validation masks"]),
+        (_all_anomalous, "dice-grid", ["no healthy validation slices"]),
+        (
+            _no_healthy_foreground,
+            "default",
+            ["no foreground pixels", "no lesions in the validation masks", "keeping the configured"],
+        ),
+    ],
+)
+def test_fallbacks_log_their_warning_and_method(random_pipeline, phantom_test, caplog, case, method, messages):
+    healthy, lesioned, masks = (x[:8] for x in phantom_test)
+    grid = CalibrationGrid(t=(100,), kernel=(3,), threshold=(0.1, 0.2), max_stages=(1, 2))
+    with caplog.at_level(logging.WARNING, logger="synomaly.calibrate"):
+        result = calibrate(random_pipeline, grid=grid, progress=False, **case(healthy, lesioned, masks))
+    logged = [r.getMessage() for r in caplog.records if r.name == "synomaly.calibrate" and r.levelno == logging.WARNING]
+    assert logged == result.warnings
+    assert len(logged) == len(messages) and all(m in w for m, w in zip(messages, logged))
+    assert result.method == method
+    config = random_pipeline.config.detect
+    if method == "healthy-percentile":
+        assert result.detect["threshold"] == result.healthy_percentile_threshold is not None
+        assert (result.n_anomalous, result.n_healthy, result.table, result.score) == (0, 8, [], None)
+    elif method == "default":
+        assert result.detect == {k: getattr(config, k) for k in ("t", "kernel", "threshold", "max_stages", "fusion")}
+        assert result.healthy_percentile_threshold is None
+    else:
+        assert result.healthy_percentile_threshold is None and (result.n_anomalous, result.n_healthy) == (8, 0)
+        assert len(result.table) == 2 * 2 and result.score == max(r["dice"] for r in result.table)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"images": torch.zeros(0, 1, 32, 32)}, ValueError, "no images"),
+        ({"images": torch.zeros(2, 32, 32)}, ValueError, r"\[N, 1, H, W\]"),
+        ({"masks": torch.zeros(3, 1, 32, 32, dtype=torch.bool)}, ValueError, "masks must be shaped"),
+        ({"grid": CalibrationGrid(t=(1000,))}, ConfigError, "detect.t"),
+        ({"percentile": 101.0}, ValueError, "percentile"),
+        ({"batch_size": 0}, ConfigError, "batch_size"),
+    ],
+)
+def test_bad_inputs_are_rejected(random_pipeline, kwargs, error, message):
+    args = {"images": torch.zeros(2, 1, 32, 32), **kwargs}
+    with pytest.raises(error, match=message):
+        calibrate(random_pipeline, progress=False, **args)
+
+
+@pytest.mark.slow
+def test_thresholds_json_is_loaded_by_from_pretrained(calibrated, tiny_model_dir, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    before = SynomalyPipeline.from_pretrained(folder).config.detect
+    path = write_thresholds(folder, calibrated)
+    after = SynomalyPipeline.from_pretrained(folder).config.detect
+    assert {k: getattr(after, k) for k in calibrated.detect} == calibrated.detect
+    assert {k: getattr(before, k) for k in calibrated.detect} != calibrated.detect
+    assert (after.min_size, after.connectivity) == (before.min_size, before.connectivity)
+    saved = json.loads(path.read_text())
+    assert saved["calibration"]["method"] == "dice-grid" and saved["calibration"]["version"]
+    assert len(saved["calibration"]["table"]) == len(calibrated.table)
+    assert saved["calibration"]["healthy_percentile_threshold"] == calibrated.healthy_percentile_threshold
+
+
+def test_write_thresholds_refuses_to_overwrite(random_pipeline, tmp_path):
+    random_pipeline.save_pretrained(tmp_path)
+    result = calibrate(random_pipeline, torch.zeros(2, 1, 32, 32), progress=False)
+    write_thresholds(tmp_path, result)
+    result.detect["threshold"] = 0.37
+    with pytest.raises(OutputExistsError, match="thresholds.json"):
+        write_thresholds(tmp_path, result)
+    assert SynomalyPipeline.from_pretrained(tmp_path).config.detect.threshold != 0.37
+    write_thresholds(tmp_path, result, overwrite=True)
+    assert SynomalyPipeline.from_pretrained(tmp_path).config.detect.threshold == 0.37
+    with pytest.raises(InputError, match="model folder not found"):
+        write_thresholds(tmp_path / "missing", result)
