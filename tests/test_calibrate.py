@@ -19,16 +19,6 @@ SMALL_GRID = CalibrationGrid(t=(100, 200), kernel=(3, 5), threshold=(0.1, 0.2, 1
 N_HEALTHY = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # On two shared, busy cores, OpenMP workers spinning against other processes slow the tiny UNet
-    # by more than 10x; one thread keeps the module fast and does not change any result.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def trained(tiny_model_dir):
     return SynomalyPipeline.from_pretrained(tiny_model_dir)

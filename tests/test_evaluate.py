@@ -20,16 +20,6 @@ CASE_IDS = [f"case{i:02d}" for i in range(N_HEALTHY + N_LESIONED)]
 GROUP_IDS = [f"vol{i // 4}" for i in range(N_HEALTHY + N_LESIONED)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # On two shared, busy cores, OpenMP workers spinning against other processes slow the tiny UNet
-    # by more than 10x; one thread keeps the module fast and does not change any result.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data(phantom_test):
     healthy, lesioned, masks = phantom_test

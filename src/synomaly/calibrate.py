@@ -183,7 +183,7 @@ class _Runner:
         device = self.pipeline.device
         for start in range(0, len(index), self.batch_size):
             batch = index[start : start + self.batch_size]
-            images = self.pipeline._check_images(self.images[batch])
+            images = self.pipeline.check_images(self.images[batch])
             masks = None if self.masks is None else self.masks[batch].to(device, torch.bool)
             foreground = None if self.foreground is None else self.foreground[batch].to(device, torch.bool)
             yield images, masks, foreground

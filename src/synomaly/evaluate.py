@@ -117,7 +117,7 @@ def evaluate(
     starts = range(0, len(images), batch_size)
     for start in tqdm(starts, desc="evaluate", unit="batch", disable=not progress):
         batch = slice(start, start + batch_size)
-        x0 = pipeline._check_images(images[batch])
+        x0 = pipeline.check_images(images[batch])
         target = _batch_mask(masks, batch, x0)
         fg = None if foreground is None else foreground[batch].to(x0.device, torch.bool)
         out = state.detect(pipeline, x0, generator, fg, detect_overrides)

@@ -164,7 +164,7 @@ class SynomalyPipeline:
                 ``threshold``, ``min_size``, ``fusion``, ...) for this call.
         """
         config = self.detect_config(**overrides)
-        images = self._check_images(images)
+        images = self.check_images(images)
         if foreground is not None:
             foreground = foreground.to(self.device).bool()
             if foreground.shape != images.shape:
@@ -180,7 +180,8 @@ class SynomalyPipeline:
         config.check_timestep(self.schedule.num_timesteps)
         return config
 
-    def _check_images(self, images: Tensor) -> Tensor:
+    def check_images(self, images: Tensor) -> Tensor:
+        """Validate a [B, 1, H, W] batch in [-1, 1] and move it to the pipeline's device (float32)."""
         if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 1:
             shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
             raise ValueError(f"images must be a [B, 1, H, W] tensor, got {shape}")
