@@ -62,10 +62,10 @@ class DemoData:
     foreground: dict[str, Tensor]
 
 
-def insert_blobs(images: Tensor, region: Tensor, generator: torch.Generator, radius=(2.5, 5.0),
+def insert_blobs(images: Tensor, region: Tensor, within: Tensor, generator: torch.Generator, radius=(2.5, 5.0),
                  intensity=(-0.8, -0.5)) -> tuple[Tensor, Tensor]:
     """Add one smooth elliptical blob per image (dark by default, like T1-hypointense lesions),
-    centred on a random pixel of ``region``."""
+    centred on a random pixel of ``region`` and cut to ``within`` (the head)."""
     from synomaly._filters import gaussian_blur
 
     n, _, h, w = images.shape
@@ -74,7 +74,7 @@ def insert_blobs(images: Tensor, region: Tensor, generator: torch.Generator, rad
     cy, cx = (centre // w).float().reshape(-1, 1, 1, 1), (centre % w).float().reshape(-1, 1, 1, 1)
     ry, rx = (radius[0] + (radius[1] - radius[0]) * torch.rand(2, n, 1, 1, 1, generator=generator))
     yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
-    blob = (((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2) <= 1.0
+    blob = ((((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2) <= 1.0) & within
     amplitude = intensity[0] + (intensity[1] - intensity[0]) * torch.rand(n, 1, 1, 1, generator=generator)
     lesioned = (images + amplitude * gaussian_blur(blob.float(), 0.7)).clamp(-1, 1)
     return lesioned, blob
@@ -97,7 +97,7 @@ def demo_data(size: int = 64, seed: int = 0) -> DemoData:
     out = {}
     for name, sel in split.items():
         x, region = images[sel], wm[sel]
-        lesioned, blob = insert_blobs(x, region, g)
+        lesioned, blob = insert_blobs(x, region, foreground[sel], g)
         half = torch.arange(len(x)) % 2 == 1  # every other slice stays healthy
         out[name] = (torch.where(half[:, None, None, None], lesioned, x), blob & half[:, None, None, None])
     ids = [f"z{int(k) + AXIAL_RANGE[0]:03d}" for k in z[split["test"]]]
