@@ -37,7 +37,7 @@ from synomaly import _atomic
 from synomaly.config import DetectConfig, from_dict
 from synomaly.detect import one_step_reconstruction
 from synomaly.errors import ConfigError, InputError, OutputExistsError
-from synomaly.maps import difference_map, remove_small_components
+from synomaly.maps import above_threshold, difference_map, remove_small_components
 from synomaly.metrics import confusion_counts, dice
 from synomaly.pipeline import THRESHOLDS_NAME, SynomalyPipeline
 
@@ -364,8 +364,7 @@ def _threshold_dice(
     if fg is not None:
         diff = diff * fg
     levels = torch.tensor(thresholds, dtype=diff.dtype, device=diff.device).view(-1, 1, 1, 1, 1)
-    above = (diff >= levels) & (diff > 0)
-    masks, _ = remove_small_components(above.flatten(0, 1), base.min_size, base.connectivity)
+    masks, _ = remove_small_components(above_threshold(diff, levels).flatten(0, 1), base.min_size, base.connectivity)
     counts = confusion_counts(masks, target.repeat(len(thresholds), 1, 1, 1))
     return dice(counts).view(len(thresholds), -1)
 

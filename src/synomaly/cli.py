@@ -6,7 +6,6 @@ options, existing outputs) print one line and exit with status 2; ``--debug`` sh
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import sys
 from typing import Any
@@ -37,13 +36,9 @@ def _slices(parser: Any) -> None:
 
 
 def _detect_overrides(parser: Any) -> None:
-    from synomaly.config import DetectConfig
-
-    for field in dataclasses.fields(DetectConfig):
-        if field.name in DETECT_OPTIONS:
-            parser.add_argument(f"--{field.name}", type=field.type if isinstance(field.type, type) else
-                                {"int": int, "float": float, "str": str}[field.type], default=None,
-                                help=f"override the model folder's detect.{field.name}")
+    types = {"t": int, "max_stages": int, "kernel": int, "threshold": float, "min_size": int, "fusion": str}
+    for name in DETECT_OPTIONS:
+        parser.add_argument(f"--{name}", type=types[name], default=None, help=f"override the model folder's detect.{name}")
 
 
 def _train_parser() -> Any:

@@ -20,7 +20,7 @@ from synomaly import _atomic
 from synomaly.config import DetectConfig, model_preset
 from synomaly.data import Cases, Source, expand, load_cases, load_file
 from synomaly.errors import InputError, OutputExistsError, SynomalyError
-from synomaly.pipeline import SynomalyPipeline
+from synomaly.pipeline import SynomalyPipeline, read_json
 from synomaly.preprocess import MODALITY_PRESETS, Preprocessing, noise_params_for, restore_size
 
 log = logging.getLogger(__name__)
@@ -217,7 +217,7 @@ def _detect_one(pipe, pre, source, root, output, summary, overrides, batch_size,
     marker = case_dir / "case.json"
     if marker.exists() and not overwrite:
         log.info("%s: outputs exist, skipped (use --overwrite to redo)", source.name)
-        summary["cases"].append(_read_marker(marker))
+        summary["cases"].append(read_json(marker))
         return
     try:
         record, images, foreground = load_file(source, pre, slice_axis, slice_range)
@@ -236,12 +236,6 @@ def _detect_one(pipe, pre, source, root, output, summary, overrides, batch_size,
              "seconds": round(seconds, 4)}
     _atomic.write_json(marker, entry)  # written last: marks the input as done
     summary["cases"].append(entry)
-
-
-def _read_marker(marker: Path) -> dict[str, Any]:
-    from synomaly.pipeline import read_json
-
-    return read_json(marker)
 
 
 def load_labelled(pipe: SynomalyPipeline, data: list[str], masks: list[str] | None, slice_axis: int,

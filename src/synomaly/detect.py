@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from synomaly.config import DetectConfig
-from synomaly.maps import difference_map, remove_small_components
+from synomaly.maps import above_threshold, difference_map, remove_small_components
 from synomaly.schedule import DiffusionSchedule
 
 NoiseFn = Callable[..., Tensor]
@@ -62,9 +62,7 @@ def stage_mask(
     diff = difference_map(images, reconstructions, config.kernel)
     if foreground is not None:
         diff = diff * foreground
-    # METHOD.md: d = 0 where d < tau, then m = d > 0 (so tau = 0 still excludes exact zeros).
-    above = (diff >= config.threshold) & (diff > 0)
-    mask, areas = remove_small_components(above, config.min_size, config.connectivity)
+    mask, areas = remove_small_components(above_threshold(diff, config.threshold), config.min_size, config.connectivity)
     return diff, mask, areas
 
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import zipfile
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -422,6 +424,6 @@ def read_evaluation(out_dir: str | Path) -> tuple[dict[str, Any], dict[str, np.n
     try:
         with np.load(path, allow_pickle=False) as archive:
             cases = {key: archive[key] for key in archive.files}
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
         raise InputError(path, f"not a readable npz archive ({error})") from None
     return metrics, cases

@@ -21,6 +21,14 @@ def difference_map(images: Tensor, reconstructions: Tensor, kernel: int) -> Tens
     return (original - recon).abs()
 
 
+def above_threshold(diff: Tensor, threshold: float | Tensor) -> Tensor:
+    """METHOD.md: ``d = 0`` where ``d < tau``, then ``m = d > 0`` (so ``tau = 0`` still excludes exact zeros).
+
+    ``threshold`` may be a tensor of several thresholds that broadcasts against ``diff``.
+    """
+    return (diff >= threshold) & (diff > 0)
+
+
 def remove_small_components(masks: Tensor, min_size: int, connectivity: int = 1) -> tuple[Tensor, np.ndarray]:
     """Drop connected components of fewer than ``min_size`` pixels from ``[B, 1, H, W]`` masks.
 

@@ -14,7 +14,6 @@ import io
 import json
 import math
 import string
-import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,7 +186,7 @@ def build_report(
         raise ConfigError("report.max_cases", f"must be at least 1, got {max_cases}")
     if not eval_dir.is_dir():
         raise InputError(eval_dir, f"not a folder; {_FOLDER_HINT}")
-    metrics, cases = _load_metrics(eval_dir), _load_cases(eval_dir)
+    metrics, cases = _load(eval_dir)
     context = {
         "title": title,
         "notes": [part.strip() for part in (notes or "").split("\n\n") if part.strip()],
@@ -205,33 +204,18 @@ def build_report(
 # ---------------------------------------------------------------- loading
 
 
-def _load_metrics(eval_dir: Path) -> dict[str, Any]:
-    path = eval_dir / "metrics.json"
-    if not path.is_file():
-        raise InputError(path, f"missing; {_FOLDER_HINT}")
-    try:
-        metrics = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise InputError(path, f"not valid JSON ({error})") from error
+def _load(eval_dir: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Read the folder with :func:`synomaly.evaluate.read_evaluation`, then check what the page needs."""
+    from synomaly.evaluate import read_evaluation
+
+    metrics, cases = read_evaluation(eval_dir)
     if not isinstance(metrics, dict) or not isinstance(metrics.get("aggregate"), dict):
-        raise InputError(path, 'has no "aggregate" object')
-    return metrics
-
-
-def _load_cases(eval_dir: Path) -> dict[str, np.ndarray]:
-    path = eval_dir / "cases.npz"
-    if not path.is_file():
-        raise InputError(path, f"missing; {_FOLDER_HINT}")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            cases = {key: archive[key] for key in archive.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as error:
-        raise InputError(path, f"cannot be read ({error})") from error
-    _check_cases(path, cases)
+        raise InputError(eval_dir / "metrics.json", 'has no "aggregate" object')
+    _check_cases(eval_dir / "cases.npz", cases)
     cases["mask"], cases["target"] = cases["mask"].astype(bool), cases["target"].astype(bool)
     if "dice" not in cases:
         cases["dice"] = _dice(cases["mask"], cases["target"])
-    return cases
+    return metrics, cases
 
 
 def _check_cases(path: Path, cases: dict[str, np.ndarray]) -> None:
