@@ -61,6 +61,16 @@ def test_exported_weights_are_the_moving_average(images, tmp_path):
     assert any(not torch.equal(exported[k], raw[k]) for k in exported if exported[k].is_floating_point())
 
 
+def test_existing_run_is_not_overwritten_and_resume_continues(images, tmp_path):
+    train(images, tmp_path, model=model_preset("tiny"), noise=NOISE, train_config=quick(10))
+    with pytest.raises(OutputExistsError, match="--resume"):
+        train(images, tmp_path, model=model_preset("tiny"), noise=NOISE, train_config=quick(15))
+    train(images, tmp_path, model=model_preset("tiny"), noise=NOISE, train_config=quick(15), resume=True)
+    assert final_step(tmp_path) == 15
+    rows = (tmp_path / "logs" / "version_0" / "metrics.csv").read_text().splitlines()
+    assert len(rows) > 1
+
+
 KILL_SCRIPT = textwrap.dedent(
     """
     import sys, torch
