@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 import synomaly
 from synomaly import _atomic
 from synomaly.config import DetectConfig, from_dict
-from synomaly.detect import one_step_reconstruction
+from synomaly.detect import stage_cost
 from synomaly.errors import ConfigError, InputError, OutputExistsError
 from synomaly.maps import above_threshold, difference_map, remove_small_components
 from synomaly.metrics import confusion_counts, dice
@@ -190,11 +190,8 @@ class _Runner:
             self.bar.update(1)
 
     def reconstruct(self, images: Tensor, t: int, generator: torch.Generator) -> Tensor:
-        """One-step reconstruction, exactly as the first stage of ``pipeline.detect`` computes it."""
-        pipe = self.pipeline
-        noise = pipe.inference_noise(pipe.config.detect.noise)
-        with torch.no_grad(), torch.autocast(pipe.device.type, dtype=torch.bfloat16, enabled=pipe.bf16):
-            return one_step_reconstruction(pipe.unet, pipe.schedule, images, t, noise, generator)
+        """The first stage's reconstruction, exactly as ``pipeline.detect`` computes it."""
+        return self.pipeline.reconstruct(images, generator, t=t)
 
 
 def calibrate(
@@ -343,8 +340,10 @@ def _single_stage_rows(run: _Runner, grid: CalibrationGrid, index: Tensor) -> li
             recon = run.reconstruct(images, t, generator)
             for j, kernel in enumerate(grid.kernel):
                 sums[i, j] += _threshold_dice(images, recon, target, fg, kernel, grid.threshold, base).sum(1).cpu()
+    pipe = run.pipeline
     return [
-        _row((t, kernel, threshold, 1, base.fusion), float(sums[i, j, m]), len(index), len(index))
+        _row((t, kernel, threshold, 1, base.fusion), float(sums[i, j, m]),
+             len(index) * stage_cost(pipe.detect_config(t=t), pipe.config.method), len(index))
         for (i, t), (j, kernel), (m, threshold) in itertools.product(
             enumerate(grid.t), enumerate(grid.kernel), enumerate(grid.threshold)
         )
@@ -389,7 +388,7 @@ def _multistage_rows(run: _Runner, grid: CalibrationGrid, index: Tensor) -> list
             for i, limit in enumerate(stages):
                 mask = out.stage_masks[:, min(limit, out.stage_masks.shape[1]) - 1]
                 dice_sums[i] += dice(confusion_counts(mask, target)).sum().cpu()
-                nfe_sums[i] += out.stages.clamp(max=limit).sum().cpu()
+                nfe_sums[i] += (out.stages.clamp(max=limit) * (out.nfe // out.stages)).sum().cpu()
         rows += [
             _row((t, kernel, threshold, limit, fusion), float(dice_sums[i]), float(nfe_sums[i]), len(index))
             for i, limit in enumerate(stages)

@@ -14,7 +14,8 @@ from synomaly.errors import SynomalyError
 
 log = logging.getLogger("synomaly")
 
-DETECT_OPTIONS = ("t", "max_stages", "kernel", "threshold", "min_size", "fusion")
+DETECT_OPTIONS = ("t", "max_stages", "kernel", "threshold", "min_size", "fusion", "sampler", "chain_steps")
+FIXED_OPTIONS = ("min_size", "sampler", "chain_steps")  # calibrate searches the others
 SOURCES_HELP = "image sources: files, folders (searched recursively; a folder of .dcm files is one series) or bundle.npz:key"
 MASKS_HELP = "one mask source per image source, in the same order ('none' for healthy inputs)"
 
@@ -35,9 +36,10 @@ def _slices(parser: Any) -> None:
     parser.add_argument("--slice-range", type=int, nargs=2, default=None, help="half-open range START STOP of slices")
 
 
-def _detect_overrides(parser: Any) -> None:
-    types = {"t": int, "max_stages": int, "kernel": int, "threshold": float, "min_size": int, "fusion": str}
-    for name in DETECT_OPTIONS:
+def _detect_overrides(parser: Any, names: tuple[str, ...] = DETECT_OPTIONS) -> None:
+    types = {"t": int, "max_stages": int, "kernel": int, "threshold": float, "min_size": int, "fusion": str,
+             "sampler": str, "chain_steps": int}
+    for name in names:
         parser.add_argument(f"--{name}", type=types[name], default=None, help=f"override the model folder's detect.{name}")
 
 
@@ -50,6 +52,9 @@ def _train_parser() -> Any:
     p = ArgumentParser(description="Train a diffusion model on healthy images (Synomaly noise by default).")
     p.add_argument("data", nargs="+", help=f"healthy {SOURCES_HELP}")
     p.add_argument("--output", "-o", required=True, help="model folder to write")
+    p.add_argument("--method", default="diffusion", choices=["diffusion", "dae", "supervised"],
+                   help="diffusion (Synomaly and DDPM baselines), dae (denoising autoencoder) or supervised (upper bound, needs --masks)")
+    p.add_argument("--masks", nargs="+", default=None, help=f"{MASKS_HELP} (--method supervised only)")
     p.add_argument("--preset", default="brain-flair", choices=preset_names(), help="modality preset (noise settings, foreground)")
     p.add_argument("--model", default="small", help="UNet preset: paper, small or tiny")
     p.add_argument("--image-size", type=int, default=None, help="square model input size (default: the UNet preset's)")
@@ -93,6 +98,7 @@ def _calibrate_parser() -> Any:
     p.add_argument("--masks", nargs="+", default=None, help=f"{MASKS_HELP}; without masks the threshold is a percentile of healthy maps")
     p.add_argument("--percentile", type=float, default=99.0, help="percentile of healthy anomaly-map values (unsupervised rule)")
     p.add_class_arguments(CalibrationGrid, "grid")
+    _detect_overrides(p, FIXED_OPTIONS)
     _slices(p)
     _common(p)
     return p
@@ -160,7 +166,7 @@ def build_parser() -> Any:
 def _run(command: str, a: Any) -> Any:
     from synomaly import commands
 
-    detect = {name: a.get(name) for name in DETECT_OPTIONS} if command in ("detect", "evaluate") else None
+    detect = {name: a.get(name) for name in DETECT_OPTIONS if name in a}
     slices = {"slice_axis": a.get("slice_axis", 2), "slice_range": tuple(a.slice_range) if a.get("slice_range") else None}
     if command == "train":
         return _run_train(a, slices)
@@ -171,7 +177,7 @@ def _run(command: str, a: Any) -> Any:
         from synomaly.calibrate import CalibrationGrid
 
         grid = CalibrationGrid(**{k: tuple(v) for k, v in a.grid.items()})
-        return commands.run_calibrate(a.model, a.data, masks=a.masks, grid=grid, percentile=a.percentile,
+        return commands.run_calibrate(a.model, a.data, masks=a.masks, grid=grid, detect=detect, percentile=a.percentile,
                                       batch_size=a.batch_size, device=a.device, seed=a.seed, overwrite=a.overwrite, **slices)
     if command == "evaluate":
         return commands.run_evaluate(a.model, a.data, a.masks, a.output, detect=detect, batch_size=a.batch_size,
@@ -193,7 +199,8 @@ def _run_train(a: Any, slices: dict[str, Any]) -> Any:
     noise = {"name": a.noise, "sigma": a.sigma, "threshold": a.threshold, "offset": a.offset,
              "direction": list(a.direction) if a.direction else None}
     return commands.run_train(a.data, a.output, preset=a.preset, model=a.model, image_size=a.image_size, noise=noise,
-                              train_config=config, resume=a.resume, overwrite=a.overwrite, **slices)
+                              train_config=config, method=a.method, masks=a.masks, resume=a.resume,
+                              overwrite=a.overwrite, **slices)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,9 +39,9 @@ def preprocessing_of(pipe: SynomalyPipeline) -> Preprocessing:
     return Preprocessing.from_dict(stored) if stored else Preprocessing(size=pipe.config.model.image_size)
 
 
-def scaled_min_size(size: int, min_size_128: int = 30) -> int:
-    """The reference's 30-pixel minimum component, scaled by area from 128 px to ``size``."""
-    return max(1, round(min_size_128 * (size / 128) ** 2))
+def scaled_area(size: int, pixels_128: int) -> int:
+    """An area in pixels at 128 px (the reference's size) scaled by area to ``size``."""
+    return max(1, round(pixels_128 * (size / 128) ** 2))
 
 
 def run_train(
@@ -55,10 +55,17 @@ def run_train(
     train_config: Any = None,
     slice_axis: int = 2,
     slice_range: tuple[int, int] | None = None,
+    method: str = "diffusion",
+    masks: list[str] | None = None,
     resume: bool = False,
     overwrite: bool = False,
 ) -> Path:
     """Train on healthy images; returns the model folder.
+
+    With ``method="dae"`` it trains the denoising-autoencoder baseline (coarse noise unless
+    ``noise`` says otherwise); with ``method="supervised"`` and ``masks`` (one per source, ``none``
+    for healthy ones) the supervised upper bound. Detection defaults follow the method: the
+    training noise at inference for the DDPM baselines, one stage for ``dae`` and ``supervised``.
 
     Args:
         data: Healthy image sources (files, folders, ``bundle.npz:key``).
@@ -70,6 +77,8 @@ def run_train(
         train_config: A ``synomaly.train.TrainConfig``.
         slice_axis: NIfTI axis to slice along.
         slice_range: Half-open range of slices to use.
+        method: ``diffusion``, ``dae`` or ``supervised``.
+        masks: Lesion mask sources (``supervised`` only).
         resume: Continue an interrupted run from its last checkpoint.
         overwrite: Replace an existing run in ``output``.
     """
@@ -79,20 +88,32 @@ def run_train(
     size = image_size or unet.image_size
     unet = dataclasses.replace(unet, image_size=size)
     pre = Preprocessing.from_preset(preset, size=size)
-    cases = load_cases(data, pre, slice_axis=slice_axis, slice_range=slice_range)
-    noise_config = _noise_config(preset, size, noise or {})
-    detect = DetectConfig(min_size=scaled_min_size(size))
-    log.info("training on %d healthy slices from %d inputs at %dx%d", len(cases), len(cases.files), size, size)
+    if (masks is not None) != (method == "supervised"):
+        raise synomaly.errors.ConfigError("masks", "lesion masks are needed by, and only by, --method supervised")
+    cases = load_cases(data, pre, masks, slice_axis=slice_axis, slice_range=slice_range)
+    noise_config = _noise_config(preset, size, noise or {}, method)
+    detect = _detect_defaults(method, noise_config["name"], size)
+    log.info("training (%s) on %d slices from %d inputs at %dx%d", method, len(cases), len(cases.files), size, size)
     return train(cases.images, output, model=unet, noise=noise_config, train_config=train_config or TrainConfig(),
-                 detect=detect, preprocess=pre.to_dict(), foreground=cases.foreground, resume=resume,
-                 overwrite=overwrite)
+                 detect=detect, preprocess=pre.to_dict(), foreground=cases.foreground, method=method,
+                 target=cases.masks if method == "supervised" else None, resume=resume, overwrite=overwrite)
 
 
-def _noise_config(preset: str, size: int, overrides: dict[str, Any]) -> dict[str, Any]:
-    """The preset's Synomaly noise, or another registered noise with its own defaults."""
-    name = overrides.get("name") or "synomaly"
+def _noise_config(preset: str, size: int, overrides: dict[str, Any], method: str = "diffusion") -> dict[str, Any]:
+    """The preset's Synomaly noise (coarse for ``dae``), or another registered noise with its own defaults."""
+    name = overrides.get("name") or {"dae": "coarse"}.get(method, "synomaly")
     base = noise_params_for(preset, size) if name == "synomaly" else {}
     return {"name": name, **base, **{k: v for k, v in overrides.items() if k != "name" and v is not None}}
+
+
+def _detect_defaults(method: str, noise: str, size: int) -> DetectConfig:
+    """Detection defaults stored in a new model folder."""
+    # The reference's 30-pixel minimum component and 500-pixel convergence floor are for 128 px.
+    areas = {"min_size": scaled_area(size, 30), "min_area": scaled_area(size, 500)}
+    if method != "diffusion":
+        return DetectConfig(t=0, max_stages=1, threshold=0.5 if method == "supervised" else 0.1, **areas)
+    # Synomaly noise is for training only: inference adds Gaussian noise. The DDPM baselines add their own.
+    return DetectConfig(noise="gaussian" if noise == "synomaly" else noise, **areas)
 
 
 def _batched_detect(pipe: SynomalyPipeline, images: torch.Tensor, foreground: torch.Tensor, batch_size: int,
@@ -250,6 +271,7 @@ def run_calibrate(
     *,
     masks: list[str] | None = None,
     grid: Any = None,
+    detect: dict[str, Any] | None = None,
     percentile: float = 99.0,
     batch_size: int = 32,
     device: str = "auto",
@@ -258,15 +280,22 @@ def run_calibrate(
     slice_range: tuple[int, int] | None = None,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Choose detection settings on validation data and write ``thresholds.json`` into the model folder."""
+    """Choose detection settings on validation data and write ``thresholds.json`` into the model folder.
+
+    ``detect`` sets fixed detection settings (e.g. ``sampler``) under which the grid is searched;
+    they are written into ``thresholds.json`` beside the chosen values.
+    """
     from synomaly.calibrate import CalibrationGrid, calibrate, write_thresholds
 
     if (Path(model) / "thresholds.json").exists() and not overwrite:
         raise OutputExistsError(Path(model) / "thresholds.json")
     pipe = SynomalyPipeline.from_pretrained(model, device=resolve_device(device))
+    fixed = {k: v for k, v in (detect or {}).items() if v is not None}
+    pipe.config = dataclasses.replace(pipe.config, detect=pipe.detect_config(**fixed))
     cases = load_labelled(pipe, data, masks, slice_axis, slice_range)
     result = calibrate(pipe, cases.images, cases.masks, foreground=cases.foreground, grid=grid or CalibrationGrid(),
                        percentile=percentile, batch_size=batch_size, seed=seed)
+    result.detect = {**fixed, **result.detect}
     path = write_thresholds(model, result, overwrite=overwrite)
     log.info("chose %s by %s (validation Dice %s); written to %s", result.detect, result.method, result.score, path)
     return result.to_dict()

@@ -19,6 +19,13 @@ T = TypeVar("T")
 
 FUSION_MODES = ("binary", "continuous")
 SCHEDULES = ("cosine", "linear")
+SAMPLERS = ("one-step", "chain")
+# What the network of a model folder is trained to do:
+#   diffusion:  predict the noise of x_t (Synomaly and the DDPM baselines);
+#   dae:        map a noised image straight back to the clean one (Kascenas et al.'s denoising
+#               autoencoder: one forward pass of the clean input at inference, timestep fixed at 0);
+#   supervised: predict lesion logits from lesion masks (the supervised upper bound, not unsupervised).
+METHODS = ("diffusion", "dae", "supervised")
 
 
 def _check(condition: bool, option: str, problem: str) -> None:
@@ -154,6 +161,11 @@ class DetectConfig:
         min_area: Floor of the denominator of the relative change, in pixels.
         connectivity: 1 (4-neighbourhood) or 2 (8-neighbourhood) for connected components.
         noise: Name of the noise added at inference (``gaussian`` for Synomaly).
+        sampler: ``one-step`` (predict x_0 from x_t in one evaluation, the paper's rule) or
+            ``chain`` (AnoDDPM: the ancestral reverse chain from t to 0, the inference noise drawn
+            at every step).
+        chain_steps: Network evaluations of the reverse chain: the chain visits this many
+            timesteps spaced evenly from t down to 0 (``t + 1`` is the full chain).
     """
 
     t: int = 200
@@ -166,6 +178,8 @@ class DetectConfig:
     min_area: int = 500
     connectivity: int = 1
     noise: str = "gaussian"
+    sampler: str = "one-step"
+    chain_steps: int = 10
 
     def __post_init__(self) -> None:
         _check(self.t >= 0, "detect.t", f"must be >= 0, got {self.t}")
@@ -177,6 +191,8 @@ class DetectConfig:
         _check(self.tol >= 0.0, "detect.tol", f"must be >= 0, got {self.tol}")
         _check(self.min_area >= 1, "detect.min_area", f"must be >= 1, got {self.min_area}")
         _check(self.connectivity in (1, 2), "detect.connectivity", f"must be 1 or 2, got {self.connectivity}")
+        _check(self.sampler in SAMPLERS, "detect.sampler", f"must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        _check(self.chain_steps >= 1, "detect.chain_steps", f"must be >= 1, got {self.chain_steps}")
 
     def check_timestep(self, num_timesteps: int) -> None:
         """Raise ``ConfigError`` unless ``t`` is a valid timestep of a ``num_timesteps`` schedule."""
@@ -193,10 +209,12 @@ class PipelineConfig:
     detect: DetectConfig = field(default_factory=DetectConfig)
     preprocess: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
+    method: str = "diffusion"
     version: str = ""
 
     def __post_init__(self) -> None:
         self.detect.check_timestep(self.schedule.num_timesteps)
+        _check(self.method in METHODS, "method", f"must be one of {', '.join(METHODS)}, got {self.method!r}")
         _check("name" in self.noise, "noise", "needs a 'name'")
 
     def to_dict(self) -> dict[str, Any]:

@@ -185,8 +185,8 @@ class _State:
         self.curves.update(out.anomaly_map, target)
         self.stages.update(out.stage_masks, target)
         self.keeper.update(start, x0, target, out, dice(confusion_counts(out.mask, target)).cpu())
-        self.nfe_sum += int(out.stages.sum())
-        self.nfe_max = max(self.nfe_max, int(out.stages.max()))
+        self.nfe_sum += int(out.nfe.sum())
+        self.nfe_max = max(self.nfe_max, int(out.nfe.max()))
 
     def summary(self, n: int) -> dict[str, Any]:
         """The evaluator's summary with cost, per-stage Dice and curves added."""

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 import synomaly
 from synomaly import _atomic
 from synomaly.config import DetectConfig, PipelineConfig, from_dict
-from synomaly.detect import DetectionOutput, multistage_detect
+from synomaly.detect import DetectionOutput, multistage_detect, reconstruct
 from synomaly.errors import ConfigError, InputError, OutputExistsError
 from synomaly.model import build_unet, check_image_size
 from synomaly.schedule import DiffusionSchedule
@@ -170,9 +170,17 @@ class SynomalyPipeline:
             if foreground.shape != images.shape:
                 raise ValueError(f"foreground shape {tuple(foreground.shape)} differs from images {tuple(images.shape)}")
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            return multistage_detect(
-                self.unet, self.schedule, images, config, self.inference_noise(config.noise), generator, foreground
-            )
+            return multistage_detect(self.unet, self.schedule, images, config, self.inference_noise(config.noise),
+                                     generator, foreground, self.config.method)
+
+    @torch.no_grad()
+    def reconstruct(self, images: Tensor, generator: torch.Generator | None = None, **overrides: Any) -> Tensor:
+        """The first stage's reconstruction of a checked batch, exactly as ``detect`` computes it."""
+        config = self.detect_config(**overrides)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            recon, _ = reconstruct(self.unet, self.schedule, images, config, self.inference_noise(config.noise),
+                                   generator, self.config.method)
+        return recon.float()
 
     def detect_config(self, **overrides: Any) -> DetectConfig:
         """The folder's detection settings with ``overrides`` applied and validated."""

@@ -90,16 +90,38 @@ class TrainConfig:
         _check(self.devices >= 1 and self.num_nodes >= 1, "train.devices", "devices and num_nodes must be >= 1")
 
 
-def random_flips(images: Tensor, foreground: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """Flip each image (and its foreground) horizontally and vertically with probability 1/2 each."""
+def random_flips(images: Tensor, *others: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Flip each image (and the same item of every other tensor) horizontally and vertically, each with probability 1/2."""
     flips = torch.rand(2, images.shape[0], 1, 1, 1, device=images.device) < 0.5
-    out = [images, foreground]
+    out = [images, *others]
     for flag, dim in zip(flips, (-1, -2)):
         out = [None if x is None else torch.where(flag, x.flip(dim), x) for x in out]
-    return out[0], out[1]
+    return tuple(out)
 
 
-def _lightning_module(unet: nn.Module, schedule: DiffusionSchedule, noise: Any, config: TrainConfig):
+def training_loss(unet: nn.Module, schedule: DiffusionSchedule, noise: Any, method: str, loss: str, x: Tensor,
+                  foreground: Tensor | None = None, target: Tensor | None = None) -> Tensor:
+    """The loss of one batch for the model folder's ``method`` (see ``synomaly.config.METHODS``).
+
+    ``diffusion``: epsilon prediction at a random timestep under the training noise. ``dae``: the
+    clean image from the image plus the training noise (timestep input 0). ``supervised``: Dice plus
+    binary cross-entropy of the lesion logits against ``target``.
+    """
+    if method == "diffusion":
+        t = schedule.sample_timesteps(x.shape[0], x.device)
+        n = noise(x, foreground=foreground)
+        x_t = schedule.q_sample(x, t, n)
+        return schedule.loss(unet(x_t, t).float(), n, x, x_t, t, loss)
+    zero = torch.zeros(x.shape[0], device=x.device, dtype=torch.long)
+    if method == "dae":
+        return torch.nn.functional.mse_loss(unet(x + noise(x, foreground=foreground), zero).float(), x)
+    from monai.losses import DiceCELoss
+
+    return DiceCELoss(sigmoid=True)(unet(x, zero).float(), target.float())
+
+
+def _lightning_module(unet: nn.Module, schedule: DiffusionSchedule, noise: Any, config: TrainConfig, method: str,
+                      fields: tuple[str, ...]):
     """The ``LightningModule`` (built lazily: importing Lightning costs seconds)."""
     import lightning.pytorch as pl
 
@@ -113,13 +135,11 @@ def _lightning_module(unet: nn.Module, schedule: DiffusionSchedule, noise: Any, 
             torch.manual_seed(config.seed + 1 + self.global_rank)
 
         def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
-            x, fg = batch[0], (batch[1] if len(batch) > 1 else None)
+            named = dict(zip(fields, batch))
+            x, fg, target = named["images"], named.get("foreground"), named.get("target")
             if config.flips:
-                x, fg = random_flips(x, fg)
-            t = self.schedule.sample_timesteps(x.shape[0], x.device)
-            n = self.noise(x, foreground=fg)
-            x_t = self.schedule.q_sample(x, t, n)
-            loss = self.schedule.loss(self.unet(x_t, t).float(), n, x, x_t, t, config.loss)
+                x, fg, target = random_flips(x, fg, target)
+            loss = training_loss(self.unet, self.schedule, self.noise, method, config.loss, x, fg, target)
             self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=x.shape[0])
             return loss
 
@@ -129,7 +149,7 @@ def _lightning_module(unet: nn.Module, schedule: DiffusionSchedule, noise: Any, 
     return DiffusionModule()
 
 
-def _callbacks(output_dir: Path, config: TrainConfig, preview_batch: Tensor, noise: Any) -> list:
+def _callbacks(output_dir: Path, config: TrainConfig, preview_batch: Tensor, noise: Any, method: str) -> list:
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
 
@@ -137,7 +157,8 @@ def _callbacks(output_dir: Path, config: TrainConfig, preview_batch: Tensor, noi
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
             step = trainer.global_step
             if config.preview_every and trainer.is_global_zero and step % config.preview_every == 0:
-                write_preview(output_dir / "previews" / f"step_{step:07d}.png", module, preview_batch.to(module.device), noise)
+                write_preview(output_dir / "previews" / f"step_{step:07d}.png", module, preview_batch.to(module.device),
+                              noise, method)
 
     callbacks = [
         EMAWeightAveraging(decay=config.ema_decay),
@@ -149,16 +170,26 @@ def _callbacks(output_dir: Path, config: TrainConfig, preview_batch: Tensor, noi
 
 
 @torch.no_grad()
-def write_preview(path: Path, module: Any, images: Tensor, noise: Any) -> None:
-    """Save rows input / noised (t = T/4, training noise) / one-step reconstruction as a PNG."""
+def write_preview(path: Path, module: Any, images: Tensor, noise: Any, method: str = "diffusion") -> None:
+    """Save rows input / network input / network output as a PNG.
+
+    diffusion: noised at t = T/4 with the training noise, and its one-step reconstruction; dae: the
+    input plus the training noise, and its reconstruction; supervised: the input, and the lesion
+    probability.
+    """
     from PIL import Image
 
     was_training = module.training
     module.eval()
     schedule = module.schedule
     t = torch.full((images.shape[0],), schedule.num_timesteps // 4, device=images.device, dtype=torch.long)
-    x_t = schedule.q_sample(images, t, noise(images))
-    recon = schedule.predict_x0(x_t, t, module.unet(x_t, t).float())
+    if method == "diffusion":
+        x_t = schedule.q_sample(images, t, noise(images))
+        recon = schedule.predict_x0(x_t, t, module.unet(x_t, t).float())
+    else:
+        x_t = images + noise(images) if method == "dae" else images
+        out = module.unet(x_t, torch.zeros_like(t)).float()
+        recon = out if method == "dae" else torch.sigmoid(out) * 2 - 1
     module.train(was_training)
     rows = [torch.cat(list(r[:, 0]), dim=1) for r in (images, x_t.clamp(-1, 1), recon)]
     grid = ((torch.cat(rows, dim=0) + 1) * 127.5).clamp(0, 255).to(torch.uint8).cpu().numpy()
@@ -191,7 +222,8 @@ def _check_outputs(output_dir: Path, resume: bool, overwrite: bool) -> Path | No
     return None
 
 
-def _dataset(images: Tensor | np.ndarray, foreground: Tensor | np.ndarray | None, model: ModelConfig):
+def _dataset(images: Tensor | np.ndarray, foreground: Tensor | np.ndarray | None, target: Tensor | np.ndarray | None,
+             model: ModelConfig) -> tuple[Any, tuple[str, ...]]:
     images = torch.as_tensor(images, dtype=torch.float32)
     if images.ndim != 4 or images.shape[1] != 1:
         raise ValueError(f"training images must be [N, 1, H, W], got {tuple(images.shape)}")
@@ -200,8 +232,14 @@ def _dataset(images: Tensor | np.ndarray, foreground: Tensor | np.ndarray | None
         raise ValueError(f"training images are {images.shape[2]}x{images.shape[3]} but model.image_size is {model.image_size}")
     if not torch.isfinite(images).all() or images.min() < -1.001 or images.max() > 1.001:
         raise ValueError("training images must be finite and scaled to [-1, 1]")
-    tensors = [images] if foreground is None else [images, torch.as_tensor(foreground).bool().reshape(images.shape)]
-    return torch.utils.data.TensorDataset(*tensors)
+    named = {"images": images}
+    for name, extra in (("foreground", foreground), ("target", target)):
+        if extra is not None:
+            extra = torch.as_tensor(extra).bool()
+            if extra.numel() != images.numel():
+                raise ValueError(f"training {name} must be shaped like the images {tuple(images.shape)}, got {tuple(extra.shape)}")
+            named[name] = extra.reshape(images.shape)
+    return torch.utils.data.TensorDataset(*named.values()), tuple(named)
 
 
 def train(
@@ -215,10 +253,15 @@ def train(
     detect: DetectConfig = DetectConfig(),
     preprocess: dict[str, Any] | None = None,
     foreground: Tensor | np.ndarray | None = None,
+    method: str = "diffusion",
+    target: Tensor | np.ndarray | None = None,
     resume: bool = False,
     overwrite: bool = False,
 ) -> Path:
     """Train a diffusion model on healthy ``[N, 1, H, W]`` images in [-1, 1]; returns the model folder.
+
+    ``method`` also trains the baselines that share the model folder format: a denoising
+    autoencoder (``dae``) or, with lesion masks as ``target``, the supervised upper bound.
 
     Args:
         images: Healthy training images.
@@ -230,6 +273,8 @@ def train(
         detect: Detection defaults stored in the model folder.
         preprocess: Preprocessing settings stored in the model folder (plain data).
         foreground: Optional ``[N, 1, H, W]`` masks that confine noise blobs.
+        method: ``diffusion``, ``dae`` or ``supervised`` (``synomaly.config.METHODS``).
+        target: Lesion masks ``[N, 1, H, W]`` (``supervised`` only).
         resume: Continue from ``checkpoints/last.ckpt`` when it exists.
         overwrite: Replace an existing model folder's run.
     """
@@ -239,17 +284,20 @@ def train(
 
     output_dir = Path(output_dir)
     ckpt_path = _check_outputs(output_dir, resume, overwrite)
-    config = PipelineConfig(model=model, schedule=schedule, noise=dict(noise), detect=detect, preprocess=dict(preprocess or {}))
+    config = PipelineConfig(model=model, schedule=schedule, noise=dict(noise), detect=detect,
+                            preprocess=dict(preprocess or {}), method=method)
+    if (target is not None) != (method == "supervised"):
+        raise ValueError("lesion masks (target) are needed by, and only by, method='supervised'")
     noise_fn = noise_from_dict(config.noise)
-    dataset = _dataset(images, foreground, model)
+    dataset, fields = _dataset(images, foreground, target, model)
     pl.seed_everything(train_config.seed, workers=True, verbose=False)
     unet = build_unet(model)
-    module = _lightning_module(unet, DiffusionSchedule.from_config(schedule), noise_fn, train_config)
+    module = _lightning_module(unet, DiffusionSchedule.from_config(schedule), noise_fn, train_config, method, fields)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=train_config.batch_size, shuffle=True, drop_last=len(dataset) >= train_config.batch_size,
         num_workers=train_config.num_workers, persistent_workers=train_config.num_workers > 0,
     )
-    trainer = _trainer(output_dir, train_config, dataset.tensors[0][:4], noise_fn)
+    trainer = _trainer(output_dir, train_config, dataset.tensors[0][:4], noise_fn, method)
     start = time.perf_counter()
     trainer.fit(module, loader, ckpt_path=ckpt_path, weights_only=True)
     seconds = time.perf_counter() - start
@@ -264,7 +312,7 @@ def train(
     return output_dir
 
 
-def _trainer(output_dir: Path, config: TrainConfig, preview_batch: Tensor, noise: Any):
+def _trainer(output_dir: Path, config: TrainConfig, preview_batch: Tensor, noise: Any, method: str):
     import lightning.pytorch as pl
     from lightning.pytorch.plugins.io import TorchCheckpointIO
 
@@ -284,7 +332,7 @@ def _trainer(output_dir: Path, config: TrainConfig, preview_batch: Tensor, noise
         strategy=config.strategy,
         precision=PRECISIONS[config.precision],
         gradient_clip_val=config.grad_clip or None,
-        callbacks=_callbacks(output_dir, config, preview_batch, noise),
+        callbacks=_callbacks(output_dir, config, preview_batch, noise, method),
         logger=_loggers(output_dir),
         log_every_n_steps=config.log_every,
         enable_progress_bar=config.progress,

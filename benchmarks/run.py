@@ -1,0 +1,294 @@
+"""The benchmark harness (../shared/BENCHMARK.md): train -> calibrate on validation -> evaluate on test.
+
+    python benchmarks/run.py --profile cpu                      # every method on both datasets
+    python benchmarks/run.py --profile cpu --datasets lgg_flair --methods synomaly ddpm-gaussian
+
+Each finished run writes ``benchmarks/results/<profile>/<dataset>/<method>.json``; runs whose file
+exists are skipped, and an interrupted training resumes from its checkpoint, so the same command
+continues where a killed one stopped. Model folders and evaluations go to ``benchmarks/runs/``
+(not committed). ``python benchmarks/render.py`` turns the results into ``docs/benchmarks.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+log = logging.getLogger("benchmark")
+
+THRESHOLDS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Budget shared by every method: UNet, image size, optimisation, detection batch and grid."""
+
+    model: str
+    image_size: int
+    steps: int
+    batch_size: int
+    lr: float
+    precision: str = "32"
+    t: tuple[int, ...] = (100, 200, 300)
+    kernel: tuple[int, ...] = (3, 5, 7)
+    threshold: tuple[float, ...] = THRESHOLDS
+    detect_batch: int = 32
+    description: str = ""
+
+
+PROFILES = {
+    "cpu": Profile("small", 64, 1500, 16, 2e-4, description="64x64 (area-downsampled from 128), `small` UNet "
+                   "(channels 32/64/128, attention at 16x16, 2.7 M parameters), 1500 steps at batch 16, AdamW 2e-4, "
+                   "EMA 0.999, cosine T=1000, MSE loss"),
+    "gpu": Profile("paper", 128, 3000, 32, 1e-4, precision="bf16", detect_batch=64,
+                   description="128x128, `paper` UNet (98.6 M parameters), 3000 steps at batch 32 in bf16"),
+    "smoke": Profile("tiny", 32, 20, 8, 1e-3, t=(200,), kernel=(3,), threshold=(0.2, 0.3), detect_batch=64,
+                     description="tiny UNet, 20 steps: checks the harness, not the methods"),
+}
+
+
+@dataclass(frozen=True)
+class Dataset:
+    file: str
+    preset: str
+    level_matched: str | None = None  # key of the healthy slices' distance to the nearest tumour slice
+
+
+DATASETS = {
+    "lgg_flair": Dataset("lgg_flair/lgg_flair.npz", "brain-flair", level_matched="test_healthy_dist"),
+    "busi": Dataset("busi/busi.npz", "ultrasound"),
+}
+
+
+@dataclass(frozen=True)
+class Method:
+    """How a method trains and detects. ``shares`` names the method whose trained model it reuses."""
+
+    train: dict[str, Any]
+    stages: tuple[int, ...] = (1,)
+    detect: dict[str, Any] = field(default_factory=dict)
+    shares: str | None = None
+    t: tuple[int, ...] | None = None  # None: the profile's grid
+    kernel: tuple[int, ...] | None = None
+    threshold: tuple[float, ...] | None = None
+    note: str = ""
+
+
+MULTI = (2, 3, 5)
+METHODS = {
+    "synomaly": Method({"noise": "synomaly"}, stages=MULTI, note="multi-stage masked fusion, per-image stop"),
+    "synomaly-1stage": Method({}, shares="synomaly", note="one stage"),
+    "ddpm-gaussian": Method({"noise": "gaussian"}, note="one stage"),
+    "dae": Method({"method": "dae", "noise": "coarse"}, t=(0,), note="one forward pass (Kascenas et al.)"),
+    "ddpm-simplex": Method({"noise": "simplex"}, detect={"sampler": "chain", "chain_steps": 10},
+                           note="AnoDDPM reverse chain from t, 10 network evaluations"),
+    "ddpm-simplex-1step": Method({}, shares="ddpm-simplex", note="one-step"),
+    "ddpm-coarse": Method({"noise": "coarse"}, note="one stage"),
+    "ddpm-pyramid": Method({"noise": "pyramid"}, note="one stage"),
+    "supervised-unet": Method({"method": "supervised"}, t=(0,), kernel=(1, 3, 5), threshold=(0.3, 0.4, 0.5, 0.6, 0.7),
+                              note="upper bound: trained on the train tumour slices and masks"),
+    "ddpm-gaussian-multistage": Method({}, shares="ddpm-gaussian", stages=MULTI, note="ablation: multi-stage"),
+}
+
+
+def commit() -> str:
+    """The checked-out commit, with ``-dirty`` when tracked files differ from it."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    head = git("rev-parse", "--short=12", "HEAD") or "unknown"
+    return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"cpu ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__})"
+
+
+def link_model(source: Path, target: Path) -> None:
+    """Make ``target`` a model folder with ``source``'s weights and config (hard links when possible)."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "model.safetensors"):
+        (target / name).unlink(missing_ok=True)
+        try:
+            os.link(source / name, target / name)
+        except OSError:
+            shutil.copy2(source / name, target / name)
+
+
+def train_model(name: str, method: Method, profile: Profile, dataset: Dataset, data: Path, folder: Path,
+                device: str) -> float:
+    """Train (or resume, or skip when finished) ``name``'s model; returns the total training seconds."""
+    from synomaly.commands import run_train
+    from synomaly.train import TrainConfig
+
+    ledger = folder / "train_seconds.json"
+    spent = json.loads(ledger.read_text())["seconds"] if ledger.exists() else 0.0
+    config_file = folder / "model" / "config.json"
+    if config_file.exists() and json.loads(config_file.read_text())["training"].get("final_step") == profile.steps:
+        return spent
+    options = dict(method.train)
+    train_method = options.pop("method", "diffusion")
+    sources, masks = [f"{data}:train_healthy"], None
+    if train_method == "supervised":
+        sources, masks = [f"{data}:train_anomalous", f"{data}:train_healthy"], [f"{data}:train_masks", "none"]
+    accelerator = "gpu" if device.startswith("cuda") else "cpu"
+    config = TrainConfig(steps=profile.steps, batch_size=profile.batch_size, lr=profile.lr, precision=profile.precision,
+                         accelerator=accelerator, checkpoint_every=100, preview_every=500, progress=False)
+    log.info("training %s (%s) for %d steps", name, train_method, profile.steps)
+    start = time.perf_counter()
+    run_train(sources, folder / "model", preset=dataset.preset, model=profile.model, image_size=profile.image_size,
+              noise={"name": options.get("noise")}, train_config=config, method=train_method, masks=masks, resume=True)
+    spent += time.perf_counter() - start
+    from synomaly import _atomic
+
+    _atomic.write_json(ledger, {"seconds": spent})
+    return spent
+
+
+def batch1_ms(model: Path, data: Path, device: str, n: int = 16) -> float:
+    """Milliseconds per image of ``detect`` one image at a time (first ``n`` test tumour slices)."""
+    from synomaly.commands import load_labelled
+    from synomaly.pipeline import SynomalyPipeline
+
+    pipe = SynomalyPipeline.from_pretrained(model, device=device)
+    cases = load_labelled(pipe, [f"{data}:test_anomalous"], None, 2, None)
+    images, fg = cases.images[:n].to(device), None if cases.foreground is None else cases.foreground[:n].to(device)
+    generator = torch.Generator(device).manual_seed(0)
+    pipe.detect(images[:1], generator, None if fg is None else fg[:1])  # warm-up
+    _sync(device)
+    start = time.perf_counter()
+    for i in range(len(images)):
+        pipe.detect(images[i : i + 1], generator, None if fg is None else fg[i : i + 1])
+    _sync(device)
+    return (time.perf_counter() - start) / len(images) * 1000
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def level_matched_auroc(per_case: list[dict[str, Any]], distances: np.ndarray, n_anomalous: int, limit: int = 3) -> float:
+    """Image-level AUROC with healthy test slices restricted to those within ``limit`` slices of a tumour."""
+    from synomaly.metrics import image_auroc
+
+    scores = torch.tensor([row["score"] for row in per_case], dtype=torch.float64)
+    keep = torch.cat([torch.ones(n_anomalous, dtype=torch.bool), torch.from_numpy(distances <= limit)])
+    labels = torch.cat([torch.ones(n_anomalous), torch.zeros(len(distances))])
+    return float(image_auroc(scores[keep], labels[keep].bool()))
+
+
+def run_one(profile_name: str, dataset_name: str, name: str, data_root: Path, runs: Path, results: Path,
+            device: str) -> Path | None:
+    from synomaly import _atomic
+    from synomaly.calibrate import CalibrationGrid, json_safe
+    from synomaly.commands import run_calibrate, run_evaluate
+
+    out = results / profile_name / dataset_name / f"{name}.json"
+    if out.exists():
+        log.info("%s/%s/%s: done already (%s)", profile_name, dataset_name, name, out)
+        return None
+    profile, dataset, method = PROFILES[profile_name], DATASETS[dataset_name], METHODS[name]
+    data = data_root / dataset.file
+    if not data.is_file():
+        raise SystemExit(f"benchmark: {data}: missing (pass --data-root, the folder holding lgg_flair/ and busi/)")
+    trained_by = method.shares or name
+    base = runs / profile_name / dataset_name
+    train_seconds = train_model(trained_by, METHODS[trained_by], profile, dataset, data, base / trained_by, device)
+    model = base / name / "model"
+    if method.shares:
+        link_model(base / trained_by / "model", model)
+    grid = CalibrationGrid(t=method.t or profile.t, kernel=method.kernel or profile.kernel,
+                           threshold=method.threshold or profile.threshold, max_stages=method.stages)
+    log.info("calibrating %s on validation", name)
+    calibration = run_calibrate(model, [f"{data}:val_anomalous", f"{data}:val_healthy"], masks=[f"{data}:val_masks", "none"],
+                                grid=grid, detect=method.detect, batch_size=profile.detect_batch, device=device,
+                                overwrite=True)
+    log.info("evaluating %s on test", name)
+    start = time.perf_counter()
+    metrics = run_evaluate(model, [f"{data}:test_anomalous", f"{data}:test_healthy"], [f"{data}:test_masks", "none"],
+                           base / name / "evaluation", batch_size=profile.detect_batch, device=device, overwrite=True)
+    eval_seconds = time.perf_counter() - start
+    agg = metrics["aggregate"]
+    n_anomalous = agg["n_anomalous"]
+    matched = None
+    if dataset.level_matched:
+        with np.load(data) as bundle:
+            matched = level_matched_auroc(metrics["per_case"], bundle[dataset.level_matched], n_anomalous)
+    keys = ("dice_mean", "dice_pooled", "iou_mean", "iou_pooled", "precision_mean", "recall_mean", "precision_pooled",
+            "recall_pooled", "ap", "auroc_pixel", "auroc_image", "hd95_mean", "hd95_mean_n", "hd95_empty_predictions",
+            "ssim_healthy", "fpr_healthy_mean", "dice_volume_mean", "n_anomalous", "n_healthy")
+    record = {
+        "method": name,
+        "dataset": dataset_name,
+        "profile": profile_name,
+        "commit": commit(),
+        "device": device_name(device),
+        "date": time.strftime("%Y-%m-%d"),
+        "note": method.note,
+        "trained_as": trained_by,
+        "config": {"profile": dataclasses.asdict(profile), "train": method.train, "detect_fixed": method.detect,
+                   "grid": grid.to_dict(), "model": json.loads((model / "config.json").read_text())},
+        "chosen": calibration["detect"],
+        "calibration": {key: calibration[key] for key in ("method", "score", "healthy_percentile_threshold",
+                                                          "percentile", "n_anomalous", "n_healthy")},
+        "metrics": {**{key: agg.get(key) for key in keys}, "auroc_image_level_matched": matched,
+                    "dice_per_stage": agg.get("dice_per_stage")},
+        "nfe_mean": agg["nfe_mean"],
+        "nfe_max": agg["nfe_max"],
+        "ms_per_image": agg["ms_per_image"],
+        "ms_per_image_batch": profile.detect_batch,
+        "ms_per_image_batch1": batch1_ms(model, data, device),
+        "train_seconds": train_seconds,
+        "evaluate_seconds": eval_seconds,
+    }
+    if METHODS[trained_by].train.get("method") == "supervised":
+        record["metrics"]["ssim_healthy"] = None  # no reconstruction: its "reconstruction" is x - p
+    _atomic.write_json(out, json_safe(record))
+    log.info("%s/%s/%s: test Dice %.3f (validation %.3f) -> %s", profile_name, dataset_name, name,
+             agg["dice_mean"], calibration["score"] or float("nan"), out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--profile", required=True, choices=sorted(PROFILES))
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--runs", type=Path, default=ROOT / "benchmarks" / "runs", help="model folders and evaluations")
+    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from synomaly.errors import SynomalyError
+
+    try:
+        for dataset in args.datasets:
+            for method in args.methods:
+                run_one(args.profile, dataset, method, args.data_root, args.runs, args.results, args.device)
+    except SynomalyError as error:
+        print(f"benchmark: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
