@@ -186,7 +186,7 @@ def test_fallbacks_log_their_warning_and_method(random_pipeline, phantom_test, c
         ({"images": torch.zeros(0, 1, 32, 32)}, ValueError, "no images"),
         ({"images": torch.zeros(2, 32, 32)}, ValueError, r"\[N, 1, H, W\]"),
         ({"masks": torch.zeros(3, 1, 32, 32, dtype=torch.bool)}, ValueError, "masks must be shaped"),
-        ({"grid": CalibrationGrid(t=(1000,))}, ConfigError, "detect.t"),
+        ({"grid": CalibrationGrid(t=(1000,))}, ConfigError, "grid.t"),
         ({"percentile": 101.0}, ValueError, "percentile"),
         ({"batch_size": 0}, ConfigError, "batch_size"),
     ],

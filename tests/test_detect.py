@@ -150,3 +150,68 @@ def test_golden_mask_area():
     assert out.mask.sum().item() == 89
     # Outside the disk the map holds only the blurred t = 0 noise (std 0.006 per pixel).
     assert out.anomaly_map.sum().item() == pytest.approx(56.7 + 1.0, abs=1.5)
+
+
+# --- baselines: AnoDDPM's reverse chain, the denoising autoencoder, the supervised upper bound ---
+
+from synomaly.detect import chain_reconstruction, chain_timesteps, one_step_reconstruction, reconstruct  # noqa: E402
+
+
+def zeros(reference, generator=None):
+    return torch.zeros_like(reference)
+
+
+@pytest.mark.parametrize("t, steps, expected", [(200, 5, [200, 150, 100, 50, 0]), (3, 10, [3, 2, 1, 0]), (250, 1, [250]),
+                                                (0, 4, [0])])
+def test_chain_timesteps_run_evenly_from_t_down_to_zero(t, steps, expected):
+    assert chain_timesteps(t, steps) == expected
+
+
+def test_chain_of_one_step_is_the_one_step_reconstruction():
+    images, _ = lesion_images()
+    model = HealingModel()
+    one = one_step_reconstruction(model, SCHED, images, 250, gaussian, torch.Generator().manual_seed(3))
+    chain = chain_reconstruction(model, SCHED, images, 250, 1, gaussian, torch.Generator().manual_seed(3))
+    assert torch.equal(one, chain)
+
+
+@pytest.mark.parametrize("steps", [2, 5, 26])
+def test_noise_free_chain_with_a_healing_model_removes_exactly_the_lesion(steps):
+    images, disk = lesion_images()
+    out = chain_reconstruction(HealingModel(ceiling=0.2), SCHED, images, 250, steps, zeros)
+    assert torch.allclose(out, images.clamp(max=0.2), atol=1e-4)
+
+
+def test_chain_sampler_counts_its_network_evaluations():
+    images, _ = lesion_images()
+    model = HealingModel()
+    out, _ = run(images, model, t=100, sampler="chain", chain_steps=4, max_stages=1)
+    assert out.stages.tolist() == [1, 1] and out.nfe.tolist() == [4, 4] and len(model.batch_sizes) == 4
+
+
+class ConstantNet(nn.Module):
+    """``net(x, t)`` = ``x`` (a perfect autoencoder) or fixed logits (a segmentation net)."""
+
+    def __init__(self, logits=None):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, x, t):
+        assert (t == 0).all()
+        return x if self.logits is None else self.logits.expand_as(x)
+
+
+def test_dae_reconstruction_is_one_forward_of_the_clean_input():
+    images, _ = lesion_images()
+    recon, cost = reconstruct(ConstantNet(), SCHED, images, DetectConfig(t=0), gaussian, method="dae")
+    assert cost == 1 and torch.equal(recon, images)
+
+
+def test_supervised_map_is_the_blurred_lesion_probability():
+    images, disk = lesion_images()
+    logits = torch.where(disk[:1], 20.0, -20.0).float()
+    model = ConstantNet(logits)
+    config = DetectConfig(t=0, max_stages=1, kernel=1, threshold=0.5, min_size=0)
+    out = multistage_detect(model, SCHED, images, config, gaussian, foreground=None, method="supervised")
+    assert torch.equal(out.mask, disk)
+    assert torch.allclose(out.anomaly_map, torch.sigmoid(logits).expand_as(images), atol=1e-6)

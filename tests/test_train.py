@@ -147,3 +147,21 @@ def test_random_flips_flip_images_and_foregrounds_together():
     }
     seen = {name for i in range(64) for name, v in variants.items() if torch.equal(flipped[i], v[i])}
     assert seen == set(variants)
+
+
+@pytest.mark.parametrize("method", ["dae", "supervised"])
+def test_baseline_methods_train_into_loadable_model_folders(images, tmp_path, method):
+    target = (images > 0.5) if method == "supervised" else None
+    noise = {"name": "coarse"} if method == "dae" else {"name": "gaussian"}
+    train(images, tmp_path, model=model_preset("tiny"), noise=noise, train_config=quick(3), method=method, target=target)
+    pipe = SynomalyPipeline.from_pretrained(tmp_path)
+    assert pipe.config.method == method
+    out = pipe.detect(images[:2], t=0, max_stages=1)
+    assert out.nfe.tolist() == [1, 1] and torch.isfinite(out.anomaly_map).all()
+
+
+def test_supervised_training_needs_masks_and_only_it(images, tmp_path):
+    with pytest.raises(ValueError, match="lesion masks"):
+        train(images, tmp_path / "a", model=model_preset("tiny"), noise=NOISE, train_config=quick(1), method="supervised")
+    with pytest.raises(ValueError, match="lesion masks"):
+        train(images, tmp_path / "b", model=model_preset("tiny"), noise=NOISE, train_config=quick(1), target=images > 0)

@@ -247,9 +247,10 @@ def calibrate(
 
 def _check_options(pipeline: SynomalyPipeline, grid: CalibrationGrid, percentile: float, batch_size: int) -> None:
     for t in grid.t:
-        pipeline.detect_config(t=t)  # raises ConfigError("detect.t") beyond the schedule
+        if t >= pipeline.schedule.num_timesteps:
+            raise ConfigError("grid.t", f"must be < T={pipeline.schedule.num_timesteps}, got {t}")
     if not 0.0 <= percentile <= 100.0:
-        raise ValueError(f"percentile must be in [0, 100], got {percentile}")
+        raise ConfigError("percentile", f"must be in [0, 100], got {percentile}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError("batch_size", f"must be a positive integer, got {batch_size!r}")
 

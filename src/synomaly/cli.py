@@ -165,7 +165,10 @@ def build_parser() -> Any:
 
 def _run(command: str, a: Any) -> Any:
     from synomaly import commands
+    from synomaly.errors import ConfigError
 
+    if a.get("batch_size") is not None and a.batch_size < 1:
+        raise ConfigError("--batch-size", f"must be >= 1, got {a.batch_size}")
     detect = {name: a.get(name) for name in DETECT_OPTIONS if name in a}
     slices = {"slice_axis": a.get("slice_axis", 2), "slice_range": tuple(a.slice_range) if a.get("slice_range") else None}
     if command == "train":

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 _NPZ_KEY = re.compile(r"^(?P<path>.+\.npz):(?P<key>[\w.-]+)$", re.IGNORECASE)
 HEALTHY = "none"
+MAX_UPSAMPLING = 4  # smaller images hold too little detail for the model's size: they are refused
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,10 @@ def load_file(source: Source, preprocessing: Preprocessing, slice_axis: int = 2,
               slice_range: tuple[int, int] | None = None) -> tuple[FileCases, np.ndarray, np.ndarray]:
     """Read and preprocess one source; returns the file record, model-space images and foreground."""
     raw, props = read_images(source.path, slice_axis=slice_axis, slice_range=slice_range, key=source.key)
+    smallest = max(1, preprocessing.size // MAX_UPSAMPLING)
+    if min(raw.shape[-2:]) < smallest:
+        raise InputError(source.name, f"image is {raw.shape[-1]}x{raw.shape[-2]} pixels; this model ({preprocessing.size}x"
+                                      f"{preprocessing.size}) takes images of at least {smallest} pixels per side")
     images, foreground, fit = preprocessing.apply(raw)
     case_ids, group_ids = _ids(source, len(raw))
     return FileCases(source, props, fit, raw, case_ids, group_ids), images, foreground

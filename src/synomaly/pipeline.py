@@ -80,7 +80,7 @@ def load_weights(unet: nn.Module, path: Path) -> None:
         raise InputError(path, f"not readable safetensors weights ({error})") from None
     expected = unet.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    wrong = [k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape]
+    wrong = [k for k in sorted(expected.keys() & state.keys()) if expected[k].shape != state[k].shape]
     if missing or unexpected or wrong:
         detail = (missing and f"missing {missing[0]}") or (unexpected and f"unexpected {unexpected[0]}") or f"shape of {wrong[0]}"
         raise InputError(path, f"weights do not match config.json ({len(missing) + len(unexpected) + len(wrong)} tensors differ, e.g. {detail})")
