@@ -14,6 +14,7 @@ import argparse
 import json
 import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def measure(preset: str, device: torch.device, batches: list[int], repeats: int,
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             forward = timed(lambda: pipe.unet(x, t), repeats, device)
         out = pipe.detect(x, max_stages=stages, min_size=8)
-        nfe = out.stages.sum().item()
+        nfe = out.nfe.sum().item()
         detect = timed(lambda: pipe.detect(x, generator=torch.Generator(device).manual_seed(0), max_stages=stages, min_size=8), repeats, device)
         rows.append({"batch": b, "forward_s": forward, "detect_s": detect, "nfe": nfe,
                      "ms_per_image": 1000 * detect / b, "overhead": detect / (nfe / b * forward) - 1})
@@ -114,7 +115,7 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
     result.update({"device": name, "bf16": args.bf16, "commit": commit, "torch": torch.__version__,
-                   "command": "python benchmarks/speed.py " + " ".join(f"{k} {v}" for k, v in vars(args).items() if v not in (None, False))})
+                   "command": "python benchmarks/speed.py " + " ".join(sys.argv[1:])})
     print(f"## {args.preset} ({result['parameters']:,} parameters, {result['image_size']} px) on {name}, commit {commit}")
     print("| batch | forward ms | detect ms/image | NFE/image | overhead |\n|---:|---:|---:|---:|---:|")
     for r in result["rows"]:
