@@ -53,15 +53,18 @@ def metrics_table(runs: dict[str, dict]) -> list[str]:
 
 
 def chosen_table(runs: dict[str, dict]) -> list[str]:
-    lines = ["| method | t | kernel | threshold | stages | sampler | healthy 99th-percentile threshold |",
-             "|---|---:|---:|---:|---:|---|---:|"]
+    lines = ["| method | t | kernel | threshold | stages | sampler | healthy 99th-percentile threshold "
+             "| test Dice at that threshold (mean / pooled) | healthy-slice FPR at it |",
+             "|---|---:|---:|---:|---:|---|---:|---:|---:|"]
     for name, r in runs.items():
         c = r["chosen"]
         stages = f"≤ {c['max_stages']}" if c["max_stages"] > 1 else "1"
         sampler = f"chain, {c['chain_steps']} steps" if c.get("sampler") == "chain" else "one-step"
         t = "–" if r["config"]["model"].get("method") in ("dae", "supervised") else c["t"]
+        u = r.get("unsupervised") or {}
         lines.append(f"| `{name}` | {t} | {c['kernel']} | {c['threshold']} | {stages} | {sampler} "
-                     f"| {fmt(r['calibration']['healthy_percentile_threshold'])} |")
+                     f"| {fmt(r['calibration']['healthy_percentile_threshold'])} | {fmt(u.get('dice_mean'))} / "
+                     f"{fmt(u.get('dice_pooled'))} | {fmt(u.get('fpr_healthy_mean'), 4)} |")
     return lines
 
 

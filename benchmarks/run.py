@@ -28,6 +28,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from synomaly import _atomic
+from synomaly.calibrate import json_safe
+
 ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger("benchmark")
 
@@ -156,8 +159,6 @@ def train_model(name: str, method: Method, profile: Profile, dataset: Dataset, d
     run_train(sources, folder / "model", preset=dataset.preset, model=profile.model, image_size=profile.image_size,
               noise={"name": options.get("noise")}, train_config=config, method=train_method, masks=masks, resume=True)
     spent += time.perf_counter() - start
-    from synomaly import _atomic
-
     _atomic.write_json(ledger, {"seconds": spent})
     return spent
 
@@ -195,22 +196,40 @@ def level_matched_auroc(per_case: list[dict[str, Any]], distances: np.ndarray, n
     return float(image_auroc(scores[keep], labels[keep].bool()))
 
 
+def unsupervised_metrics(record: dict[str, Any], folder: Path, data: Path, profile: Profile, device: str) -> dict[str, Any]:
+    """Test metrics at the threshold a user without lesion masks gets: the healthy validation percentile."""
+    from synomaly.commands import run_evaluate
+
+    threshold = record["calibration"]["healthy_percentile_threshold"]
+    if threshold is None:
+        return {"threshold": None}
+    log.info("evaluating %s at the unsupervised threshold %.3f", record["method"], threshold)
+    metrics = run_evaluate(folder / "model", [f"{data}:test_anomalous", f"{data}:test_healthy"], [f"{data}:test_masks", "none"],
+                           folder / "evaluation-unsupervised", detect={"threshold": threshold},
+                           batch_size=profile.detect_batch, device=device, overwrite=True)["aggregate"]
+    return {"threshold": threshold, **{key: metrics[key] for key in ("dice_mean", "dice_pooled", "iou_mean", "fpr_healthy_mean")}}
+
+
 def run_one(profile_name: str, dataset_name: str, name: str, data_root: Path, runs: Path, results: Path,
             device: str) -> Path | None:
-    from synomaly import _atomic
-    from synomaly.calibrate import CalibrationGrid, json_safe
+    """Train (or reuse), calibrate and evaluate one method on one dataset; returns the result file written."""
+    from synomaly.calibrate import CalibrationGrid
     from synomaly.commands import run_calibrate, run_evaluate
 
     out = results / profile_name / dataset_name / f"{name}.json"
-    if out.exists():
-        log.info("%s/%s/%s: done already (%s)", profile_name, dataset_name, name, out)
-        return None
     profile, dataset, method = PROFILES[profile_name], DATASETS[dataset_name], METHODS[name]
     data = data_root / dataset.file
+    base = runs / profile_name / dataset_name
+    if out.exists():
+        record = json.loads(out.read_text())
+        if "unsupervised" not in record and (base / name / "model").is_dir():  # written before this field existed
+            record["unsupervised"] = unsupervised_metrics(record, base / name, data, profile, device)
+            _atomic.write_json(out, json_safe(record))
+        log.info("%s/%s/%s: done already (%s)", profile_name, dataset_name, name, out)
+        return None
     if not data.is_file():
         raise SystemExit(f"benchmark: {data}: missing (pass --data-root, the folder holding lgg_flair/ and busi/)")
     trained_by = method.shares or name
-    base = runs / profile_name / dataset_name
     train_seconds = train_model(trained_by, METHODS[trained_by], profile, dataset, data, base / trained_by, device)
     model = base / name / "model"
     if method.shares:
@@ -261,6 +280,7 @@ def run_one(profile_name: str, dataset_name: str, name: str, data_root: Path, ru
     }
     if METHODS[trained_by].train.get("method") == "supervised":
         record["metrics"]["ssim_healthy"] = None  # no reconstruction: its "reconstruction" is x - p
+    record["unsupervised"] = unsupervised_metrics(record, base / name, data, profile, device)
     _atomic.write_json(out, json_safe(record))
     log.info("%s/%s/%s: test Dice %.3f (validation %.3f) -> %s", profile_name, dataset_name, name,
              agg["dice_mean"], calibration["score"] or float("nan"), out)

@@ -54,3 +54,14 @@ def test_finished_runs_are_skipped(smoke_results):
     before = {m: (folder / f"{m}.json").read_bytes() for m in methods}
     assert run.main(argv) == 0
     assert {m: (folder / f"{m}.json").read_bytes() for m in methods} == before
+
+
+def test_unsupervised_threshold_is_evaluated_too(smoke_results):
+    _, _, folder, _ = smoke_results
+    record = json.loads((folder / "synomaly.json").read_text())
+    assert record["unsupervised"]["threshold"] == record["calibration"]["healthy_percentile_threshold"]
+    assert 0 <= record["unsupervised"]["dice_mean"] <= 1
+
+
+def test_docs_benchmarks_is_rendered_from_the_committed_results():
+    assert load("render").main(["--check"]) == 0, "run python benchmarks/render.py"
