@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from synomaly.cli import main
@@ -304,3 +305,16 @@ def test_docs_reliability_shows_what_the_cases_print():
         start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
     assert text[start:end].strip() == table, "docs/reliability.md is out of date: regenerate it (see the module docstring)"
     assert re.search(r"test_sigkill_mid_training_then_resume_reaches_the_same_step", text)
+
+
+def test_a_released_model_folder_needs_only_json_and_safetensors(tiny_model_dir, tmp_path):
+    from synomaly import SynomalyPipeline
+
+    released = tmp_path / "released"
+    released.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy2(tiny_model_dir / name, released / name)
+    pipe = SynomalyPipeline.from_pretrained(released)
+    out = pipe.detect(torch.zeros(1, 1, 32, 32))
+    assert out.mask.shape == (1, 1, 32, 32)
+    assert not [p for p in released.iterdir() if p.suffix in (".pt", ".pth", ".pkl", ".ckpt")]
