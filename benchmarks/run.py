@@ -221,10 +221,6 @@ def run_one(profile_name: str, dataset_name: str, name: str, data_root: Path, ru
     data = data_root / dataset.file
     base = runs / profile_name / dataset_name
     if out.exists():
-        record = json.loads(out.read_text())
-        if "unsupervised" not in record and (base / name / "model").is_dir():  # written before this field existed
-            record["unsupervised"] = unsupervised_metrics(record, base / name, data, profile, device)
-            _atomic.write_json(out, json_safe(record))
         log.info("%s/%s/%s: done already (%s)", profile_name, dataset_name, name, out)
         return None
     if not data.is_file():

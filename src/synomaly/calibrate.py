@@ -384,12 +384,13 @@ def _multistage_rows(run: _Runner, grid: CalibrationGrid, index: Tensor) -> list
         generator = run.generator()
         dice_sums, nfe_sums = torch.zeros(len(stages), dtype=torch.float64), torch.zeros(len(stages))
         settings = {"t": t, "kernel": kernel, "threshold": threshold, "max_stages": max(stages), "fusion": fusion}
+        cost = stage_cost(run.pipeline.detect_config(**settings), run.pipeline.config.method)
         for images, target, fg in run.batches(index):
             out = run.pipeline.detect(images, generator, fg, **settings)
             for i, limit in enumerate(stages):
                 mask = out.stage_masks[:, min(limit, out.stage_masks.shape[1]) - 1]
                 dice_sums[i] += dice(confusion_counts(mask, target)).sum().cpu()
-                nfe_sums[i] += (out.stages.clamp(max=limit) * (out.nfe // out.stages)).sum().cpu()
+                nfe_sums[i] += out.stages.clamp(max=limit).sum().cpu() * cost
         rows += [
             _row((t, kernel, threshold, limit, fusion), float(dice_sums[i]), float(nfe_sums[i]), len(index))
             for i, limit in enumerate(stages)
