@@ -142,3 +142,16 @@ def test_healthy_images_score_lower_than_lesioned(tiny_model_dir, phantom_test):
     scores = pipe.detect(torch.cat([healthy, lesioned]), generator=torch.Generator().manual_seed(0)).score
     labels = [0] * len(healthy) + [1] * len(lesioned)
     assert roc_auc_score(labels, scores.numpy()) > 0.8
+
+
+@pytest.mark.parametrize("sampler", ["one-step", "chain"])
+def test_bf16_detection_matches_float32(tiny_model_dir, phantom_test, sampler):
+    """bf16 autocast covers the network only: maps and masks stay float32 and close to the float32 run."""
+    _, lesioned, masks = phantom_test
+    runs = [SynomalyPipeline.from_pretrained(tiny_model_dir, bf16=bf16).detect(
+        lesioned[:8], generator=torch.Generator().manual_seed(0), max_stages=3, sampler=sampler, chain_steps=3)
+        for bf16 in (False, True)]
+    assert runs[1].anomaly_map.dtype == runs[1].reconstruction.dtype == torch.float32
+    assert (runs[0].reconstruction - runs[1].reconstruction).abs().mean() < 0.02
+    agree = (runs[0].mask == runs[1].mask).float().mean()
+    assert agree > 0.98

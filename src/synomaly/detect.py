@@ -20,13 +20,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from synomaly.config import DetectConfig
 from synomaly.maps import above_threshold, difference_map, remove_small_components
 from synomaly.schedule import DiffusionSchedule
 
 NoiseFn = Callable[..., Tensor]
+Network = Callable[[Tensor, Tensor], Tensor]  # unet(x, t): an nn.Module or a wrapper such as SynomalyPipeline.network
 
 
 @dataclass
@@ -76,7 +77,7 @@ def stage_mask(
 
 
 def one_step_reconstruction(
-    model: nn.Module, schedule: DiffusionSchedule, images: Tensor, t: int, noise: NoiseFn,
+    model: Network, schedule: DiffusionSchedule, images: Tensor, t: int, noise: NoiseFn,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Noise ``images`` to timestep ``t`` and predict ``x_0`` with one network evaluation."""
@@ -92,7 +93,7 @@ def chain_timesteps(t: int, steps: int) -> list[int]:
 
 
 def chain_reconstruction(
-    model: nn.Module, schedule: DiffusionSchedule, images: Tensor, t: int, steps: int, noise: NoiseFn,
+    model: Network, schedule: DiffusionSchedule, images: Tensor, t: int, steps: int, noise: NoiseFn,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """AnoDDPM's reconstruction: noise to ``t``, then walk the ancestral reverse chain down to 0.
@@ -124,7 +125,7 @@ def stage_cost(config: DetectConfig, method: str = "diffusion") -> int:
 
 
 def reconstruct(
-    model: nn.Module, schedule: DiffusionSchedule, images: Tensor, config: DetectConfig, noise: NoiseFn,
+    model: Network, schedule: DiffusionSchedule, images: Tensor, config: DetectConfig, noise: NoiseFn,
     generator: torch.Generator | None = None, method: str = "diffusion",
 ) -> tuple[Tensor, int]:
     """One stage's reconstruction of ``images`` and the network evaluations it took.
@@ -145,7 +146,7 @@ def reconstruct(
 
 @torch.no_grad()
 def multistage_detect(
-    model: nn.Module,
+    model: Network,
     schedule: DiffusionSchedule,
     images: Tensor,
     config: DetectConfig,

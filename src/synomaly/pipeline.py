@@ -108,6 +108,14 @@ class SynomalyPipeline:
         """Device of the network; inputs are moved here."""
         return next(self.unet.parameters()).device
 
+    def network(self, x: Tensor, t: Tensor) -> Tensor:
+        """``unet(x, t)`` in float32; with ``bf16`` only this call runs under bfloat16 autocast.
+
+        Everything around it (noising, ``x_0`` prediction, maps, masks, fusion) stays float32.
+        """
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return self.unet(x, t).float()
+
     def to(self, device: str | torch.device) -> SynomalyPipeline:
         """Move the network and schedule to ``device``; returns ``self``."""
         self.unet.to(device)
@@ -169,18 +177,16 @@ class SynomalyPipeline:
             foreground = foreground.to(self.device).bool()
             if foreground.shape != images.shape:
                 raise ValueError(f"foreground shape {tuple(foreground.shape)} differs from images {tuple(images.shape)}")
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            return multistage_detect(self.unet, self.schedule, images, config, self.inference_noise(config.noise),
-                                     generator, foreground, self.config.method)
+        return multistage_detect(self.network, self.schedule, images, config, self.inference_noise(config.noise),
+                                 generator, foreground, self.config.method)
 
     @torch.no_grad()
     def reconstruct(self, images: Tensor, generator: torch.Generator | None = None, **overrides: Any) -> Tensor:
         """The first stage's reconstruction of a checked batch, exactly as ``detect`` computes it."""
         config = self.detect_config(**overrides)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            recon, _ = reconstruct(self.unet, self.schedule, images, config, self.inference_noise(config.noise),
-                                   generator, self.config.method)
-        return recon.float()
+        recon, _ = reconstruct(self.network, self.schedule, images, config, self.inference_noise(config.noise),
+                               generator, self.config.method)
+        return recon
 
     def detect_config(self, **overrides: Any) -> DetectConfig:
         """The folder's detection settings with ``overrides`` applied and validated."""
