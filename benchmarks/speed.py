@@ -48,7 +48,8 @@ def images_for(n: int, size: int, device: torch.device) -> torch.Tensor:
     return insert_lesions(healthy, head, g)[0].to(device)
 
 
-def measure(preset: str, device: torch.device, batches: list[int], repeats: int, stages: int, bf16: bool) -> dict:
+def measure(preset: str, device: torch.device, batches: list[int], repeats: int, stages: int, bf16: bool,
+            train_batch: int = 8) -> dict:
     config = PipelineConfig(model=model_preset(preset))
     size = config.model.image_size
     torch.manual_seed(0)
@@ -66,7 +67,7 @@ def measure(preset: str, device: torch.device, batches: list[int], repeats: int,
                      "ms_per_image": 1000 * detect / b, "overhead": detect / (nfe / b * forward) - 1})
     return {"preset": preset, "parameters": count_parameters(pipe.unet), "image_size": size, "rows": rows,
             "one_at_a_time": one_at_a_time(pipe, size, device, max(batches), stages),
-            "train": train_step(config, device, bf16, repeats)}
+            "train": train_step(config, device, bf16, repeats, train_batch)}
 
 
 def one_at_a_time(pipe: SynomalyPipeline, size: int, device: torch.device, n: int, stages: int) -> dict:
@@ -78,7 +79,7 @@ def one_at_a_time(pipe: SynomalyPipeline, size: int, device: torch.device, n: in
 
 
 def train_step(config: PipelineConfig, device: torch.device, bf16: bool, repeats: int, batch: int = 8) -> dict:
-    """One optimiser step at batch 8 and the Synomaly noise for that batch."""
+    """One optimiser step at ``batch`` and the Synomaly noise for that batch."""
     from synomaly.schedule import DiffusionSchedule
 
     unet = build_unet(config.model).to(device)
@@ -108,10 +109,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--stages", type=int, default=5)
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--train-batch", type=int, default=8, help="batch of the timed training step")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
-    result = measure(args.preset, device, args.batches, args.repeats, args.stages, args.bf16)
+    result = measure(args.preset, device, args.batches, args.repeats, args.stages, args.bf16, args.train_batch)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
     result.update({"device": name, "bf16": args.bf16, "commit": commit, "torch": torch.__version__,
