@@ -37,16 +37,17 @@ def load(profile: str, dataset: str) -> dict[str, dict]:
 
 def metrics_table(runs: dict[str, dict]) -> list[str]:
     lines = [
-        "| method | inference | Dice (mean) | validation Dice | Dice (pooled) | IoU (mean) | AP | pixel AUROC "
-        "| image AUROC | image AUROC, level-matched | HD95 (mean, px) | SSIM healthy |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | inference | Dice (mean) | validation Dice | Dice (pooled) | IoU (mean) | healthy-slice FPR | AP "
+        "| pixel AUROC | image AUROC | image AUROC, level-matched | HD95 (mean, px) | SSIM healthy |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in runs.items():
         m = r["metrics"]
         hd95 = f"{fmt(m['hd95_mean'], 1)} ({m['hd95_empty_predictions']} empty)" if m.get("hd95_mean") is not None else "–"
         lines.append(
             f"| `{name}` | {METHODS[name].note} | **{fmt(m['dice_mean'])}** | {fmt(r['calibration']['score'])} "
-            f"| {fmt(m['dice_pooled'])} | {fmt(m['iou_mean'])} | {fmt(m['ap'])} | {fmt(m['auroc_pixel'])} "
+            f"| {fmt(m['dice_pooled'])} | {fmt(m['iou_mean'])} | {fmt(m['fpr_healthy_mean'])} | {fmt(m['ap'])} "
+            f"| {fmt(m['auroc_pixel'])} "
             f"| {fmt(m['auroc_image'])} | {fmt(m['auroc_image_level_matched'])} | {hd95} | {fmt(m['ssim_healthy'])} |"
         )
     return lines
@@ -84,7 +85,8 @@ def dataset_section(profile: str, dataset: str) -> list[str]:
         return out + ["No runs finished yet.", ""]
     first = next(iter(runs.values()))
     missing = [m for m in METHODS if m not in runs]
-    out += [f"Device: {first['device']}. Commit(s): {', '.join(sorted({r['commit'] for r in runs.values()}))}. "
+    devices = sorted({r["device"] for r in runs.values()})
+    out += [f"Device{'s' if len(devices) > 1 else ''}: {'; '.join(devices)}. Commit(s): {', '.join(sorted({r['commit'] for r in runs.values()}))}. "
             f"Test split: {first['metrics']['n_anomalous']} anomalous and {first['metrics']['n_healthy']} healthy slices.", ""]
     if missing:
         out += [f"Not run yet: {', '.join(f'`{m}`' for m in missing)}.", ""]

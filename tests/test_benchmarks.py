@@ -65,3 +65,15 @@ def test_unsupervised_threshold_is_evaluated_too(smoke_results):
 
 def test_docs_benchmarks_is_rendered_from_the_committed_results():
     assert load("render").main(["--check"]) == 0, "run python benchmarks/render.py"
+
+
+def test_breakdown_splits_the_mean_dice_by_lesion_size(smoke_results):
+    _, argv, folder, methods = smoke_results
+    runs = Path(argv[argv.index("--runs") + 1])
+    table = load("breakdown").main(["--profile", "smoke", "--dataset", "lgg_flair", "--runs", str(runs)])
+    assert set(table) == set(methods)
+    for method, row in table.items():
+        record = json.loads((folder / f"{method}.json").read_text())
+        assert row["all"] == pytest.approx(record["metrics"]["dice_mean"])
+        terciles = [value for key, value in row.items() if key.startswith(("small", "middle", "large"))]
+        assert len(terciles) == 3 and min(terciles) <= row["all"] <= max(terciles)
