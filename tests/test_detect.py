@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from synomaly.config import DetectConfig
-from synomaly.detect import multistage_detect
+from synomaly.detect import (chain_reconstruction, chain_timesteps, multistage_detect, one_step_reconstruction,
+                             reconstruct)
 from synomaly.schedule import DiffusionSchedule
 
 SCHED = DiffusionSchedule()
@@ -153,9 +154,6 @@ def test_golden_mask_area():
 
 
 # --- baselines: AnoDDPM's reverse chain, the denoising autoencoder, the supervised upper bound ---
-
-from synomaly.detect import chain_reconstruction, chain_timesteps, one_step_reconstruction, reconstruct  # noqa: E402
-
 
 def zeros(reference, generator=None):
     return torch.zeros_like(reference)

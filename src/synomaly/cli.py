@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import typing
 from typing import Any
 
 from synomaly.errors import SynomalyError
@@ -37,8 +38,9 @@ def _slices(parser: Any) -> None:
 
 
 def _detect_overrides(parser: Any, names: tuple[str, ...] = DETECT_OPTIONS) -> None:
-    types = {"t": int, "max_stages": int, "kernel": int, "threshold": float, "min_size": int, "fusion": str,
-             "sampler": str, "chain_steps": int}
+    from synomaly.config import DetectConfig
+
+    types = typing.get_type_hints(DetectConfig)
     for name in names:
         parser.add_argument(f"--{name}", type=types[name], default=None, help=f"override the model folder's detect.{name}")
 

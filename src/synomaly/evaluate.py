@@ -19,11 +19,10 @@ import io
 import logging
 import math
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import zipfile
 
 import numpy as np
 import torch
