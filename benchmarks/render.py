@@ -78,13 +78,29 @@ def cost_table(runs: dict[str, dict]) -> list[str]:
     return lines
 
 
+def ablation_table(runs: dict[str, dict], baseline: dict | None) -> list[str]:
+    """One row per ablation of the Synomaly recipe, beside the ``synomaly`` row it changes one thing of."""
+    lines = ["| run | change | validation Dice | test Dice (mean) | Dice (pooled) | AP | healthy-slice FPR "
+             "| chosen t / kernel / threshold / stages | stages run (mean) |", "|---|---|---:|---:|---:|---:|---:|---|---:|"]
+    rows = ({"synomaly": baseline} if baseline else {}) | runs
+    for name, r in rows.items():
+        m, c = r["metrics"], r["chosen"]
+        change = "the recipe of the table above" if name == "synomaly" else METHODS[name].note
+        lines.append(f"| `{name}` | {change} | {fmt(r['calibration']['score'])} | **{fmt(m['dice_mean'])}** "
+                     f"| {fmt(m['dice_pooled'])} | {fmt(m['ap'])} | {fmt(m['fpr_healthy_mean'])} "
+                     f"| {c['t']} / {c['kernel']} / {c['threshold']} / {c['max_stages']} | {r['nfe_mean']:.2f} |")
+    return lines
+
+
 def dataset_section(profile: str, dataset: str) -> list[str]:
-    runs = load(profile, dataset)
+    loaded = load(profile, dataset)
+    runs = {m: r for m, r in loaded.items() if not METHODS[m].ablation}
+    ablations = {m: r for m, r in loaded.items() if METHODS[m].ablation}
     out = [f"### `{dataset}`", ""]
     if not runs:
         return out + ["No runs finished yet.", ""]
     first = next(iter(runs.values()))
-    missing = [m for m in METHODS if m not in runs]
+    missing = [m for m in METHODS if m not in runs and not METHODS[m].ablation]
     devices = sorted({r["device"] for r in runs.values()})
     out += [f"Device{'s' if len(devices) > 1 else ''}: {'; '.join(devices)}. Commit(s): {', '.join(sorted({r['commit'] for r in runs.values()}))}. "
             f"Test split: {first['metrics']['n_anomalous']} anomalous and {first['metrics']['n_healthy']} healthy slices.", ""]
@@ -99,6 +115,9 @@ def dataset_section(profile: str, dataset: str) -> list[str]:
                 "| k | " + " | ".join(str(i + 1) for i in range(len(per_stage))) + " |",
                 "|---|" + "---:|" * len(per_stage),
                 "| Dice | " + " | ".join(fmt(v) for v in per_stage) + " |", ""]
+    if ablations:
+        out += ["Ablations of the Synomaly recipe (one change each; settings chosen on validation, so compare the "
+                "validation column first):", ""] + ablation_table(ablations, runs.get("synomaly")) + [""]
     return out
 
 

@@ -84,6 +84,10 @@ class Method:
 
     train: dict[str, Any]
     stages: tuple[int, ...] = (1,)
+    preprocess: dict[str, Any] = field(default_factory=dict)  # overrides of the preset's preprocessing
+    train_options: dict[str, Any] = field(default_factory=dict)  # overrides of the profile's TrainConfig
+    infer_preprocess: dict[str, Any] = field(default_factory=dict)  # changes a shared model's preprocessing
+    ablation: bool = False  # run only when named; a row of the ablation table
     detect: dict[str, Any] = field(default_factory=dict)
     shares: str | None = None
     t: tuple[int, ...] | None = None  # None: the profile's grid
@@ -108,6 +112,29 @@ METHODS = {
     "ddpm-gaussian-multistage": Method({}, shares="ddpm-gaussian", stages=MULTI, note="ablation: multi-stage"),
 }
 
+# Ablations of the Synomaly recipe: one change each against ``synomaly`` (or the row named in ``note``).
+FG = {"foreground": "auto"}
+ABLATIONS = {
+    "abl-foreground": Method({"noise": "synomaly"}, stages=MULTI, preprocess=FG,
+                             note="foreground `auto` (head mask): blobs inside it in training, map zeroed outside it"),
+    "abl-foreground-erode2": Method({}, shares="abl-foreground", stages=MULTI, infer_preprocess={"foreground_erosion": 2},
+                                    note="`abl-foreground`, head mask eroded by 2 px at inference"),
+    "abl-foreground-erode4": Method({}, shares="abl-foreground", stages=MULTI, infer_preprocess={"foreground_erosion": 4},
+                                    note="`abl-foreground`, head mask eroded by 4 px at inference"),
+    "abl-foreground-fixed-stages": Method({}, shares="abl-foreground", stages=MULTI, detect={"tol": 0.0},
+                                          note="`abl-foreground` with a fixed stage count (no convergence stop)"),
+    "abl-foreground-1stage": Method({}, shares="abl-foreground", note="`abl-foreground`, one stage"),
+    "abl-hflip": Method({"noise": "synomaly"}, stages=MULTI, train_options={"flips": "horizontal"},
+                        note="left-right flips only (no upside-down brains)"),
+    "abl-fixed-range": Method({"noise": "synomaly"}, stages=MULTI, preprocess={"normalization": "fixed"},
+                              note="keep the data's per-volume scale (0..255 to [-1, 1]) instead of per-slice min-max"),
+    "abl-hybrid": Method({"noise": "synomaly"}, stages=MULTI, train_options={"loss": "hybrid"},
+                         note="hybrid loss (MSE + variational bound) instead of MSE"),
+    "abl-3000-steps": Method({"noise": "synomaly"}, stages=MULTI, train_options={"steps": 3000},
+                             note="3000 training steps instead of 1500"),
+}
+METHODS.update({name: dataclasses.replace(method, ablation=True) for name, method in ABLATIONS.items()})
+
 
 def commit() -> str:
     """The checked-out commit, with ``-dirty`` when tracked files differ from it."""
@@ -124,10 +151,17 @@ def device_name(device: str) -> str:
     return f"cpu ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__})"
 
 
-def link_model(source: Path, target: Path) -> None:
-    """Make ``target`` a model folder with ``source``'s weights and config (hard links when possible)."""
+def link_model(source: Path, target: Path, preprocess: dict[str, Any] | None = None) -> None:
+    """Make ``target`` a model folder with ``source``'s weights and config (hard links when possible).
+
+    ``preprocess`` changes the linked folder's preprocessing (an inference-only ablation).
+    """
     target.mkdir(parents=True, exist_ok=True)
-    for name in ("config.json", "model.safetensors"):
+    if preprocess:
+        config = json.loads((source / "config.json").read_text())
+        config["preprocess"].update(preprocess)
+        _atomic.write_json(target / "config.json", config)
+    for name in ("model.safetensors",) if preprocess else ("config.json", "model.safetensors"):
         (target / name).unlink(missing_ok=True)
         try:
             os.link(source / name, target / name)
@@ -143,21 +177,22 @@ def train_model(name: str, method: Method, profile: Profile, dataset: Dataset, d
 
     ledger = folder / "train_seconds.json"
     spent = json.loads(ledger.read_text())["seconds"] if ledger.exists() else 0.0
+    options = {"steps": profile.steps, "batch_size": profile.batch_size, "lr": profile.lr, "precision": profile.precision,
+               **method.train_options}
     config_file = folder / "model" / "config.json"
-    if config_file.exists() and json.loads(config_file.read_text())["training"].get("final_step") == profile.steps:
+    if config_file.exists() and json.loads(config_file.read_text())["training"].get("final_step") == options["steps"]:
         return spent
-    options = dict(method.train)
-    train_method = options.pop("method", "diffusion")
+    train_method = method.train.get("method", "diffusion")
     sources, masks = [f"{data}:train_healthy"], None
     if train_method == "supervised":
         sources, masks = [f"{data}:train_anomalous", f"{data}:train_healthy"], [f"{data}:train_masks", "none"]
     accelerator = "gpu" if device.startswith("cuda") else "cpu"
-    config = TrainConfig(steps=profile.steps, batch_size=profile.batch_size, lr=profile.lr, precision=profile.precision,
-                         accelerator=accelerator, checkpoint_every=100, preview_every=500, progress=False)
-    log.info("training %s (%s) for %d steps", name, train_method, profile.steps)
+    config = TrainConfig(**options, accelerator=accelerator, checkpoint_every=100, preview_every=500, progress=False)
+    log.info("training %s (%s) for %d steps", name, train_method, config.steps)
     start = time.perf_counter()
     run_train(sources, folder / "model", preset=dataset.preset, model=profile.model, image_size=profile.image_size,
-              noise={"name": options.get("noise")}, train_config=config, method=train_method, masks=masks, resume=True)
+              noise={"name": method.train.get("noise")}, train_config=config, method=train_method, masks=masks,
+              preprocess=method.preprocess, resume=True)
     spent += time.perf_counter() - start
     _atomic.write_json(ledger, {"seconds": spent})
     return spent
@@ -229,7 +264,7 @@ def run_one(profile_name: str, dataset_name: str, name: str, data_root: Path, ru
     train_seconds = train_model(trained_by, METHODS[trained_by], profile, dataset, data, base / trained_by, device)
     model = base / name / "model"
     if method.shares:
-        link_model(base / trained_by / "model", model)
+        link_model(base / trained_by / "model", model, method.infer_preprocess)
     grid = CalibrationGrid(t=method.t or profile.t, kernel=method.kernel or profile.kernel,
                            threshold=method.threshold or profile.threshold, max_stages=method.stages)
     log.info("calibrating %s on validation", name)
@@ -260,6 +295,8 @@ def run_one(profile_name: str, dataset_name: str, name: str, data_root: Path, ru
         "note": method.note,
         "trained_as": trained_by,
         "config": {"profile": dataclasses.asdict(profile), "train": method.train, "detect_fixed": method.detect,
+                   "preprocess": method.preprocess, "train_options": method.train_options,
+                   "infer_preprocess": method.infer_preprocess,
                    "grid": grid.to_dict(), "model": json.loads((model / "config.json").read_text())},
         "chosen": calibration["detect"],
         "calibration": {key: calibration[key] for key in ("method", "score", "healthy_percentile_threshold",
@@ -287,12 +324,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--profile", required=True, choices=sorted(PROFILES))
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=[m for m in METHODS if not METHODS[m].ablation],
+                        choices=list(METHODS), help="methods and ablations (ablations run only when named)")
     parser.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--runs", type=Path, default=ROOT / "benchmarks" / "runs", help="model folders and evaluations")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads of torch (0: torch's default)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from synomaly.errors import SynomalyError
 

@@ -57,6 +57,7 @@ def run_train(
     slice_range: tuple[int, int] | None = None,
     method: str = "diffusion",
     masks: list[str] | None = None,
+    preprocess: dict[str, Any] | None = None,
     resume: bool = False,
     overwrite: bool = False,
 ) -> Path:
@@ -79,6 +80,7 @@ def run_train(
         slice_range: Half-open range of slices to use.
         method: ``diffusion``, ``dae`` or ``supervised``.
         masks: Lesion mask sources (``supervised`` only).
+        preprocess: Overrides of the preset's preprocessing (``foreground``, ``normalization``, ...).
         resume: Continue an interrupted run from its last checkpoint.
         overwrite: Replace an existing run in ``output``.
     """
@@ -87,7 +89,7 @@ def run_train(
     unet = model_preset(model)
     size = image_size or unet.image_size
     unet = dataclasses.replace(unet, image_size=size)
-    pre = Preprocessing.from_preset(preset, size=size)
+    pre = Preprocessing.from_preset(preset, size=size, **(preprocess or {}))
     if (masks is not None) != (method == "supervised"):
         raise synomaly.errors.ConfigError("masks", "lesion masks are needed by, and only by, --method supervised")
     cases = load_cases(data, pre, masks, slice_axis=slice_axis, slice_range=slice_range)

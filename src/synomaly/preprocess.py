@@ -19,7 +19,7 @@ from synomaly.errors import ConfigError
 
 FIT_MODES = ("stretch", "letterbox", "center")
 FOREGROUND_METHODS = ("none", "auto", "disk", "given")
-NORMALIZATIONS = ("minmax",)
+NORMALIZATIONS = ("minmax", "fixed")
 
 # Synomaly noise settings of METHOD.md section 1, defined for 128 px images. Direction follows the
 # modality's lesions: +1 bright (FLAIR), -1 dark (BUSI ultrasound, hypodense liver lesions).
@@ -96,6 +96,32 @@ def normalize_minmax(images: np.ndarray) -> np.ndarray:
     span = x.max(axis=(-2, -1), keepdims=True) - low
     scale = np.divide(2.0, span, out=np.zeros_like(span), where=span > 0)
     return np.clip((x - low) * scale - 1.0, -1.0, 1.0)
+
+
+def normalize_fixed(images: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Map the fixed intensity range ``low..high`` to [-1, 1] for every image alike, clipping outside it.
+
+    Keeps the relative brightness of slices that a data set normalised per volume (``lgg_flair``:
+    each patient's 99.5th percentile is 255), which per-image min/max rescaling discards.
+    """
+    x = np.asarray(images, dtype=np.float32)
+    return np.clip((x - low) * (2.0 / (high - low)) - 1.0, -1.0, 1.0)
+
+
+def erode(mask: np.ndarray, pixels: int) -> np.ndarray:
+    """Erode each ``[N, H, W]`` mask by ``pixels`` (4-neighbourhood steps); a mask that would vanish is kept whole.
+
+    The image border does not erode (``border_value=1``): a head cut by the field of view keeps its cut edge.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if pixels <= 0:
+        return mask.copy()
+    structure = np.zeros((3, 3, 3), dtype=bool)
+    structure[1] = ndimage.generate_binary_structure(2, 1)
+    eroded = ndimage.binary_erosion(mask, structure=structure, iterations=pixels, border_value=1)
+    empty = ~eroded.any(axis=(-2, -1))
+    eroded[empty] = mask[empty]
+    return eroded
 
 
 def clip_percentiles(images: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndarray:
@@ -381,20 +407,27 @@ class Preprocessing:
             extreme pixels in raw MRI/CT; the reference does not clip).
         clip_low: Lower percentile in [0, 100).
         clip_high: Upper percentile in (clip_low, 100].
-        normalization: ``"minmax"``: each image by its own min/max to [-1, 1] (the reference's).
+        normalization: ``"minmax"``: each image by its own min/max to [-1, 1] (the reference's);
+            ``"fixed"``: ``intensity_range`` to [-1, 1] for every image alike (keeps a per-volume
+            normalisation done upstream).
+        intensity_range: ``(low, high)`` raw intensities mapped to -1 and 1 by ``"fixed"``.
         size: Square model input side in pixels.
         fit: How non-matching sizes are fitted, one of ``FIT_MODES`` (see :func:`fit_to_size`).
         foreground: Region rule, one of ``FOREGROUND_METHODS``; ``"given"`` takes a mask passed
             to :meth:`apply` (e.g. a liver mask).
+        foreground_erosion: Pixels (at the model size) by which the foreground is eroded, e.g. to
+            leave out the scalp and skull rim of a head mask.
     """
 
     clip: bool = False
     clip_low: float = 0.5
     clip_high: float = 99.5
     normalization: str = "minmax"
+    intensity_range: tuple[float, float] = (0.0, 255.0)
     size: int = 128
     fit: str = "letterbox"
     foreground: str = "none"
+    foreground_erosion: int = 0
 
     def __post_init__(self) -> None:
         def fail(field_name: str, problem: str) -> None:
@@ -412,6 +445,15 @@ class Preprocessing:
             fail("clip_high", f"must be in (clip_low, 100], got {self.clip_high!r}")
         if self.normalization not in NORMALIZATIONS:
             fail("normalization", f"must be one of {', '.join(NORMALIZATIONS)}, got {self.normalization!r}")
+        bounds = self.intensity_range
+        if (not isinstance(bounds, (list, tuple)) or len(bounds) != 2
+                or not all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in bounds)
+                or not np.isfinite(bounds).all() or not bounds[0] < bounds[1]):
+            fail("intensity_range", f"must be two finite numbers [low, high] with low < high, got {bounds!r}")
+        self.intensity_range = (float(bounds[0]), float(bounds[1]))
+        if (isinstance(self.foreground_erosion, bool) or not isinstance(self.foreground_erosion, (int, np.integer))
+                or not 0 <= self.foreground_erosion <= 64):
+            fail("foreground_erosion", f"must be an integer number of pixels in [0, 64], got {self.foreground_erosion!r}")
         if isinstance(self.size, bool) or not isinstance(self.size, (int, np.integer)) or self.size < 1:
             fail("size", f"must be a positive integer, got {self.size!r}")
         if self.fit not in FIT_MODES:
@@ -456,7 +498,7 @@ class Preprocessing:
         if self.clip:
             x = clip_percentiles(x, self.clip_low, self.clip_high)
         x, info = fit_to_size(x, self.size, self.fit)
-        x = normalize_minmax(x)
+        x = normalize_minmax(x) if self.normalization == "minmax" else normalize_fixed(x, *self.intensity_range)
         if self.foreground == "given":
             if region is None:
                 raise ValueError("preprocessing.foreground is 'given' but no region mask was passed")
@@ -468,4 +510,5 @@ class Preprocessing:
             fg, _ = fit_to_size(region, self.size, self.fit, kind="mask")
         else:
             fg = foreground_mask(x, self.foreground)
+        fg = erode(fg, self.foreground_erosion)
         return np.ascontiguousarray(x[:, None]), np.ascontiguousarray(fg[:, None]), info

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = {"32": "32-true", "bf16": "bf16-mixed"}
 CHECKPOINT = Path("checkpoints") / "last.ckpt"
+FLIPS = {"both": (-1, -2), "horizontal": (-1,), "vertical": (-2,), "none": ()}
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,8 @@ class TrainConfig:
         grad_clip: Gradient norm clipping (0 disables).
         ema_decay: Decay of the exponential moving average of the weights that is exported.
         loss: ``mse`` or ``hybrid`` (MSE plus the fixed-variance variational bound).
-        flips: Random horizontal and vertical flips.
+        flips: Random flips, each axis with probability 1/2: ``both``, ``horizontal`` (left-right
+            only: keeps brains upright), ``vertical`` or ``none``. ``true``/``false`` mean ``both``/``none``.
         precision: ``32`` or ``bf16`` (mixed).
         accelerator: Lightning accelerator (``auto``, ``cpu``, ``gpu``).
         devices: Devices per node.
@@ -66,7 +68,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     loss: str = "mse"
-    flips: bool = True
+    flips: str = "both"
     precision: str = "32"
     accelerator: str = "auto"
     devices: int = 1
@@ -85,16 +87,22 @@ class TrainConfig:
         _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
         _check(0.0 <= self.ema_decay < 1.0, "train.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
         _check(self.loss in LOSSES, "train.loss", f"must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        flips = {True: "both", False: "none", "true": "both", "false": "none"}.get(self.flips, self.flips)
+        _check(flips in FLIPS, "train.flips", f"must be one of {', '.join(FLIPS)}, got {self.flips!r}")
+        object.__setattr__(self, "flips", flips)
         _check(self.precision in PRECISIONS, "train.precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         _check(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
         _check(self.devices >= 1 and self.num_nodes >= 1, "train.devices", "devices and num_nodes must be >= 1")
 
 
-def random_flips(images: Tensor, *others: Tensor | None) -> tuple[Tensor | None, ...]:
-    """Flip each image (and the same item of every other tensor) horizontally and vertically, each with probability 1/2."""
+def random_flips(images: Tensor, *others: Tensor | None, dims: tuple[int, ...] = (-1, -2)) -> tuple[Tensor | None, ...]:
+    """Flip each image (and the same item of every other tensor) along each of ``dims`` with probability 1/2.
+
+    ``-1`` flips left-right (horizontally), ``-2`` upside down.
+    """
     flips = torch.rand(2, images.shape[0], 1, 1, 1, device=images.device) < 0.5
     out = [images, *others]
-    for flag, dim in zip(flips, (-1, -2)):
+    for flag, dim in zip(flips, dims):
         out = [None if x is None else torch.where(flag, x.flip(dim), x) for x in out]
     return tuple(out)
 
@@ -137,8 +145,8 @@ def _lightning_module(unet: nn.Module, schedule: DiffusionSchedule, noise: Any, 
         def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
             named = dict(zip(fields, batch))
             x, fg, target = named["images"], named.get("foreground"), named.get("target")
-            if config.flips:
-                x, fg, target = random_flips(x, fg, target)
+            if config.flips != "none":
+                x, fg, target = random_flips(x, fg, target, dims=FLIPS[config.flips])
             loss = training_loss(self.unet, self.schedule, self.noise, method, config.loss, x, fg, target)
             self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=x.shape[0])
             return loss
