@@ -1,4 +1,4 @@
-"""The benchmark harness (../shared/BENCHMARK.md): train -> calibrate on validation -> evaluate on test.
+"""The benchmark harness (docs/benchmarks.md): train -> calibrate on validation -> evaluate on test.
 
     python benchmarks/run.py --profile cpu                      # every method on both datasets
     python benchmarks/run.py --profile cpu --datasets lgg_flair --methods synomaly ddpm-gaussian
@@ -30,6 +30,7 @@ import torch
 
 from synomaly import _atomic
 from synomaly.calibrate import json_safe
+from synomaly.methods import get_method
 
 ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger("benchmark")
@@ -70,10 +71,12 @@ class Dataset:
     file: str
     preset: str
     level_matched: str | None = None  # key of the healthy slices' distance to the nearest tumour slice
+    foreground_suffix: str | None = None  # the data's own foreground masks: key of split ``s`` is ``s + suffix``
 
 
 DATASETS = {
-    "lgg_flair": Dataset("lgg_flair/lgg_flair.npz", "brain-flair", level_matched="test_healthy_dist"),
+    "lgg_flair": Dataset("lgg_flair/lgg_flair.npz", "brain-flair", level_matched="test_healthy_dist",
+                         foreground_suffix="_headmask"),
     "busi": Dataset("busi/busi.npz", "ultrasound"),
 }
 
@@ -84,10 +87,11 @@ class Method:
 
     train: dict[str, Any]
     stages: tuple[int, ...] = (1,)
-    preprocess: dict[str, Any] = field(default_factory=dict)  # overrides of the preset's preprocessing
+    preprocess: dict[str, dict[str, Any]] = field(default_factory=dict)  # per dataset: overrides of the preset's preprocessing
     train_options: dict[str, Any] = field(default_factory=dict)  # overrides of the profile's TrainConfig
     infer_preprocess: dict[str, Any] = field(default_factory=dict)  # changes a shared model's preprocessing
     ablation: bool = False  # run only when named; a row of the ablation table
+    data_foreground: bool = False  # use the data set's own foreground masks (``Dataset.foreground_suffix``)
     detect: dict[str, Any] = field(default_factory=dict)
     shares: str | None = None
     t: tuple[int, ...] | None = None  # None: the profile's grid
@@ -112,8 +116,15 @@ METHODS = {
     "ddpm-gaussian-multistage": Method({}, shares="ddpm-gaussian", stages=MULTI, note="ablation: multi-stage"),
 }
 
+# The floor every method is compared with: an intensity threshold inside the foreground (Meissen et al. 2021).
+# ``lgg_flair`` slices show scalp and skull, so it gets the automatic head mask; ``busi`` keeps its preset's disk.
+FG = {"lgg_flair": {"foreground": "auto"}}
+INTENSITY_THRESHOLDS = (0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9)
+METHODS["intensity"] = Method({"method": "intensity"}, preprocess=FG, t=(0,), kernel=(1, 3, 5, 7),
+                              threshold=INTENSITY_THRESHOLDS, note="intensity of the image inside the foreground "
+                              "(Meissen et al.), no training: the floor")
+
 # Ablations of the Synomaly recipe: one change each against ``synomaly`` (or the row named in ``note``).
-FG = {"foreground": "auto"}
 ABLATIONS = {
     "abl-foreground": Method({"noise": "synomaly"}, stages=MULTI, preprocess=FG,
                              note="foreground `auto` (head mask): blobs inside it in training, map zeroed outside it"),
@@ -124,9 +135,19 @@ ABLATIONS = {
     "abl-foreground-fixed-stages": Method({}, shares="abl-foreground", stages=MULTI, detect={"tol": 0.0},
                                           note="`abl-foreground` with a fixed stage count (no convergence stop)"),
     "abl-foreground-1stage": Method({}, shares="abl-foreground", note="`abl-foreground`, one stage"),
+    "abl-intensity-erode2": Method({"method": "intensity"}, preprocess={"lgg_flair": {"foreground": "auto",
+                                   "foreground_erosion": 2}}, t=(0,), kernel=(1, 3, 5, 7), threshold=INTENSITY_THRESHOLDS,
+                                   note="`intensity`, head mask eroded by 2 px"),
+    "abl-intensity-erode4": Method({"method": "intensity"}, preprocess={"lgg_flair": {"foreground": "auto",
+                                   "foreground_erosion": 4}}, t=(0,), kernel=(1, 3, 5, 7), threshold=INTENSITY_THRESHOLDS,
+                                   note="`intensity`, head mask eroded by 4 px"),
+    "abl-intensity-headmask-erode4": Method(
+        {"method": "intensity"}, preprocess={"lgg_flair": {"foreground_erosion": 4}}, data_foreground=True, t=(0,),
+        kernel=(1, 3, 5, 7), threshold=INTENSITY_THRESHOLDS,
+        note="`intensity` inside the data's own head masks eroded by 4 px (the floor as first measured)"),
     "abl-hflip": Method({"noise": "synomaly"}, stages=MULTI, train_options={"flips": "horizontal"},
                         note="left-right flips only (no upside-down brains)"),
-    "abl-fixed-range": Method({"noise": "synomaly"}, stages=MULTI, preprocess={"normalization": "fixed"},
+    "abl-fixed-range": Method({"noise": "synomaly"}, stages=MULTI, preprocess={"lgg_flair": {"normalization": "fixed"}},
                               note="keep the data's per-volume scale (0..255 to [-1, 1]) instead of per-slice min-max"),
     "abl-hybrid": Method({"noise": "synomaly"}, stages=MULTI, train_options={"loss": "hybrid"},
                          note="hybrid loss (MSE + variational bound) instead of MSE"),
@@ -134,6 +155,13 @@ ABLATIONS = {
                              note="3000 training steps instead of 1500"),
 }
 METHODS.update({name: dataclasses.replace(method, ablation=True) for name, method in ABLATIONS.items()})
+
+
+def foreground_of(method: Method, dataset: Dataset, sources: list[str]) -> list[str] | None:
+    """The data set's foreground mask sources for ``sources`` (``bundle.npz:split``) when ``method`` uses them."""
+    if not (method.data_foreground and dataset.foreground_suffix):
+        return None
+    return [source + dataset.foreground_suffix for source in sources]
 
 
 def commit() -> str:
@@ -170,7 +198,7 @@ def link_model(source: Path, target: Path, preprocess: dict[str, Any] | None = N
 
 
 def train_model(name: str, method: Method, profile: Profile, dataset: Dataset, data: Path, folder: Path,
-                device: str) -> float:
+                device: str, dataset_name: str) -> float:
     """Train (or resume, or skip when finished) ``name``'s model; returns the total training seconds."""
     from synomaly.commands import run_train
     from synomaly.train import TrainConfig
@@ -180,11 +208,14 @@ def train_model(name: str, method: Method, profile: Profile, dataset: Dataset, d
     options = {"steps": profile.steps, "batch_size": profile.batch_size, "lr": profile.lr, "precision": profile.precision,
                **method.train_options}
     config_file = folder / "model" / "config.json"
+    train_method = method.train.get("method", "diffusion")
+    if not get_method(train_method).trained:
+        options["steps"] = 0
     if config_file.exists() and json.loads(config_file.read_text())["training"].get("final_step") == options["steps"]:
         return spent
-    train_method = method.train.get("method", "diffusion")
+    options["steps"] = max(options["steps"], 1)
     sources, masks = [f"{data}:train_healthy"], None
-    if train_method == "supervised":
+    if get_method(train_method).needs_masks:
         sources, masks = [f"{data}:train_anomalous", f"{data}:train_healthy"], [f"{data}:train_masks", "none"]
     accelerator = "gpu" if device.startswith("cuda") else "cpu"
     config = TrainConfig(**options, accelerator=accelerator, checkpoint_every=100, preview_every=500, progress=False)
@@ -192,19 +223,20 @@ def train_model(name: str, method: Method, profile: Profile, dataset: Dataset, d
     start = time.perf_counter()
     run_train(sources, folder / "model", preset=dataset.preset, model=profile.model, image_size=profile.image_size,
               noise={"name": method.train.get("noise")}, train_config=config, method=train_method, masks=masks,
-              preprocess=method.preprocess, resume=True)
+              preprocess=method.preprocess.get(dataset_name), foreground_masks=foreground_of(method, dataset, sources),
+              resume=True)
     spent += time.perf_counter() - start
     _atomic.write_json(ledger, {"seconds": spent})
     return spent
 
 
-def batch1_ms(model: Path, data: Path, device: str, n: int = 16) -> float:
+def batch1_ms(model: Path, data: Path, device: str, foreground: list[str] | None, n: int = 16) -> float:
     """Milliseconds per image of ``detect`` one image at a time (first ``n`` test tumour slices)."""
     from synomaly.commands import load_labelled
     from synomaly.pipeline import SynomalyPipeline
 
     pipe = SynomalyPipeline.from_pretrained(model, device=device)
-    cases = load_labelled(pipe, [f"{data}:test_anomalous"], None, 2, None)
+    cases = load_labelled(pipe, [f"{data}:test_anomalous"], None, 2, None, foreground)
     images, fg = cases.images[:n].to(device), None if cases.foreground is None else cases.foreground[:n].to(device)
     generator = torch.Generator(device).manual_seed(0)
     pipe.detect(images[:1], generator, None if fg is None else fg[:1])  # warm-up
@@ -231,7 +263,8 @@ def level_matched_auroc(per_case: list[dict[str, Any]], distances: np.ndarray, n
     return float(image_auroc(scores[keep], labels[keep].bool()))
 
 
-def unsupervised_metrics(record: dict[str, Any], folder: Path, data: Path, profile: Profile, device: str) -> dict[str, Any]:
+def unsupervised_metrics(record: dict[str, Any], folder: Path, data: Path, profile: Profile, device: str,
+                         foreground: list[str] | None) -> dict[str, Any]:
     """Test metrics at the threshold a user without lesion masks gets: the healthy validation percentile."""
     from synomaly.commands import run_evaluate
 
@@ -240,7 +273,7 @@ def unsupervised_metrics(record: dict[str, Any], folder: Path, data: Path, profi
         return {"threshold": None}
     log.info("evaluating %s at the unsupervised threshold %.3f", record["method"], threshold)
     metrics = run_evaluate(folder / "model", [f"{data}:test_anomalous", f"{data}:test_healthy"], [f"{data}:test_masks", "none"],
-                           folder / "evaluation-unsupervised", detect={"threshold": threshold},
+                           folder / "evaluation-unsupervised", detect={"threshold": threshold}, foreground_masks=foreground,
                            batch_size=profile.detect_batch, device=device, overwrite=True)["aggregate"]
     return {"threshold": threshold, **{key: metrics[key] for key in ("dice_mean", "dice_pooled", "iou_mean", "fpr_healthy_mean")}}
 
@@ -261,20 +294,23 @@ def run_one(profile_name: str, dataset_name: str, name: str, data_root: Path, ru
     if not data.is_file():
         raise SystemExit(f"benchmark: {data}: missing (pass --data-root, the folder holding lgg_flair/ and busi/)")
     trained_by = method.shares or name
-    train_seconds = train_model(trained_by, METHODS[trained_by], profile, dataset, data, base / trained_by, device)
+    train_seconds = train_model(trained_by, METHODS[trained_by], profile, dataset, data, base / trained_by, device,
+                                dataset_name)
     model = base / name / "model"
     if method.shares:
         link_model(base / trained_by / "model", model, method.infer_preprocess)
     grid = CalibrationGrid(t=method.t or profile.t, kernel=method.kernel or profile.kernel,
                            threshold=method.threshold or profile.threshold, max_stages=method.stages)
     log.info("calibrating %s on validation", name)
-    calibration = run_calibrate(model, [f"{data}:val_anomalous", f"{data}:val_healthy"], masks=[f"{data}:val_masks", "none"],
+    val, test = [f"{data}:val_anomalous", f"{data}:val_healthy"], [f"{data}:test_anomalous", f"{data}:test_healthy"]
+    calibration = run_calibrate(model, val, masks=[f"{data}:val_masks", "none"], foreground_masks=foreground_of(method, dataset, val),
                                 grid=grid, detect=method.detect, batch_size=profile.detect_batch, device=device,
                                 overwrite=True)
     log.info("evaluating %s on test", name)
     start = time.perf_counter()
-    metrics = run_evaluate(model, [f"{data}:test_anomalous", f"{data}:test_healthy"], [f"{data}:test_masks", "none"],
-                           base / name / "evaluation", batch_size=profile.detect_batch, device=device, overwrite=True)
+    test_foreground = foreground_of(method, dataset, test)
+    metrics = run_evaluate(model, test, [f"{data}:test_masks", "none"], base / name / "evaluation",
+                           foreground_masks=test_foreground, batch_size=profile.detect_batch, device=device, overwrite=True)
     eval_seconds = time.perf_counter() - start
     agg = metrics["aggregate"]
     n_anomalous = agg["n_anomalous"]
@@ -284,7 +320,8 @@ def run_one(profile_name: str, dataset_name: str, name: str, data_root: Path, ru
             matched = level_matched_auroc(metrics["per_case"], bundle[dataset.level_matched], n_anomalous)
     keys = ("dice_mean", "dice_pooled", "iou_mean", "iou_pooled", "precision_mean", "recall_mean", "precision_pooled",
             "recall_pooled", "ap", "auroc_pixel", "auroc_image", "hd95_mean", "hd95_mean_n", "hd95_empty_predictions",
-            "ssim_healthy", "fpr_healthy_mean", "dice_volume_mean", "n_anomalous", "n_healthy")
+            "ssim_healthy", "fpr_healthy_mean", "dice_volume_mean", "n_anomalous", "n_healthy", "dice_oracle_mean",
+            "dice_oracle_threshold", "dice_oracle_pooled")
     record = {
         "method": name,
         "dataset": dataset_name,
@@ -295,8 +332,8 @@ def run_one(profile_name: str, dataset_name: str, name: str, data_root: Path, ru
         "note": method.note,
         "trained_as": trained_by,
         "config": {"profile": dataclasses.asdict(profile), "train": method.train, "detect_fixed": method.detect,
-                   "preprocess": method.preprocess, "train_options": method.train_options,
-                   "infer_preprocess": method.infer_preprocess,
+                   "preprocess": method.preprocess.get(dataset_name, {}), "train_options": method.train_options,
+                   "infer_preprocess": method.infer_preprocess, "data_foreground": method.data_foreground,
                    "grid": grid.to_dict(), "model": json.loads((model / "config.json").read_text())},
         "chosen": calibration["detect"],
         "calibration": {key: calibration[key] for key in ("method", "score", "healthy_percentile_threshold",
@@ -307,13 +344,13 @@ def run_one(profile_name: str, dataset_name: str, name: str, data_root: Path, ru
         "nfe_max": agg["nfe_max"],
         "ms_per_image": agg["ms_per_image"],
         "ms_per_image_batch": profile.detect_batch,
-        "ms_per_image_batch1": batch1_ms(model, data, device),
+        "ms_per_image_batch1": batch1_ms(model, data, device, test_foreground[:1] if test_foreground else None),
         "train_seconds": train_seconds,
         "evaluate_seconds": eval_seconds,
     }
-    if METHODS[trained_by].train.get("method") == "supervised":
-        record["metrics"]["ssim_healthy"] = None  # no reconstruction: its "reconstruction" is x - p
-    record["unsupervised"] = unsupervised_metrics(record, base / name, data, profile, device)
+    if not get_method(METHODS[trained_by].train.get("method", "diffusion")).reconstructs_image:
+        record["metrics"]["ssim_healthy"] = None  # its "reconstruction" is x - p, no image
+    record["unsupervised"] = unsupervised_metrics(record, base / name, data, profile, device, test_foreground)
     _atomic.write_json(out, json_safe(record))
     log.info("%s/%s/%s: test Dice %.3f (validation %.3f) -> %s", profile_name, dataset_name, name,
              agg["dice_mean"], calibration["score"] or float("nan"), out)

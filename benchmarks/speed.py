@@ -1,4 +1,4 @@
-"""Speed of the core operations for one UNet preset on one device (BENCHMARK.md, "Speed").
+"""Speed of the core operations for one UNet preset on one device (docs/benchmarks.md, "Speed").
 
 Measures, in one run: the network forward time at batch B, ``detect`` time over N images at
 batch B with the resulting overhead ``detect / (NFE x forward) - 1``, batched versus
@@ -59,10 +59,11 @@ def measure(preset: str, device: torch.device, batches: list[int], repeats: int,
         x = images_for(b, size, device)
         t = torch.full((b,), 200, device=device)
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            forward = timed(lambda: pipe.unet(x, t), repeats, device)
+            forward = timed(lambda x=x, t=t: pipe.unet(x, t), repeats, device)
         out = pipe.detect(x, max_stages=stages, min_size=8)
         nfe = out.nfe.sum().item()
-        detect = timed(lambda: pipe.detect(x, generator=torch.Generator(device).manual_seed(0), max_stages=stages, min_size=8), repeats, device)
+        detect = timed(lambda x=x: pipe.detect(x, generator=torch.Generator(device).manual_seed(0), max_stages=stages, min_size=8),
+                       repeats, device)
         rows.append({"batch": b, "forward_s": forward, "detect_s": detect, "nfe": nfe,
                      "ms_per_image": 1000 * detect / b, "overhead": detect / (nfe / b * forward) - 1})
     return {"preset": preset, "parameters": count_parameters(pipe.unet), "image_size": size, "rows": rows,
@@ -115,7 +116,8 @@ def main() -> None:
     device = torch.device(args.device)
     result = measure(args.preset, device, args.batches, args.repeats, args.stages, args.bf16, args.train_batch)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    cpu = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
     result.update({"device": name, "bf16": args.bf16, "commit": commit, "torch": torch.__version__,
                    "command": "python benchmarks/speed.py " + " ".join(sys.argv[1:])})
     print(f"## {args.preset} ({result['parameters']:,} parameters, {result['image_size']} px) on {name}, commit {commit}")

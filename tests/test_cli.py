@@ -80,7 +80,8 @@ def test_detect_writes_outputs_on_each_input_grid(tiny_model_dir, disk_data, tmp
     assert code == 0, err
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["cases"]) == 6 + 1 + 1 + 1 and not summary["failed"]
-    png_map = np.load(out / "png_lesioned__l0" / "anomaly_map.npy") if (out / "png_lesioned__l0").exists() else np.load(out / "l0" / "anomaly_map.npy")
+    png_case = out / "png_lesioned__l0" if (out / "png_lesioned__l0").exists() else out / "l0"
+    png_map = np.load(png_case / "anomaly_map.npy")
     assert png_map.shape == (1, 32, 40)
     _, props = read_images(disk_data / "vol.nii.gz")
     mask_vol, mask_props = read_images(out / "vol" / "mask.nii.gz")
@@ -172,3 +173,29 @@ def test_print_config_round_trips_through_a_yaml_file(tmp_path, capsys):
 
     args = build_parser().parse_args(["detect", "--config", str(tmp_path / "c.yaml")])
     assert args.detect.threshold == 0.3 and args.detect.inputs == ["x.png"]
+
+
+@pytest.mark.parametrize("option, deprecated", [("--blob-threshold", False), ("--threshold", True)])
+def test_train_blob_threshold_and_its_deprecated_spelling(disk_data, tmp_path, capsys, caplog, option, deprecated):
+    out = tmp_path / "model"
+    code, _, err = run(["--quiet", "train", str(disk_data / "png_healthy"), "-o", str(out), "--model", "tiny",
+                        "--image-size", "32", "--train.steps", "1", "--batch-size", "4", "--train.progress", "false",
+                        "--device", "cpu", option, "120"], capsys)
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["noise"]["threshold"] == 120.0
+    assert ("--threshold is deprecated" in caplog.text) == deprecated
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a CPU-only torch build")
+@pytest.mark.parametrize("command", ["detect", "train", "calibrate", "evaluate"])
+@pytest.mark.parametrize("device", ["cuda", "cuda:1", "gpu"])
+def test_a_missing_gpu_is_one_line_before_any_work(tiny_model_dir, disk_data, tmp_path, capsys, command, device):
+    png = str(disk_data / "png_healthy" / "h0.png")
+    argv = {"detect": ["detect", png, "-m", str(tiny_model_dir), "-o", str(tmp_path / "out")],
+            "train": ["train", png, "-o", str(tmp_path / "model")],
+            "calibrate": ["calibrate", png, "-m", str(tmp_path / "missing-model")],
+            "evaluate": ["evaluate", png, "--masks", "none", "-m", str(tiny_model_dir), "-o", str(tmp_path / "out")]}[command]
+    code, _, err = run(["--quiet", *argv, "--device", device], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and "--device" in err and "no CUDA GPU" in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "model").exists()

@@ -5,8 +5,7 @@ import torch
 from torch import nn
 
 from synomaly.config import DetectConfig
-from synomaly.detect import (chain_reconstruction, chain_timesteps, multistage_detect, one_step_reconstruction,
-                             reconstruct)
+from synomaly.detect import chain_reconstruction, chain_timesteps, multistage_detect, one_step_reconstruction, reconstruct
 from synomaly.schedule import DiffusionSchedule
 
 SCHED = DiffusionSchedule()

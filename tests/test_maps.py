@@ -11,7 +11,7 @@ cv2 = pytest.importorskip("cv2")
 skimage_morphology = pytest.importorskip("skimage.morphology")
 
 # OpenCV 4.x (the reference scripts' version) has fixed tables for k <= 7 only; OpenCV 5 added one
-# for k = 9. We follow OpenCV 4 (METHOD.md), so k = 9 is compared only against OpenCV 4.
+# for k = 9. We follow OpenCV 4 (docs/method.md), so k = 9 is compared only against OpenCV 4.
 OPENCV_MAJOR = int(cv2.__version__.split(".")[0])
 KERNELS = [1, 3, 5, 7, 11, 13, 15, 17] + ([9] if OPENCV_MAJOR < 5 else [])
 

@@ -1,4 +1,4 @@
-"""Tests of the training-noise registry and the five noises (METHOD.md sections 1 and 7)."""
+"""Tests of the training-noise registry and the five noises (docs/method.md §1 and §7)."""
 
 from __future__ import annotations
 

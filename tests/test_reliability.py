@@ -81,6 +81,8 @@ CASES = [
     Case("option-stages", "`--max_stages 0`", "detect {f}/good.png -m {m} -o {o} --max_stages 0", 2, "detect.max_stages: must be >= 1"),
     Case("option-kernel", "`--kernel 4`", "detect {f}/good.png -m {m} -o {o} --kernel 4", 2, "detect.kernel: must be a positive odd integer"),
     Case("option-batch", "`--batch-size 0`", "detect {f}/good.png -m {m} -o {o} --batch-size 0", 2, "--batch-size: must be >= 1"),
+    Case("option-device", "`--device foo`", "detect {f}/good.png -m {m} -o {o} --device foo", 2,
+         "--device: must be auto, cpu, cuda, cuda:N or mps, got 'foo'"),
     Case("option-sampler", "`--sampler magic`", "detect {f}/good.png -m {m} -o {o} --sampler magic", 2, "detect.sampler: must be one of"),
     # train
     Case("train-empty-folder", "folder without images", "train {f}/emptydir -o {o}", 2, "emptydir: no supported images"),
@@ -95,6 +97,8 @@ CASES = [
     Case("train-noise", "`--noise pink`", "train {f}/good.png -o {o} --noise pink", 2, "unknown noise 'pink'"),
     Case("train-supervised", "`--method supervised` without masks", "train {f}/good.png -o {o} --method supervised", 2,
          "masks: lesion masks are needed"),
+    Case("train-device", "`--device foo`", "train {f}/good.png -o {o} --device foo", 2,
+         "--device: must be auto, cpu, cuda, cuda:N or mps, got 'foo'"),
     Case("train-exists", "output folder already holds a model", "train {f}/good.png -o {m}", 2, "model.safetensors: already exists"),
     # calibrate
     Case("calibrate-mask-shape", "mask of another size than its image", "calibrate {f}/good.png -m {mc} --masks {f}/mask16.png", 2,
@@ -112,6 +116,7 @@ CASES = [
     Case("calibrate-grid-t", "`--grid.t [5000]`", "calibrate {f}/good.png -m {mc} --grid.t [5000]", 2, "grid.t: must be < T=1000"),
     Case("calibrate-percentile", "`--percentile 150`", "calibrate {f}/good.png -m {mc} --percentile 150", 2,
          "percentile: must be in [0, 100]"),
+    Case("calibrate-device", "`--device foo`", "calibrate {f}/good.png -m {mc} --device foo", 2, "--device: must be auto, cpu"),
     Case("calibrate-exists", "`thresholds.json` exists", "calibrate {f}/good.png -m {f}/m_thr", 2, "thresholds.json: already exists"),
     # evaluate
     Case("evaluate-mask-shape", "mask of another size than its image", "evaluate {f}/good.png --masks {f}/mask16.png -m {m} -o {o}", 2,
@@ -120,6 +125,8 @@ CASES = [
          "missing.png: does not exist"),
     Case("evaluate-corrupt", "corrupt image", "evaluate {f}/corrupt.png --masks {f}/mask255.png -m {m} -o {o}", 2,
          "corrupt.png: cannot read image"),
+    Case("evaluate-device", "`--device foo`", "evaluate {f}/good.png --masks {f}/mask255.png -m {m} -o {o} --device foo", 2,
+         "--device: must be auto, cpu"),
     Case("evaluate-exists", "evaluation folder already written", "evaluate {f}/good.png --masks {f}/mask255.png -m {m} -o {f}/done", 2,
          "metrics.json: already exists"),
     # report

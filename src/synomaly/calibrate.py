@@ -1,4 +1,4 @@
-"""Choose detection settings on validation data (BENCHMARK.md, "Tuning: validation only").
+"""Choose detection settings on validation data (docs/method.md §6: tuning on validation only).
 
 Two rules, with explicit fallbacks (anomalib-style threshold finding):
 

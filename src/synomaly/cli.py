@@ -27,7 +27,7 @@ def _common(parser: Any, device: bool = True) -> None:
     parser.add_argument("--config", action=ActionConfigFile, help="read options from a YAML or JSON file")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     if device:
-        parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
+        parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N or mps")
         parser.add_argument("--batch-size", type=int, default=32, help="images per network evaluation batch")
         parser.add_argument("--seed", type=int, default=0, help="seed of the noise (results are reproducible)")
 
@@ -35,6 +35,9 @@ def _common(parser: Any, device: bool = True) -> None:
 def _slices(parser: Any) -> None:
     parser.add_argument("--slice-axis", type=int, default=2, help="NIfTI axis to cut 2-D slices along")
     parser.add_argument("--slice-range", type=int, nargs=2, default=None, help="half-open range START STOP of slices")
+    parser.add_argument("--foreground-masks", nargs="+", default=None,
+                        help="foreground (organ, head) mask per input, paired like --masks (e.g. data.npz:test_headmask); "
+                             "replaces the model's computed foreground")
 
 
 def _detect_overrides(parser: Any, names: tuple[str, ...] = DETECT_OPTIONS) -> None:
@@ -54,19 +57,26 @@ def _train_parser() -> Any:
     p = ArgumentParser(description="Train a diffusion model on healthy images (Synomaly noise by default).")
     p.add_argument("data", nargs="+", help=f"healthy {SOURCES_HELP}")
     p.add_argument("--output", "-o", required=True, help="model folder to write")
-    p.add_argument("--method", default="diffusion", choices=["diffusion", "dae", "supervised"],
-                   help="diffusion (Synomaly and DDPM baselines), dae (denoising autoencoder) or supervised (upper bound, needs --masks)")
+    from synomaly.methods import METHODS
+
+    p.add_argument("--method", default="diffusion", choices=list(METHODS),
+                   help="; ".join(f"{name}: {m.description}" for name, m in METHODS.items()))
     p.add_argument("--masks", nargs="+", default=None, help=f"{MASKS_HELP} (--method supervised only)")
+    p.add_argument("--foreground", default=None, choices=["none", "auto", "disk", "given"],
+                   help="region of the blobs in training and of the anomaly map at inference (default: the preset's); "
+                        "given: from --foreground-masks, which every later command then needs")
+    p.add_argument("--foreground-erosion", type=int, default=None, help="erode the foreground by this many pixels (model size)")
     p.add_argument("--preset", default="brain-flair", choices=preset_names(), help="modality preset (noise settings, foreground)")
     p.add_argument("--model", default="small", help="UNet preset: paper, small or tiny")
     p.add_argument("--image-size", type=int, default=None, help="square model input size (default: the UNet preset's)")
     p.add_argument("--noise", default=None, help="training noise: synomaly, gaussian, simplex, coarse, pyramid")
     p.add_argument("--sigma", type=float, default=None, help="Synomaly blob size in pixels (default: preset, scaled to the size)")
-    p.add_argument("--threshold", type=float, default=None, help="Synomaly blob threshold on the 0..255 scale")
+    p.add_argument("--blob-threshold", type=float, default=None, help="Synomaly blob threshold on the 0..255 scale")
+    p.add_argument("--threshold", type=float, default=None, help="deprecated spelling of --blob-threshold")
     p.add_argument("--offset", type=float, default=None, help="Synomaly intensity offset")
     p.add_argument("--direction", type=int, nargs="+", default=None, help="Synomaly shift direction(s): 1, -1 or both")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
-    p.add_argument("--device", default="auto", help="Lightning accelerator: auto, cpu or gpu")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (several GPUs: --train.devices)")
     p.add_argument("--batch-size", type=int, default=8, help="images per step and device")
     p.add_argument("--seed", type=int, default=0, help="seed of data order, noise and initial weights")
     p.add_class_arguments(TrainConfig, "train", skip={"batch_size", "seed", "accelerator"})
@@ -171,8 +181,11 @@ def _run(command: str, a: Any) -> Any:
 
     if a.get("batch_size") is not None and a.batch_size < 1:
         raise ConfigError("--batch-size", f"must be >= 1, got {a.batch_size}")
+    if command != "train" and a.get("device") is not None:
+        commands.resolve_device(a.device)  # checked before any data is read
     detect = {name: a.get(name) for name in DETECT_OPTIONS if name in a}
-    slices = {"slice_axis": a.get("slice_axis", 2), "slice_range": tuple(a.slice_range) if a.get("slice_range") else None}
+    slices = {"slice_axis": a.get("slice_axis", 2), "slice_range": tuple(a.slice_range) if a.get("slice_range") else None,
+              "foreground_masks": a.get("foreground_masks")}
     if command == "train":
         return _run_train(a, slices)
     if command == "detect":
@@ -199,13 +212,20 @@ def _run_train(a: Any, slices: dict[str, Any]) -> Any:
     from synomaly import commands
     from synomaly.train import TrainConfig
 
-    accelerator = {"cuda": "gpu"}.get(a.device.split(":")[0], a.device)
+    accelerator = commands.lightning_accelerator(a.device)
     config = TrainConfig(**{**a.train.as_dict(), "batch_size": a.batch_size, "seed": a.seed, "accelerator": accelerator})
-    noise = {"name": a.noise, "sigma": a.sigma, "threshold": a.threshold, "offset": a.offset,
+    blob_threshold = a.blob_threshold
+    if a.threshold is not None:
+        log.warning("train --threshold is deprecated and will be removed in the next release: use --blob-threshold "
+                    "(--threshold of detect, calibrate and evaluate is the anomaly-map threshold)")
+        blob_threshold = a.threshold if blob_threshold is None else blob_threshold
+    noise = {"name": a.noise, "sigma": a.sigma, "threshold": blob_threshold, "offset": a.offset,
              "direction": list(a.direction) if a.direction else None}
+    preprocess = {k: v for k, v in (("foreground", a.foreground), ("foreground_erosion", a.foreground_erosion))
+                  if v is not None}
     return commands.run_train(a.data, a.output, preset=a.preset, model=a.model, image_size=a.image_size, noise=noise,
-                              train_config=config, method=a.method, masks=a.masks, resume=a.resume,
-                              overwrite=a.overwrite, **slices)
+                              train_config=config, method=a.method, masks=a.masks, preprocess=preprocess,
+                              resume=a.resume, overwrite=a.overwrite, **slices)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,20 +17,59 @@ import torch
 
 import synomaly
 from synomaly import _atomic
-from synomaly.config import DetectConfig, model_preset
-from synomaly.data import Cases, Source, expand, load_cases, load_file
+from synomaly.config import model_preset
+from synomaly.data import Cases, load_cases, load_file, pair_sources
 from synomaly.errors import InputError, OutputExistsError, SynomalyError
+from synomaly.methods import METHODS, get_method
 from synomaly.pipeline import SynomalyPipeline, read_json
 from synomaly.preprocess import MODALITY_PRESETS, Preprocessing, noise_params_for, restore_size
 
 log = logging.getLogger(__name__)
 
 
+DEVICES = "auto, cpu, cuda, cuda:N or mps"
+
+
 def resolve_device(device: str) -> str:
-    """``auto`` becomes ``cuda`` when a GPU is visible, else ``cpu``."""
-    if device == "auto":
+    """Check ``device`` against what this machine has, before any work; ``auto`` picks ``cuda`` when visible.
+
+    One vocabulary for every command: ``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps`` (``gpu`` is a
+    deprecated spelling of ``cuda``).
+
+    Raises:
+        ConfigError: An unknown name, or a device this torch build or machine does not have.
+    """
+    name = str(device).strip().lower()
+    if name == "gpu":
+        log.warning("--device gpu is deprecated and will be removed in the next release: use cuda")
+        name = "cuda"
+    if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+    if name == "cpu":
+        return name
+    kind, _, index = name.partition(":")
+    if kind == "cuda" and (not index or index.isdigit()):
+        if not torch.cuda.is_available():
+            raise synomaly.errors.ConfigError("--device", f"{device!r}: this torch build ({torch.__version__}) sees no CUDA GPU; "
+                                                          "use --device cpu (or auto)")
+        if index and int(index) >= torch.cuda.device_count():
+            raise synomaly.errors.ConfigError("--device", f"{device!r}: only {torch.cuda.device_count()} CUDA device(s) "
+                                                          f"here (cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+        return name
+    if name == "mps":
+        if not torch.backends.mps.is_available():
+            raise synomaly.errors.ConfigError("--device", "'mps': Apple's Metal backend is not available here; use --device cpu")
+        return name
+    raise synomaly.errors.ConfigError("--device", f"must be {DEVICES}, got {device!r}")
+
+
+def lightning_accelerator(device: str) -> str:
+    """The Lightning accelerator of a checked device name (training uses ``--train.devices`` for the count)."""
+    name = resolve_device(device)
+    if name.startswith("cuda:"):
+        raise synomaly.errors.ConfigError("--device", f"{device!r}: training picks GPUs by --train.devices; to use one "
+                                                      f"particular GPU, set CUDA_VISIBLE_DEVICES={name[5:]} and pass --device cuda")
+    return {"cuda": "gpu"}.get(name, name)
 
 
 def preprocessing_of(pipe: SynomalyPipeline) -> Preprocessing:
@@ -58,15 +97,16 @@ def run_train(
     method: str = "diffusion",
     masks: list[str] | None = None,
     preprocess: dict[str, Any] | None = None,
+    foreground_masks: list[str] | None = None,
     resume: bool = False,
     overwrite: bool = False,
 ) -> Path:
     """Train on healthy images; returns the model folder.
 
-    With ``method="dae"`` it trains the denoising-autoencoder baseline (coarse noise unless
-    ``noise`` says otherwise); with ``method="supervised"`` and ``masks`` (one per source, ``none``
-    for healthy ones) the supervised upper bound. Detection defaults follow the method: the
-    training noise at inference for the DDPM baselines, one stage for ``dae`` and ``supervised``.
+    ``method`` names a ``synomaly.methods`` entry: ``diffusion`` (Synomaly, or a DDPM baseline with
+    another ``noise``), ``dae`` (coarse noise unless ``noise`` says otherwise), ``supervised`` (with
+    ``masks``, one per source, ``none`` for healthy ones) or ``intensity`` (no training: the folder
+    only records the preprocessing and the lesion direction). Detection defaults follow the method.
 
     Args:
         data: Healthy image sources (files, folders, ``bundle.npz:key``).
@@ -78,9 +118,11 @@ def run_train(
         train_config: A ``synomaly.train.TrainConfig``.
         slice_axis: NIfTI axis to slice along.
         slice_range: Half-open range of slices to use.
-        method: ``diffusion``, ``dae`` or ``supervised``.
+        method: A ``synomaly.methods`` name.
         masks: Lesion mask sources (``supervised`` only).
         preprocess: Overrides of the preset's preprocessing (``foreground``, ``normalization``, ...).
+        foreground_masks: Foreground mask sources, one per data source (e.g. ``bundle.npz:train_headmask``);
+            they replace the computed foreground (blobs stay inside them).
         resume: Continue an interrupted run from its last checkpoint.
         overwrite: Replace an existing run in ``output``.
     """
@@ -90,32 +132,26 @@ def run_train(
     size = image_size or unet.image_size
     unet = dataclasses.replace(unet, image_size=size)
     pre = Preprocessing.from_preset(preset, size=size, **(preprocess or {}))
-    if (masks is not None) != (method == "supervised"):
-        raise synomaly.errors.ConfigError("masks", "lesion masks are needed by, and only by, --method supervised")
-    cases = load_cases(data, pre, masks, slice_axis=slice_axis, slice_range=slice_range)
-    noise_config = _noise_config(preset, size, noise or {}, method)
-    detect = _detect_defaults(method, noise_config["name"], size)
+    chosen = get_method(method)
+    if (masks is not None) != chosen.needs_masks:
+        needs = [name for name, m in METHODS.items() if m.needs_masks]
+        raise synomaly.errors.ConfigError("masks", f"lesion masks are needed by, and only by, --method {' or '.join(needs)}")
+    cases = load_cases(data, pre, masks, slice_axis=slice_axis, slice_range=slice_range, foreground_specs=foreground_masks)
+    noise_config = _noise_config(preset, size, noise or {}, chosen.default_noise)
+    # The reference's 30-pixel minimum component and 500-pixel convergence floor are for 128 px.
+    detect = chosen.detect_defaults(noise_config["name"], {"min_size": scaled_area(size, 30),
+                                                           "min_area": scaled_area(size, 500)})
     log.info("training (%s) on %d slices from %d inputs at %dx%d", method, len(cases), len(cases.files), size, size)
     return train(cases.images, output, model=unet, noise=noise_config, train_config=train_config or TrainConfig(),
                  detect=detect, preprocess=pre.to_dict(), foreground=cases.foreground, method=method,
-                 target=cases.masks if method == "supervised" else None, resume=resume, overwrite=overwrite)
+                 target=cases.masks if chosen.needs_masks else None, resume=resume, overwrite=overwrite)
 
 
-def _noise_config(preset: str, size: int, overrides: dict[str, Any], method: str = "diffusion") -> dict[str, Any]:
-    """The preset's Synomaly noise (coarse for ``dae``), or another registered noise with its own defaults."""
-    name = overrides.get("name") or {"dae": "coarse"}.get(method, "synomaly")
+def _noise_config(preset: str, size: int, overrides: dict[str, Any], default: str = "synomaly") -> dict[str, Any]:
+    """The preset's Synomaly noise (``default`` when no name is given), or another registered noise with its defaults."""
+    name = overrides.get("name") or default
     base = noise_params_for(preset, size) if name == "synomaly" else {}
     return {"name": name, **base, **{k: v for k, v in overrides.items() if k != "name" and v is not None}}
-
-
-def _detect_defaults(method: str, noise: str, size: int) -> DetectConfig:
-    """Detection defaults stored in a new model folder."""
-    # The reference's 30-pixel minimum component and 500-pixel convergence floor are for 128 px.
-    areas = {"min_size": scaled_area(size, 30), "min_area": scaled_area(size, 500)}
-    if method != "diffusion":
-        return DetectConfig(t=0, max_stages=1, threshold=0.5 if method == "supervised" else 0.1, **areas)
-    # Synomaly noise is for training only: inference adds Gaussian noise. The DDPM baselines add their own.
-    return DetectConfig(noise="gaussian" if noise == "synomaly" else noise, **areas)
 
 
 def _batched_detect(pipe: SynomalyPipeline, images: torch.Tensor, foreground: torch.Tensor, batch_size: int,
@@ -130,7 +166,7 @@ def _batched_detect(pipe: SynomalyPipeline, images: torch.Tensor, foreground: to
     return {key: torch.cat(values) for key, values in parts.items()}
 
 
-def _write_case_outputs(case_dir: Path, record: Any, outputs: dict[str, torch.Tensor], pre: Preprocessing) -> dict[str, str]:
+def _write_case_outputs(case_dir: Path, record: Any, images: np.ndarray, outputs: dict[str, torch.Tensor]) -> dict[str, str]:
     """Write maps back at the input's size and on its grid; returns the written file names."""
     from synomaly.io import write_image
     from synomaly.report import overlay_rgb
@@ -150,7 +186,7 @@ def _write_case_outputs(case_dir: Path, record: Any, outputs: dict[str, torch.Te
                     like=props if spatial else None)
         files[name] = path.name
     best = int(outputs["score"].argmax())
-    image = pre.apply(record.raw[best : best + 1])[0][0, 0]
+    image = images[best, 0]
     mask = outputs["mask"][best, 0].numpy()
     overlay = overlay_rgb(image, mask, np.zeros_like(mask))
     strip = np.concatenate([_gray_rgb(image), _gray_rgb(outputs["reconstruction"][best, 0].numpy()),
@@ -193,9 +229,12 @@ def run_detect(
     slice_axis: int = 2,
     slice_range: tuple[int, int] | None = None,
     on_error: str = "skip",
+    foreground_masks: list[str] | None = None,
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Detect anomalies in every input; writes per-input outputs and ``summary.json``.
+
+    ``foreground_masks`` (one source per input) replaces the model's computed foreground.
 
     Inputs whose outputs exist (``<stem>/case.json``) are skipped unless ``overwrite`` is set, so a
     killed run completes the missing cases when started again. A bad input is reported and skipped
@@ -211,18 +250,23 @@ def run_detect(
     generator = torch.Generator(pipe.device).manual_seed(seed)
     summary: dict[str, Any] = {"synomaly": synomaly.__version__, "model": str(model), "detect": dataclasses.asdict(settings),
                                "cases": [], "failed": []}
-    for spec in inputs:
-        for source in _expand_or_report(spec, summary, on_error):
-            _detect_one(pipe, pre, source, Path(spec), output, summary, overrides, batch_size, generator,
+    if foreground_masks is not None and len(foreground_masks) != len(inputs):
+        raise InputError(foreground_masks[0] if foreground_masks else "foreground_masks",
+                         f"{len(foreground_masks)} foreground mask sources given for {len(inputs)} inputs")
+    for i, spec in enumerate(inputs):
+        fg_spec = None if foreground_masks is None else foreground_masks[i]
+        for source, fg in _expand_or_report(spec, fg_spec, summary, on_error):
+            _detect_one(pipe, pre, source, fg, Path(spec), output, summary, overrides, batch_size, generator,
                         slice_axis, slice_range, on_error, overwrite)
     _atomic.write_json(output / "summary.json", summary)
     log.info("%d inputs done, %d failed; summary in %s", len(summary["cases"]), len(summary["failed"]), output / "summary.json")
     return summary
 
 
-def _expand_or_report(spec: str, summary: dict[str, Any], on_error: str) -> list[Source]:
+def _expand_or_report(spec: str, fg_spec: str | None, summary: dict[str, Any], on_error: str) -> list[tuple[Any, ...]]:
+    """The files of ``spec``, each with its foreground mask spec; a bad spec is reported (or raised)."""
     try:
-        return expand(spec)
+        return pair_sources([spec], [fg_spec] if fg_spec is not None else None)
     except SynomalyError as error:
         if on_error == "stop":
             raise
@@ -231,7 +275,7 @@ def _expand_or_report(spec: str, summary: dict[str, Any], on_error: str) -> list
         return []
 
 
-def _detect_one(pipe, pre, source, root, output, summary, overrides, batch_size, generator, slice_axis,
+def _detect_one(pipe, pre, source, fg_spec, root, output, summary, overrides, batch_size, generator, slice_axis,
                 slice_range, on_error, overwrite) -> None:
     from synomaly.io import output_stem
 
@@ -243,7 +287,7 @@ def _detect_one(pipe, pre, source, root, output, summary, overrides, batch_size,
         summary["cases"].append(read_json(marker))
         return
     try:
-        record, images, foreground = load_file(source, pre, slice_axis, slice_range)
+        record, images, foreground = load_file(source, pre, slice_axis, slice_range, fg_spec)
     except SynomalyError as error:
         if on_error == "stop":
             raise
@@ -253,7 +297,7 @@ def _detect_one(pipe, pre, source, root, output, summary, overrides, batch_size,
     start = time.perf_counter()
     outputs = _batched_detect(pipe, torch.from_numpy(images), torch.from_numpy(foreground), batch_size, generator, overrides)
     seconds = time.perf_counter() - start
-    files = _write_case_outputs(case_dir, record, outputs, pre)
+    files = _write_case_outputs(case_dir, record, images, outputs)
     entry = {"input": str(source.path), "key": source.key, "output": stem, "files": files, "slices": len(images),
              "case_ids": record.case_ids, "score": outputs["score"].tolist(), "stages": outputs["stages"].tolist(),
              "seconds": round(seconds, 4)}
@@ -262,9 +306,10 @@ def _detect_one(pipe, pre, source, root, output, summary, overrides, batch_size,
 
 
 def load_labelled(pipe: SynomalyPipeline, data: list[str], masks: list[str] | None, slice_axis: int,
-                  slice_range: tuple[int, int] | None) -> Cases:
-    """Read images (and masks) with the model folder's preprocessing."""
-    return load_cases(data, preprocessing_of(pipe), masks, slice_axis=slice_axis, slice_range=slice_range)
+                  slice_range: tuple[int, int] | None, foreground_masks: list[str] | None = None) -> Cases:
+    """Read images (and masks, and foreground masks) with the model folder's preprocessing."""
+    return load_cases(data, preprocessing_of(pipe), masks, slice_axis=slice_axis, slice_range=slice_range,
+                      foreground_specs=foreground_masks)
 
 
 def run_calibrate(
@@ -280,6 +325,7 @@ def run_calibrate(
     seed: int = 0,
     slice_axis: int = 2,
     slice_range: tuple[int, int] | None = None,
+    foreground_masks: list[str] | None = None,
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Choose detection settings on validation data and write ``thresholds.json`` into the model folder.
@@ -294,7 +340,7 @@ def run_calibrate(
     pipe = SynomalyPipeline.from_pretrained(model, device=resolve_device(device))
     fixed = {k: v for k, v in (detect or {}).items() if v is not None}
     pipe.config = dataclasses.replace(pipe.config, detect=pipe.detect_config(**fixed))
-    cases = load_labelled(pipe, data, masks, slice_axis, slice_range)
+    cases = load_labelled(pipe, data, masks, slice_axis, slice_range, foreground_masks)
     result = calibrate(pipe, cases.images, cases.masks, foreground=cases.foreground, grid=grid or CalibrationGrid(),
                        percentile=percentile, batch_size=batch_size, seed=seed)
     result.detect = {**fixed, **result.detect}
@@ -315,6 +361,7 @@ def run_evaluate(
     seed: int = 0,
     slice_axis: int = 2,
     slice_range: tuple[int, int] | None = None,
+    foreground_masks: list[str] | None = None,
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Evaluate against masks: per-case and aggregate metrics as JSON and CSV in ``output``."""
@@ -324,7 +371,7 @@ def run_evaluate(
     if (output / "metrics.json").exists() and not overwrite:
         raise OutputExistsError(output / "metrics.json")
     pipe = SynomalyPipeline.from_pretrained(model, device=resolve_device(device))
-    cases = load_labelled(pipe, data, masks, slice_axis, slice_range)
+    cases = load_labelled(pipe, data, masks, slice_axis, slice_range, foreground_masks)
     if cases.masks is None:
         raise InputError(data[0], "evaluation needs masks (--masks, one per input; 'none' for healthy inputs)")
     overrides = {k: v for k, v in (detect or {}).items() if v is not None}

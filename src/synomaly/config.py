@@ -147,7 +147,7 @@ class ScheduleConfig:
 
 @dataclass(frozen=True)
 class DetectConfig:
-    """Multi-stage detection settings (METHOD.md sections 3-5).
+    """Multi-stage detection settings (docs/method.md §3-5).
 
     Attributes:
         t: Partial diffusion timestep of each stage (0 <= t < T).
@@ -214,7 +214,9 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         self.detect.check_timestep(self.schedule.num_timesteps)
-        _check(self.method in METHODS, "method", f"must be one of {', '.join(METHODS)}, got {self.method!r}")
+        from synomaly.methods import get_method  # the registry imports this module
+
+        get_method(self.method)
         _check("name" in self.noise, "noise", "needs a 'name'")
 
     def to_dict(self) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -97,16 +98,28 @@ def _ids(source: Source, n: int) -> tuple[list[str], list[str]]:
 
 
 def load_file(source: Source, preprocessing: Preprocessing, slice_axis: int = 2,
-              slice_range: tuple[int, int] | None = None) -> tuple[FileCases, np.ndarray, np.ndarray]:
-    """Read and preprocess one source; returns the file record, model-space images and foreground."""
+              slice_range: tuple[int, int] | None = None,
+              foreground: str | None = None) -> tuple[FileCases, np.ndarray, np.ndarray]:
+    """Read and preprocess one source; returns the file record, model-space images and foreground.
+
+    ``foreground`` names a mask source (file, folder entry or ``bundle.npz:key``) read like a lesion
+    mask and used instead of the model's computed foreground rule.
+    """
     raw, props = read_images(source.path, slice_axis=slice_axis, slice_range=slice_range, key=source.key)
     smallest = max(1, preprocessing.size // MAX_UPSAMPLING)
     if min(raw.shape[-2:]) < smallest:
         raise InputError(source.name, f"image is {raw.shape[-1]}x{raw.shape[-2]} pixels; this model ({preprocessing.size}x"
                                       f"{preprocessing.size}) takes images of at least {smallest} pixels per side")
-    images, foreground, fit = preprocessing.apply(raw)
+    region = None
+    if foreground is not None:
+        spec = Source.parse(foreground)
+        region = read_mask(spec.path, props, key=spec.key)
+    elif preprocessing.foreground == "given":
+        raise InputError(source.name, "this model's foreground is 'given': pass a foreground mask per input "
+                                      "(--foreground-masks)")
+    images, fg, fit = preprocessing.apply(raw, region)
     case_ids, group_ids = _ids(source, len(raw))
-    return FileCases(source, props, fit, raw, case_ids, group_ids), images, foreground
+    return FileCases(source, props, fit, raw, case_ids, group_ids), images, fg
 
 
 def load_mask(spec: str, record: FileCases, preprocessing: Preprocessing) -> np.ndarray:
@@ -120,20 +133,27 @@ def load_mask(spec: str, record: FileCases, preprocessing: Preprocessing) -> np.
     return np.asarray(fitted, dtype=bool)[:, None]
 
 
-def _pair_masks(image_specs: list[str], mask_specs: list[str] | None) -> list[tuple[Source, str | None]]:
-    """Expand image specs and pair every file with its mask spec (folders pair by file name)."""
-    if mask_specs is not None and len(mask_specs) != len(image_specs):
-        raise InputError(mask_specs[0] if mask_specs else "masks",
-                         f"{len(mask_specs)} mask sources given for {len(image_specs)} image sources")
-    pairs: list[tuple[Source, str | None]] = []
+def pair_sources(image_specs: list[str], *spec_lists: list[str] | None) -> list[tuple[Source, ...]]:
+    """Expand image specs and pair every file with its spec from each list (folders pair by file name).
+
+    Returns tuples ``(source, spec_1, spec_2, ...)`` with ``None`` for a list that is ``None``.
+    """
+    for specs in spec_lists:
+        if specs is not None and len(specs) != len(image_specs):
+            raise InputError(specs[0] if specs else "masks",
+                             f"{len(specs)} mask sources given for {len(image_specs)} image sources")
+    pairs: list[tuple[Any, ...]] = []
     for i, spec in enumerate(image_specs):
         sources = expand(spec)
-        mask_spec = None if mask_specs is None else mask_specs[i]
         for source in sources:
-            if mask_spec is None or mask_spec.lower() == HEALTHY or len(sources) == 1:
-                pairs.append((source, mask_spec))
-            else:
-                pairs.append((source, str(Path(mask_spec) / source.path.relative_to(Path(spec)))))
+            row: list[Any] = [source]
+            for specs in spec_lists:
+                mask_spec = None if specs is None else specs[i]
+                if mask_spec is None or mask_spec.lower() == HEALTHY or len(sources) == 1:
+                    row.append(mask_spec)
+                else:
+                    row.append(str(Path(mask_spec) / source.path.relative_to(Path(spec))))
+            pairs.append(tuple(row))
     return pairs
 
 
@@ -144,15 +164,21 @@ def load_cases(
     *,
     slice_axis: int = 2,
     slice_range: tuple[int, int] | None = None,
+    foreground_specs: list[str] | None = None,
 ) -> Cases:
     """Read, preprocess and stack every source (and its mask) into one :class:`Cases`.
+
+    ``foreground_specs`` (one per image source, paired like ``mask_specs``) gives foreground masks
+    that replace the preprocessing's computed foreground.
 
     Raises:
         InputError: A file cannot be used; the message names it.
     """
     files, images, foregrounds, masks = [], [], [], []
-    for source, mask_spec in _pair_masks(list(image_specs), mask_specs):
-        record, x, fg = load_file(source, preprocessing, slice_axis, slice_range)
+    for source, mask_spec, fg_spec in pair_sources(list(image_specs), mask_specs, foreground_specs):
+        if fg_spec is not None and fg_spec.lower() == HEALTHY:
+            raise InputError(fg_spec, "a foreground mask source is needed for every image source ('none' is for lesion masks)")
+        record, x, fg = load_file(source, preprocessing, slice_axis, slice_range, fg_spec)
         files.append(record)
         images.append(x)
         foregrounds.append(fg)

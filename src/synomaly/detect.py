@@ -1,21 +1,18 @@
 """One-stage and multi-stage detection with masked fusion and a per-image convergence stop.
 
-METHOD.md sections 3-5. Each stage noises the current input to timestep ``t``, predicts the clean
+docs/method.md §3-5. Each stage noises the current input to timestep ``t``, predicts the clean
 image in one network evaluation, and compares it with the ORIGINAL image. The next stage's input
 is the original with the suspected region replaced by the reconstruction. An image stops when its
 mask area changes by less than ``tol`` (relative); stopped images leave the batch, so they cost no
 further network evaluations.
 
-The same loop serves the baselines (``reconstruct``): AnoDDPM's reverse chain instead of the
-one-step prediction (``sampler="chain"``), a denoising autoencoder (one forward pass of the input),
-and the supervised upper bound, whose lesion probability ``p`` takes the place of the difference
-map (its "reconstruction" is ``x - p``, so ``|blur(x) - blur(x - p)| = blur(p)`` and thresholds,
-components and metrics apply unchanged; it is not a counterfactual image).
+The same loop serves every method of ``synomaly.methods``: each supplies one stage's
+reconstruction (the one-step prediction, AnoDDPM's reverse chain, a denoising autoencoder's forward
+pass, or ``x - p`` for a method whose output is a score map ``p``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,10 +21,13 @@ from torch import Tensor
 
 from synomaly.config import DetectConfig
 from synomaly.maps import above_threshold, difference_map, remove_small_components
+from synomaly.methods import get_method
+from synomaly.methods.base import Network, NoiseFn
+from synomaly.methods.diffusion import chain_reconstruction, chain_timesteps, one_step_reconstruction
 from synomaly.schedule import DiffusionSchedule
 
-NoiseFn = Callable[..., Tensor]
-Network = Callable[[Tensor, Tensor], Tensor]  # unet(x, t): an nn.Module or a wrapper such as SynomalyPipeline.network
+__all__ = ["DetectionOutput", "chain_reconstruction", "chain_timesteps", "multistage_detect", "one_step_reconstruction",
+           "reconstruct", "stage_cost", "stage_mask"]
 
 
 @dataclass
@@ -63,7 +63,7 @@ class DetectionOutput:
 def stage_mask(
     images: Tensor, reconstructions: Tensor, config: DetectConfig, foreground: Tensor | None = None
 ) -> tuple[Tensor, Tensor, np.ndarray]:
-    """Anomaly map and mask of one stage (METHOD.md section 4).
+    """Anomaly map and mask of one stage (docs/method.md §4).
 
     Returns:
         The raw difference map, the mask (difference >= threshold, inside the foreground, small
@@ -76,72 +76,18 @@ def stage_mask(
     return diff, mask, areas
 
 
-def one_step_reconstruction(
-    model: Network, schedule: DiffusionSchedule, images: Tensor, t: int, noise: NoiseFn,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """Noise ``images`` to timestep ``t`` and predict ``x_0`` with one network evaluation."""
-    timesteps = torch.full((images.shape[0],), t, device=images.device, dtype=torch.long)
-    x_t = schedule.q_sample(images, timesteps, noise(images, generator=generator))
-    eps = model(x_t, timesteps).to(images.dtype)
-    return schedule.predict_x0(x_t, timesteps, eps)
-
-
-def chain_timesteps(t: int, steps: int) -> list[int]:
-    """The timesteps the reverse chain visits: ``steps`` values spaced evenly from ``t`` down to 0."""
-    return sorted({round(t * i / max(steps - 1, 1)) for i in range(steps)}, reverse=True) if steps > 1 else [t]
-
-
-def chain_reconstruction(
-    model: Network, schedule: DiffusionSchedule, images: Tensor, t: int, steps: int, noise: NoiseFn,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """AnoDDPM's reconstruction: noise to ``t``, then walk the ancestral reverse chain down to 0.
-
-    The chain is respaced (Nichol & Dhariwal 2021) over :func:`chain_timesteps`; each step predicts
-    ``x_0``, takes the mean of ``q(x_s | x_t, x0_hat)`` and adds the inference noise (simplex for
-    AnoDDPM) scaled by its standard deviation. The last step returns ``x0_hat``.
-    """
-    visits = chain_timesteps(t, steps)
-    abar = schedule.alphas_cumprod
-    x = schedule.q_sample(images, torch.full((images.shape[0],), t, device=images.device, dtype=torch.long),
-                          noise(images, generator=generator))
-    for i, step in enumerate(visits):
-        timesteps = torch.full((images.shape[0],), step, device=images.device, dtype=torch.long)
-        x0_hat = schedule.predict_x0(x, timesteps, model(x, timesteps).to(images.dtype))
-        if i == len(visits) - 1:
-            return x0_hat
-        a_t, a_s = abar[step], abar[visits[i + 1]]
-        beta = 1.0 - a_t / a_s
-        mean = (a_s.sqrt() * beta / (1.0 - a_t)) * x0_hat + ((1.0 - beta).sqrt() * (1.0 - a_s) / (1.0 - a_t)) * x
-        x = mean + (beta * (1.0 - a_s) / (1.0 - a_t)).sqrt() * noise(images, generator=generator)
-    raise AssertionError("unreachable")
-
-
 def stage_cost(config: DetectConfig, method: str = "diffusion") -> int:
-    """Network evaluations of one stage's reconstruction."""
-    chain = method == "diffusion" and config.sampler == "chain"
-    return len(chain_timesteps(config.t, config.chain_steps)) if chain else 1
+    """Network evaluations of one stage's reconstruction by ``method`` (a ``synomaly.methods`` name)."""
+    return get_method(method).cost(config)
 
 
 def reconstruct(
     model: Network, schedule: DiffusionSchedule, images: Tensor, config: DetectConfig, noise: NoiseFn,
     generator: torch.Generator | None = None, method: str = "diffusion",
 ) -> tuple[Tensor, int]:
-    """One stage's reconstruction of ``images`` and the network evaluations it took.
-
-    ``method`` is the model folder's (``diffusion``, ``dae``, ``supervised``; see the module docstring).
-    """
-    cost = stage_cost(config, method)
-    if method == "diffusion" and config.sampler == "chain":
-        return chain_reconstruction(model, schedule, images, config.t, config.chain_steps, noise, generator), cost
-    if method == "diffusion":
-        return one_step_reconstruction(model, schedule, images, config.t, noise, generator), cost
-    zero = torch.zeros(images.shape[0], device=images.device, dtype=torch.long)
-    out = model(images, zero).to(images.dtype)
-    if method == "dae":
-        return out.clamp(-1.0, 1.0), cost
-    return images - torch.sigmoid(out), cost
+    """One stage's reconstruction of ``images`` by ``method`` and the network evaluations it took."""
+    chosen = get_method(method)
+    return chosen.reconstruct(model, schedule, images, config, noise, generator), chosen.cost(config)
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Anomaly maps and masks from an image and its reconstruction (METHOD.md section 4)."""
+"""Anomaly maps and masks from an image and its reconstruction (docs/method.md §4)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def difference_map(images: Tensor, reconstructions: Tensor, kernel: int) -> Tens
 
 
 def above_threshold(diff: Tensor, threshold: float | Tensor) -> Tensor:
-    """METHOD.md: ``d = 0`` where ``d < tau``, then ``m = d > 0`` (so ``tau = 0`` still excludes exact zeros).
+    """docs/method.md §4: ``d = 0`` where ``d < tau``, then ``m = d > 0`` (so ``tau = 0`` still excludes exact zeros).
 
     ``threshold`` may be a tensor of several thresholds that broadcasts against ``diff``.
     """

@@ -7,8 +7,8 @@ randomness comes from ``generator`` (the global RNG when it is ``None``), so one
 output. Registered names:
 
 * ``gaussian``: standard normal, the DDPM default.
-* ``synomaly``: Gaussian noise plus smooth intensity blobs (METHOD.md section 1).
-* ``simplex``: AnoDDPM's fractal simplex noise (METHOD.md section 7).
+* ``synomaly``: Gaussian noise plus smooth intensity blobs (docs/method.md §1).
+* ``simplex``: AnoDDPM's fractal simplex noise (docs/method.md §7).
 * ``coarse``: DAE-style low-resolution noise, upsampled and rolled (Kascenas et al.).
 * ``pyramid``: sum of upsampled Gaussians at decreasing resolutions.
 
@@ -21,7 +21,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Any, Callable, NamedTuple, Protocol, TypeVar
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -202,7 +203,7 @@ def _standardise(noise: Tensor) -> Tensor:
 @register_noise("gaussian")
 @dataclasses.dataclass(frozen=True)
 class GaussianNoise:
-    """Standard normal noise ``n ~ N(0, I)``, the DDPM default (METHOD.md section 7, "Gaussian")."""
+    """Standard normal noise ``n ~ N(0, I)``, the DDPM default (docs/method.md §7, "Gaussian")."""
 
     def __call__(
         self, reference: Tensor, generator: torch.Generator | None = None, foreground: Tensor | None = None
@@ -233,7 +234,7 @@ class SynomalyNoiseParts(NamedTuple):
 @register_noise("synomaly")
 @dataclasses.dataclass(frozen=True)
 class SynomalyNoise:
-    """Gaussian noise plus random smooth blobs that shift the intensity inside them (METHOD.md 1).
+    """Gaussian noise plus random smooth blobs that shift the intensity inside them (docs/method.md §1).
 
     Attributes:
         sigma: Blob size: standard deviation (pixels) of the blur applied to the Gaussian part.
@@ -264,7 +265,7 @@ class SynomalyNoise:
     def parts(
         self, reference: Tensor, generator: torch.Generator | None = None, foreground: Tensor | None = None
     ) -> SynomalyNoiseParts:
-        """Synomaly noise, METHOD.md section 1, steps 1-5, batched.
+        """Synomaly noise, docs/method.md §1, steps 1-5, batched.
 
         1. ``g ~ N(0, I)``; 2. ``b = GaussianBlur(g, sigma)`` rescaled per image and channel so its
         min..max maps to 0..255; 3. ``B = b > threshold``, and ``B = B AND foreground`` when given;
@@ -394,7 +395,7 @@ def simplex2d(x: Tensor, y: Tensor, perm: Tensor) -> Tensor:
 @register_noise("simplex")
 @dataclasses.dataclass(frozen=True)
 class SimplexNoise:
-    """AnoDDPM-style fractal 2-D simplex noise, standardised per image (METHOD.md section 7).
+    """AnoDDPM-style fractal 2-D simplex noise, standardised per image (docs/method.md §7).
 
     Octave ``k = 0 .. octaves-1`` samples :func:`simplex2d` at ``pixel * 2^k / frequency`` with weight
     ``persistence^k``, as AnoDDPM does (coordinates ``x / frequency``, frequency halved per octave).
@@ -448,7 +449,7 @@ class SimplexNoise:
 @register_noise("coarse")
 @dataclasses.dataclass(frozen=True)
 class CoarseNoise:
-    """DAE-style coarse noise (Kascenas et al. 2022; METHOD.md section 7).
+    """DAE-style coarse noise (Kascenas et al. 2022; docs/method.md §7).
 
     ``N(0, std^2)`` at ``resolution x resolution``, bilinearly upsampled to the image size
     (``align_corners=False``), then rolled (cyclically shifted) by a random offset per image in both
@@ -492,7 +493,7 @@ def _roll_per_image(images: Tensor, shift_rows: Tensor, shift_cols: Tensor) -> T
 @register_noise("pyramid")
 @dataclasses.dataclass(frozen=True)
 class PyramidNoise:
-    """Pyramid (multi-resolution) noise (METHOD.md section 7).
+    """Pyramid (multi-resolution) noise (docs/method.md §7).
 
     ``n = sum_i discount^i * upsample(N(0, I) at (H / r^i, W / r^i))`` for ``i = 0 .. levels-1``, with
     one ratio ``r ~ U[2, 4)`` per call, sizes rounded down (at least 1), bilinear upsampling

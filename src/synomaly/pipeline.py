@@ -8,6 +8,7 @@ calibration, ``thresholds.json`` (detection settings chosen on validation data).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 from pathlib import Path
@@ -21,7 +22,8 @@ from synomaly import _atomic
 from synomaly.config import DetectConfig, PipelineConfig, from_dict
 from synomaly.detect import DetectionOutput, multistage_detect, reconstruct
 from synomaly.errors import ConfigError, InputError, OutputExistsError
-from synomaly.model import build_unet, check_image_size
+from synomaly.methods import get_method
+from synomaly.model import check_image_size
 from synomaly.schedule import DiffusionSchedule
 
 log = logging.getLogger(__name__)
@@ -99,14 +101,15 @@ class SynomalyPipeline:
     def __init__(self, unet: nn.Module, config: PipelineConfig, bf16: bool = False) -> None:
         self.unet = unet.eval()
         self.config = config
+        self.method = get_method(config.method)
         self.bf16 = bf16
-        device = next(unet.parameters()).device
-        self.schedule = DiffusionSchedule.from_config(config.schedule).to(device)
+        self.schedule = DiffusionSchedule.from_config(config.schedule).to(self.device)
 
     @property
     def device(self) -> torch.device:
-        """Device of the network; inputs are moved here."""
-        return next(self.unet.parameters()).device
+        """Device of the network (its first parameter or buffer; CPU for none); inputs are moved here."""
+        tensor = next(itertools.chain(self.unet.parameters(), self.unet.buffers()), None)
+        return tensor.device if tensor is not None else torch.device("cpu")
 
     def network(self, x: Tensor, t: Tensor) -> Tensor:
         """``unet(x, t)`` in float32; with ``bf16`` only this call runs under bfloat16 autocast.
@@ -130,19 +133,29 @@ class SynomalyPipeline:
             raise InputError(folder, "model folder not found")
         config = load_config(folder)
         config = dataclasses.replace(config, detect=load_thresholds(folder, config.detect))
-        unet = build_unet(config.model)
-        load_weights(unet, folder / WEIGHTS_NAME)
+        method = get_method(config.method)
+        unet = method.build(config)
+        if method.trained:
+            load_weights(unet, folder / WEIGHTS_NAME)
         return cls(unet.to(device), config, bf16=bf16)
 
     def save_pretrained(self, folder: str | Path, overwrite: bool = False) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` atomically into ``folder``."""
+        """Write ``config.json`` and ``model.safetensors`` atomically into ``folder``.
+
+        A method without weights (``Method.trained`` false) writes ``config.json`` only.
+        """
         from safetensors.torch import save_file
 
         folder = Path(folder)
         weights = folder / WEIGHTS_NAME
+        config = dataclasses.replace(self.config, version=synomaly.__version__)
+        if not self.method.trained:
+            if (folder / CONFIG_NAME).exists() and not overwrite:
+                raise OutputExistsError(folder / CONFIG_NAME)
+            _atomic.write_json(folder / CONFIG_NAME, config.to_dict())
+            return folder
         if weights.exists() and not overwrite:
             raise OutputExistsError(weights)
-        config = dataclasses.replace(self.config, version=synomaly.__version__)
         state = {k: v.detach().to("cpu").contiguous() for k, v in self.unet.state_dict().items()}
         with _atomic.atomic_path(weights) as tmp:
             save_file(state, tmp)

@@ -21,7 +21,7 @@ FIT_MODES = ("stretch", "letterbox", "center")
 FOREGROUND_METHODS = ("none", "auto", "disk", "given")
 NORMALIZATIONS = ("minmax", "fixed")
 
-# Synomaly noise settings of METHOD.md section 1, defined for 128 px images. Direction follows the
+# Synomaly noise settings of docs/method.md §1, defined for 128 px images. Direction follows the
 # modality's lesions: +1 bright (FLAIR), -1 dark (BUSI ultrasound, hypodense liver lesions).
 MODALITY_PRESETS: dict[str, dict[str, Any]] = {
     "brain-flair": {
@@ -486,8 +486,9 @@ class Preprocessing:
 
         Args:
             images: Raw intensities, e.g. from :func:`synomaly.io.read_images`.
-            region: bool ``[N, H, W]`` foreground (required when ``foreground == "given"``,
-                ignored otherwise).
+            region: bool ``[N, H, W]`` foreground masks at the images' size (e.g. a head or liver
+                mask); required when ``foreground == "given"``, and used instead of the computed
+                rule whenever passed. The erosion applies to it too.
 
         Returns:
             float32 ``[N, 1, size, size]`` in [-1, 1] (``torch.from_numpy`` ready), bool
@@ -499,15 +500,15 @@ class Preprocessing:
             x = clip_percentiles(x, self.clip_low, self.clip_high)
         x, info = fit_to_size(x, self.size, self.fit)
         x = normalize_minmax(x) if self.normalization == "minmax" else normalize_fixed(x, *self.intensity_range)
-        if self.foreground == "given":
-            if region is None:
-                raise ValueError("preprocessing.foreground is 'given' but no region mask was passed")
+        if region is not None:
             region = np.asarray(region, dtype=bool)
             region = region.reshape(-1, *region.shape[-2:])
             if region.shape != (len(x), *info.original_shape):
                 raise ValueError(f"region mask shape {region.shape} does not match the images' "
                                  f"{(len(x), *info.original_shape)}")
             fg, _ = fit_to_size(region, self.size, self.fit, kind="mask")
+        elif self.foreground == "given":
+            raise ValueError("preprocessing.foreground is 'given' but no region mask was passed")
         else:
             fg = foreground_mask(x, self.foreground)
         fg = erode(fg, self.foreground_erosion)

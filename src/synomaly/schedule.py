@@ -1,6 +1,6 @@
 """Diffusion schedule as module buffers: forward process, one-step x0 and training losses.
 
-Notation follows METHOD.md: ``abar_t`` is the cumulative product of ``1 - beta``;
+Notation follows docs/method.md §0: ``abar_t`` is the cumulative product of ``1 - beta``;
 ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) n``. Timesteps are per sample (a ``[B]`` tensor),
 unlike MONAI's schedulers, which take one scalar timestep per batch.
 """

@@ -23,7 +23,8 @@ from torch import Tensor, nn
 from synomaly import _atomic
 from synomaly.config import DetectConfig, ModelConfig, PipelineConfig, ScheduleConfig, _check
 from synomaly.errors import OutputExistsError
-from synomaly.model import build_unet, check_image_size
+from synomaly.methods import get_method
+from synomaly.model import check_image_size
 from synomaly.pipeline import WEIGHTS_NAME, SynomalyPipeline
 from synomaly.schedule import LOSSES, DiffusionSchedule
 
@@ -109,23 +110,8 @@ def random_flips(images: Tensor, *others: Tensor | None, dims: tuple[int, ...] =
 
 def training_loss(unet: nn.Module, schedule: DiffusionSchedule, noise: Any, method: str, loss: str, x: Tensor,
                   foreground: Tensor | None = None, target: Tensor | None = None) -> Tensor:
-    """The loss of one batch for the model folder's ``method`` (see ``synomaly.config.METHODS``).
-
-    ``diffusion``: epsilon prediction at a random timestep under the training noise. ``dae``: the
-    clean image from the image plus the training noise (timestep input 0). ``supervised``: Dice plus
-    binary cross-entropy of the lesion logits against ``target``.
-    """
-    if method == "diffusion":
-        t = schedule.sample_timesteps(x.shape[0], x.device)
-        n = noise(x, foreground=foreground)
-        x_t = schedule.q_sample(x, t, n)
-        return schedule.loss(unet(x_t, t).float(), n, x, x_t, t, loss)
-    zero = torch.zeros(x.shape[0], device=x.device, dtype=torch.long)
-    if method == "dae":
-        return torch.nn.functional.mse_loss(unet(x + noise(x, foreground=foreground), zero).float(), x)
-    from monai.losses import DiceCELoss
-
-    return DiceCELoss(sigmoid=True)(unet(x, zero).float(), target.float())
+    """The loss of one batch for the model folder's ``method`` (a ``synomaly.methods`` name)."""
+    return get_method(method).loss(unet, schedule, noise, x, foreground, target, loss)
 
 
 def _lightning_module(unet: nn.Module, schedule: DiffusionSchedule, noise: Any, config: TrainConfig, method: str,
@@ -179,25 +165,12 @@ def _callbacks(output_dir: Path, config: TrainConfig, preview_batch: Tensor, noi
 
 @torch.no_grad()
 def write_preview(path: Path, module: Any, images: Tensor, noise: Any, method: str = "diffusion") -> None:
-    """Save rows input / network input / network output as a PNG.
-
-    diffusion: noised at t = T/4 with the training noise, and its one-step reconstruction; dae: the
-    input plus the training noise, and its reconstruction; supervised: the input, and the lesion
-    probability.
-    """
+    """Save rows input / network input / network output (``Method.preview``) as a PNG."""
     from PIL import Image
 
     was_training = module.training
     module.eval()
-    schedule = module.schedule
-    t = torch.full((images.shape[0],), schedule.num_timesteps // 4, device=images.device, dtype=torch.long)
-    if method == "diffusion":
-        x_t = schedule.q_sample(images, t, noise(images))
-        recon = schedule.predict_x0(x_t, t, module.unet(x_t, t).float())
-    else:
-        x_t = images + noise(images) if method == "dae" else images
-        out = module.unet(x_t, torch.zeros_like(t)).float()
-        recon = out if method == "dae" else torch.sigmoid(out) * 2 - 1
+    x_t, recon = get_method(method).preview(module.unet, module.schedule, images, noise)
     module.train(was_training)
     rows = [torch.cat(list(r[:, 0]), dim=1) for r in (images, x_t.clamp(-1, 1), recon)]
     grid = ((torch.cat(rows, dim=0) + 1) * 127.5).clamp(0, 255).to(torch.uint8).cpu().numpy()
@@ -294,12 +267,21 @@ def train(
     ckpt_path = _check_outputs(output_dir, resume, overwrite)
     config = PipelineConfig(model=model, schedule=schedule, noise=dict(noise), detect=detect,
                             preprocess=dict(preprocess or {}), method=method)
-    if (target is not None) != (method == "supervised"):
-        raise ValueError("lesion masks (target) are needed by, and only by, method='supervised'")
+    chosen = get_method(method)
+    if (target is not None) != chosen.needs_masks:
+        raise ValueError(f"lesion masks (target) are needed by, and only by, the methods that train on them; {method!r} "
+                         f"{'does' if chosen.needs_masks else 'does not'}")
+    if not chosen.trained:
+        _dataset(images, foreground, target, model)  # the same checks of the images
+        summary = {"images": len(images), "final_step": 0, "note": f"{method}: nothing to train"}
+        SynomalyPipeline(chosen.build(config), dataclasses.replace(config, training=summary)).save_pretrained(
+            output_dir, overwrite=True)
+        log.info("model folder written to %s (%s needs no training)", output_dir, method)
+        return output_dir
     noise_fn = noise_from_dict(config.noise)
     dataset, fields = _dataset(images, foreground, target, model)
     pl.seed_everything(train_config.seed, workers=True, verbose=False)
-    unet = build_unet(model)
+    unet = chosen.build(config)
     module = _lightning_module(unet, DiffusionSchedule.from_config(schedule), noise_fn, train_config, method, fields)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=train_config.batch_size, shuffle=True, drop_last=len(dataset) >= train_config.batch_size,

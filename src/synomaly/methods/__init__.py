@@ -1,0 +1,34 @@
+"""Methods as a registry: what a model folder's network is trained to do and how it detects.
+
+Each method is one module holding one :class:`~synomaly.methods.base.Method`; adding a baseline is a
+new module and one line in ``METHODS`` below. Nothing else in the package compares method names.
+
+    from synomaly.methods import get_method
+    method = get_method(pipe.config.method)
+    recon = method.reconstruct(pipe.network, pipe.schedule, images, config, noise, generator)
+"""
+
+from __future__ import annotations
+
+from synomaly.errors import ConfigError
+from synomaly.methods.base import Method
+from synomaly.methods.dae import DAE
+from synomaly.methods.diffusion import Diffusion
+from synomaly.methods.intensity import Intensity
+from synomaly.methods.supervised import Supervised
+
+METHODS: dict[str, Method] = {
+    "diffusion": Diffusion(),
+    "dae": DAE(),
+    "supervised": Supervised(),
+    "intensity": Intensity(),
+}
+
+__all__ = ["METHODS", "Method", "get_method"]
+
+
+def get_method(name: str, option: str = "method") -> Method:
+    """The registered method ``name``; an unknown name is a ``ConfigError`` listing the valid ones."""
+    if name not in METHODS:
+        raise ConfigError(option, f"must be one of {', '.join(METHODS)}, got {name!r}")
+    return METHODS[name]

@@ -1,0 +1,75 @@
+"""The interface every method implements (see ``synomaly.methods``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from synomaly.config import DetectConfig, PipelineConfig
+from synomaly.schedule import DiffusionSchedule
+
+NoiseFn = Callable[..., Tensor]
+Network = Callable[[Tensor, Tensor], Tensor]  # unet(x, t): an nn.Module or a wrapper such as SynomalyPipeline.network
+
+
+class Method:
+    """What a model folder's network learns, and how it turns an image into a reconstruction.
+
+    The detection loop (``synomaly.detect``) compares each reconstruction with the input, so every
+    method fits it: a method whose output is a score map ``p`` instead of an image returns
+    ``x - p`` (or ``x + p``), making ``|blur(x) - blur(x_hat)| = blur(p)``.
+
+    Attributes:
+        description: One line for ``--help`` and reports.
+        trained: Whether ``train`` runs an optimiser (``False``: the folder holds no weights).
+        needs_masks: Whether training takes lesion masks (the supervised upper bound).
+        uses_timestep: Whether ``detect.t`` means anything (only for the diffusion methods).
+        reconstructs_image: Whether the reconstruction is a counterfactual image (``False``: it is
+            ``x -/+ p`` for a score map ``p``, so image-quality metrics do not apply).
+        default_noise: The training noise when ``--noise`` is not given.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    trained: ClassVar[bool] = True
+    needs_masks: ClassVar[bool] = False
+    uses_timestep: ClassVar[bool] = False
+    reconstructs_image: ClassVar[bool] = True
+    default_noise: ClassVar[str] = "synomaly"
+
+    def build(self, config: PipelineConfig) -> nn.Module:
+        """The network of a model folder with ``config`` (randomly initialised)."""
+        from synomaly.model import build_unet
+
+        return build_unet(config.model)
+
+    def loss(self, unet: nn.Module, schedule: DiffusionSchedule, noise: NoiseFn, x: Tensor, foreground: Tensor | None,
+             target: Tensor | None, kind: str) -> Tensor:
+        """The training loss of one batch (``kind``: ``TrainConfig.loss``)."""
+        raise NotImplementedError(f"{self.name} has no training loss")
+
+    def reconstruct(self, model: Network, schedule: DiffusionSchedule, images: Tensor, config: DetectConfig,
+                    noise: NoiseFn, generator: torch.Generator | None = None) -> Tensor:
+        """One stage's reconstruction of ``[B, 1, H, W]`` images in [-1, 1]."""
+        raise NotImplementedError
+
+    def cost(self, config: DetectConfig) -> int:
+        """Network evaluations of one stage."""
+        return 1
+
+    def detect_defaults(self, noise: str, areas: dict[str, Any]) -> DetectConfig:
+        """Detection settings stored in a new model folder (``areas``: ``min_size``, ``min_area`` in pixels)."""
+        return DetectConfig(t=0, max_stages=1, threshold=0.1, **areas)
+
+    def preview(self, unet: nn.Module, schedule: DiffusionSchedule, images: Tensor, noise: NoiseFn) -> tuple[Tensor, Tensor]:
+        """The network's input and output for the training preview pictures, both in [-1, 1]."""
+        zero = torch.zeros(images.shape[0], device=images.device, dtype=torch.long)
+        return images, unet(images, zero).float()
+
+
+def timestep_zero(images: Tensor) -> Tensor:
+    """The timestep input of the networks that do not denoise (fixed at 0)."""
+    return torch.zeros(images.shape[0], device=images.device, dtype=torch.long)
