@@ -199,3 +199,31 @@ def test_a_missing_gpu_is_one_line_before_any_work(tiny_model_dir, disk_data, tm
     assert code == 2 and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1 and "--device" in err and "no CUDA GPU" in err
     assert not (tmp_path / "out").exists() and not (tmp_path / "model").exists()
+
+
+def test_detect_rerun_with_other_settings_stops_instead_of_skipping(tiny_model_dir, disk_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    base = ["--quiet", "detect", str(disk_data / "png_lesioned"), "-m", str(tiny_model_dir), "-o", str(out), "--device", "cpu"]
+    code, _, err = run([*base, "--threshold", "0.15"], capsys)
+    assert code == 0, err
+    first = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    code, _, err = run([*base, "--threshold", "0.3"], capsys)  # would have skipped every case and lied
+    assert code == 2 and "detect.threshold" in err and "--overwrite" in err and len(err.strip().splitlines()) == 1
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == first  # nothing touched
+    code, _, err = run([*base, "--threshold", "0.15"], capsys)  # same settings: every case is skipped
+    assert code == 0 and {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and p.name != "summary.json"} == {
+        p: b for p, b in first.items() if p.name != "summary.json"}
+    code, _, err = run([*base, "--threshold", "0.3", "--overwrite"], capsys)
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["detect"]["threshold"] == 0.3
+    assert all(case["made_with"]["detect"]["threshold"] == 0.3 for case in summary["cases"])
+
+
+def test_each_input_gets_the_same_result_whether_or_not_others_are_skipped(tiny_model_dir, disk_data, tmp_path, capsys):
+    base = ["--quiet", "detect", "-m", str(tiny_model_dir), "--device", "cpu", "--threshold", "0.1"]
+    pngs = sorted((disk_data / "png_lesioned").glob("*.png"))
+    assert run([*base, str(pngs[0]), str(pngs[1]), "-o", str(tmp_path / "both")], capsys)[0] == 0
+    assert run([*base, str(pngs[1]), "-o", str(tmp_path / "one")], capsys)[0] == 0
+    name = pngs[1].stem
+    assert np.array_equal(np.load(tmp_path / "both" / name / "anomaly_map.npy"), np.load(tmp_path / "one" / name / "anomaly_map.npy"))

@@ -7,6 +7,8 @@ and writes every output atomically; existing outputs are kept unless ``overwrite
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -236,9 +238,12 @@ def run_detect(
 
     ``foreground_masks`` (one source per input) replaces the model's computed foreground.
 
-    Inputs whose outputs exist (``<stem>/case.json``) are skipped unless ``overwrite`` is set, so a
-    killed run completes the missing cases when started again. A bad input is reported and skipped
-    (``on_error="skip"``) or stops the run (``on_error="stop"``).
+    Every case records the settings and model it was made with (``made_with`` in ``case.json``).
+    Inputs whose outputs exist are skipped unless ``overwrite`` is set, so a killed run completes
+    the missing cases when started again; outputs made with other settings or another model stop
+    the run before any work, asking for ``overwrite`` or another output folder. Each input draws its
+    own noise (seeded by ``seed`` and its output name), so skipping one never changes another.
+    A bad input is reported and skipped (``on_error="skip"``) or stops the run (``on_error="stop"``).
     """
     if on_error not in ("skip", "stop"):
         raise synomaly.errors.ConfigError("on_error", f"must be skip or stop, got {on_error!r}")
@@ -247,20 +252,61 @@ def run_detect(
     settings = pipe.detect_config(**overrides)
     pre = preprocessing_of(pipe)
     output = Path(output)
-    generator = torch.Generator(pipe.device).manual_seed(seed)
+    made_with = json_plain({"model": str(Path(model).resolve()), "model_sha256": model_fingerprint(model),
+                            "detect": dataclasses.asdict(settings), "seed": seed, "slice_axis": slice_axis,
+                            "slice_range": slice_range, "foreground_masks": foreground_masks})
+    if not overwrite:
+        _check_earlier_run(output, made_with)
     summary: dict[str, Any] = {"synomaly": synomaly.__version__, "model": str(model), "detect": dataclasses.asdict(settings),
-                               "cases": [], "failed": []}
+                               "made_with": made_with, "cases": [], "failed": []}
     if foreground_masks is not None and len(foreground_masks) != len(inputs):
         raise InputError(foreground_masks[0] if foreground_masks else "foreground_masks",
                          f"{len(foreground_masks)} foreground mask sources given for {len(inputs)} inputs")
     for i, spec in enumerate(inputs):
         fg_spec = None if foreground_masks is None else foreground_masks[i]
         for source, fg in _expand_or_report(spec, fg_spec, summary, on_error):
-            _detect_one(pipe, pre, source, fg, Path(spec), output, summary, overrides, batch_size, generator,
+            _detect_one(pipe, pre, source, fg, Path(spec), output, summary, overrides, batch_size, made_with,
                         slice_axis, slice_range, on_error, overwrite)
     _atomic.write_json(output / "summary.json", summary)
     log.info("%d inputs done, %d failed; summary in %s", len(summary["cases"]), len(summary["failed"]), output / "summary.json")
     return summary
+
+
+def json_plain(data: Any) -> Any:
+    """``data`` as it reads back from JSON (tuples become lists), so settings compare equal after a round trip."""
+    return json.loads(json.dumps(data))
+
+
+def model_fingerprint(folder: str | Path) -> str:
+    """SHA-256 over a model folder's ``config.json``, ``thresholds.json`` and weights (those present)."""
+    digest = hashlib.sha256()
+    for name in ("config.json", "thresholds.json", "model.safetensors"):
+        path = Path(folder) / name
+        if path.is_file():
+            digest.update(name.encode())
+            with path.open("rb") as f:
+                for block in iter(lambda f=f: f.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_earlier_run(output: Path, made_with: dict[str, Any]) -> None:
+    """Refuse (before any work) to add to an output folder whose cases were made with other settings."""
+    for marker in sorted(output.glob("*/case.json")):
+        earlier = read_json(marker).get("made_with")
+        if earlier != made_with:
+            changed = sorted(k for k in made_with if (earlier or {}).get(k) != made_with[k])
+            if "detect" in changed and isinstance(earlier, dict):
+                changed.remove("detect")
+                changed += [f"detect.{k}" for k, v in made_with["detect"].items() if earlier["detect"].get(k) != v]
+            raise OutputExistsError(marker.parent, f"made with other settings or another model ({', '.join(changed) or 'unknown'}); "
+                                                   "pass --overwrite to redo every case, or choose another --output")
+
+
+def _case_generator(device: torch.device, seed: int, stem: str) -> torch.Generator:
+    """The noise of one input: seeded by the run's seed and the input's output name."""
+    key = int.from_bytes(hashlib.sha256(f"{seed}:{stem}".encode()).digest()[:8], "little")
+    return torch.Generator(device).manual_seed(key)
 
 
 def _expand_or_report(spec: str, fg_spec: str | None, summary: dict[str, Any], on_error: str) -> list[tuple[Any, ...]]:
@@ -275,7 +321,7 @@ def _expand_or_report(spec: str, fg_spec: str | None, summary: dict[str, Any], o
         return []
 
 
-def _detect_one(pipe, pre, source, fg_spec, root, output, summary, overrides, batch_size, generator, slice_axis,
+def _detect_one(pipe, pre, source, fg_spec, root, output, summary, overrides, batch_size, made_with, slice_axis,
                 slice_range, on_error, overwrite) -> None:
     from synomaly.io import output_stem
 
@@ -295,12 +341,13 @@ def _detect_one(pipe, pre, source, fg_spec, root, output, summary, overrides, ba
         summary["failed"].append({"input": str(source.path), "error": str(error)})
         return
     start = time.perf_counter()
+    generator = _case_generator(pipe.device, made_with["seed"], stem)
     outputs = _batched_detect(pipe, torch.from_numpy(images), torch.from_numpy(foreground), batch_size, generator, overrides)
     seconds = time.perf_counter() - start
     files = _write_case_outputs(case_dir, record, images, outputs)
     entry = {"input": str(source.path), "key": source.key, "output": stem, "files": files, "slices": len(images),
              "case_ids": record.case_ids, "score": outputs["score"].tolist(), "stages": outputs["stages"].tolist(),
-             "seconds": round(seconds, 4)}
+             "seconds": round(seconds, 4), "foreground_mask": fg_spec, "made_with": made_with}
     _atomic.write_json(marker, entry)  # written last: marks the input as done
     summary["cases"].append(entry)
 
