@@ -227,3 +227,19 @@ def test_each_input_gets_the_same_result_whether_or_not_others_are_skipped(tiny_
     assert run([*base, str(pngs[1]), "-o", str(tmp_path / "one")], capsys)[0] == 0
     name = pngs[1].stem
     assert np.array_equal(np.load(tmp_path / "both" / name / "anomaly_map.npy"), np.load(tmp_path / "one" / name / "anomaly_map.npy"))
+
+
+@pytest.mark.parametrize("scalar", ["inputs", "masks"])
+def test_a_yaml_scalar_where_a_list_is_expected_is_one_item(tiny_model_dir, disk_data, tmp_path, capsys, scalar):
+    png, mask = disk_data / "png_lesioned" / "l0.png", disk_data / "png_masks" / "l0.png"
+    out = tmp_path / "out"
+    if scalar == "inputs":
+        (tmp_path / "c.yaml").write_text(f"model: {tiny_model_dir}\noutput: {out}\ninputs: {png}\ndevice: cpu\n")
+        code, _, err = run(["--quiet", "detect", "--config", str(tmp_path / "c.yaml")], capsys)
+        assert code == 0, err
+        assert [case["input"] for case in json.loads((out / "summary.json").read_text())["cases"]] == [str(png)]
+    else:
+        (tmp_path / "c.yaml").write_text(f"model: {tiny_model_dir}\noutput: {out}\ndata: [{png}]\nmasks: {mask}\ndevice: cpu\n")
+        code, _, err = run(["--quiet", "evaluate", "--config", str(tmp_path / "c.yaml")], capsys)
+        assert code == 0, err
+        assert json.loads((out / "metrics.json").read_text())["aggregate"]["n_anomalous"] == 1

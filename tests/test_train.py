@@ -165,3 +165,35 @@ def test_supervised_training_needs_masks_and_only_it(images, tmp_path):
         train(images, tmp_path / "a", model=model_preset("tiny"), noise=NOISE, train_config=quick(1), method="supervised")
     with pytest.raises(ValueError, match="lesion masks"):
         train(images, tmp_path / "b", model=model_preset("tiny"), noise=NOISE, train_config=quick(1), target=images > 0)
+
+
+def test_a_diverging_training_stops_with_one_line_and_writes_no_model(tmp_path, capsys):
+    from synomaly.cli import main
+
+    images = (np.random.default_rng(0).random((8, 32, 32)) * 255).astype(np.uint8)
+    np.savez(tmp_path / "d.npz", images=images)
+    out = tmp_path / "model"
+    code = main(["--quiet", "train", f"{tmp_path / 'd.npz'}:images", "-o", str(out), "--model", "tiny", "--image-size", "32",
+                 "--device", "cpu", "--train.steps", "30", "--train.lr", "1e30", "--train.grad_clip", "0",
+                 "--train.progress", "false", "--batch-size", "4"])
+    err = capsys.readouterr().err
+    assert code == 2 and "diverged" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (out / "model.safetensors").exists()
+
+
+def test_weights_with_nan_are_refused_on_loading(tiny_model_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from synomaly.errors import InputError
+    from synomaly.pipeline import SynomalyPipeline
+
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, copy, ignore=shutil.ignore_patterns("checkpoints", "logs", "previews"))
+    state = load_file(copy / "model.safetensors")
+    name = sorted(state)[0]
+    state[name] = torch.full_like(state[name], float("nan"))
+    save_file(state, copy / "model.safetensors")
+    with pytest.raises(InputError, match="NaN or infinite"):
+        SynomalyPipeline.from_pretrained(copy)

@@ -175,10 +175,28 @@ def build_parser() -> Any:
     return parser
 
 
+# Options that take several values; a YAML scalar (``inputs: scan.png``) is one value, never its characters.
+LIST_OPTIONS = ("inputs", "data", "masks", "foreground_masks", "direction", "slice_range")
+
+
+def as_list(value: Any, name: str) -> list[Any]:
+    """``value`` as a list: a single string or number is one item (not split into characters)."""
+    from synomaly.errors import ConfigError
+
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    raise ConfigError(f"--{name.replace('_', '-')}", f"expected a value or a list of values, got {value!r}")
+
+
 def _run(command: str, a: Any) -> Any:
     from synomaly import commands
     from synomaly.errors import ConfigError
 
+    for name in LIST_OPTIONS:
+        if a.get(name) is not None:
+            a[name] = as_list(a[name], name)
     if a.get("batch_size") is not None and a.batch_size < 1:
         raise ConfigError("--batch-size", f"must be >= 1, got {a.batch_size}")
     if command != "train" and a.get("device") is not None:

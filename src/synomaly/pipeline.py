@@ -86,6 +86,10 @@ def load_weights(unet: nn.Module, path: Path) -> None:
     if missing or unexpected or wrong:
         detail = (missing and f"missing {missing[0]}") or (unexpected and f"unexpected {unexpected[0]}") or f"shape of {wrong[0]}"
         raise InputError(path, f"weights do not match config.json ({len(missing) + len(unexpected) + len(wrong)} tensors differ, e.g. {detail})")
+    broken = [k for k in sorted(state) if state[k].is_floating_point() and not torch.isfinite(state[k]).all()]
+    if broken:
+        raise InputError(path, f"{len(broken)} weight tensors hold NaN or infinite values (e.g. {broken[0]}): the training "
+                               "that wrote them diverged; train again with a lower --train.lr")
     unet.load_state_dict(state)
 
 

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from synomaly import _atomic
 from synomaly.config import DetectConfig, ModelConfig, PipelineConfig, ScheduleConfig, _check
-from synomaly.errors import OutputExistsError
+from synomaly.errors import OutputExistsError, SynomalyError
 from synomaly.methods import get_method
 from synomaly.model import check_image_size
 from synomaly.pipeline import WEIGHTS_NAME, SynomalyPipeline
@@ -96,6 +96,15 @@ class TrainConfig:
         _check(self.devices >= 1 and self.num_nodes >= 1, "train.devices", "devices and num_nodes must be >= 1")
 
 
+class TrainingDiverged(SynomalyError):
+    """The loss became NaN or infinite: the run stops, and no model folder is written from it."""
+
+    def __init__(self, step: int, loss: float) -> None:
+        self.step, self.loss = step, loss
+        super().__init__(f"train.lr: the loss became {loss} at step {step} (training diverged), so no model was written; "
+                         "lower --train.lr (or check the images) and train again with --overwrite")
+
+
 def random_flips(images: Tensor, *others: Tensor | None, dims: tuple[int, ...] = (-1, -2)) -> tuple[Tensor | None, ...]:
     """Flip each image (and the same item of every other tensor) along each of ``dims`` with probability 1/2.
 
@@ -134,6 +143,8 @@ def _lightning_module(unet: nn.Module, schedule: DiffusionSchedule, noise: Any, 
             if config.flips != "none":
                 x, fg, target = random_flips(x, fg, target, dims=FLIPS[config.flips])
             loss = training_loss(self.unet, self.schedule, self.noise, method, config.loss, x, fg, target)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(self.global_step, float(loss))
             self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=x.shape[0])
             return loss
 
