@@ -31,3 +31,15 @@ def test_demo_runs_end_to_end_and_detects_the_blobs(tmp_path, capsys):
     assert metrics["dice_mean"] > 0.3
     assert (out / "model" / "thresholds.json").exists()
     assert main(["demo", "-o", str(out)]) == 2  # an existing demo is not overwritten
+
+
+@pytest.mark.parametrize("existing", ["model", "evaluation"])
+def test_demo_keeps_an_earlier_model_or_evaluation_in_its_folder(tmp_path, capsys, existing):
+    from synomaly.cli import main
+
+    (tmp_path / existing).mkdir()
+    (tmp_path / existing / "mine.txt").write_text("keep me")
+    assert main(["--quiet", "demo", "-o", str(tmp_path), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert existing in err and "--overwrite" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.rglob("*")) == sorted([existing, "mine.txt"])

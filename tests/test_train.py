@@ -48,6 +48,11 @@ def test_training_writes_a_loadable_model_folder_with_previews(images, tmp_path)
     assert not list(tmp_path.rglob("*.tmp*"))
 
 
+def test_a_run_shorter_than_the_preview_interval_still_gets_a_preview_of_its_final_model(images, tmp_path):
+    train(images, tmp_path, model=model_preset("tiny"), noise=NOISE, train_config=quick(4, preview_every=500))
+    assert sorted(p.name for p in (tmp_path / "previews").iterdir()) == ["step_0000004.png"]
+
+
 def test_exported_weights_are_the_moving_average(images, tmp_path):
     train(images, tmp_path, model=model_preset("tiny"), noise=NOISE, train_config=quick(5, ema_decay=0.5))
     # Lightning's EMA callback keeps the average in the checkpoint's state_dict, the raw weights beside it.

@@ -174,9 +174,11 @@ def run_demo(output: str | Path = "synomaly-demo", *, train_steps: int = 0, devi
 
     output, start = Path(output), time.perf_counter()
     report = output / "report.html"
-    if report.exists() and not overwrite:
-        raise OutputExistsError(report)
     model_dir = output / "model"
+    if not overwrite:
+        for existing in (report, model_dir, output / "evaluation"):
+            if existing.exists():
+                raise OutputExistsError(existing, "pass --overwrite to replace the earlier demo, or choose another --output")
     device = resolve_device(device)
     if train_steps:
         train_demo_model(model_dir, steps=train_steps, seed=seed, overwrite=True,

@@ -29,28 +29,24 @@ MODALITY_PRESETS: dict[str, dict[str, Any]] = {
         "noise": {"sigma": 3.0, "threshold": 175.0, "offset": 0.5, "direction": 1},
         "reference_size": 128,
         "foreground": "none",
-        "learning_rate": 1e-5,
     },
     "ultrasound": {
         "description": "B-mode ultrasound with dark (hypoechoic) lesions, e.g. BUSI",
         "noise": {"sigma": 7.0, "threshold": 150.0, "offset": 0.5, "direction": -1},
         "reference_size": 128,
         "foreground": "disk",
-        "learning_rate": 1e-5,
     },
     "carotid-ultrasound": {
         "description": "carotid ultrasound as in the paper (plaques brighter than the lumen)",
         "noise": {"sigma": 7.0, "threshold": 150.0, "offset": 0.5, "direction": 1},
         "reference_size": 128,
         "foreground": "disk",
-        "learning_rate": 1e-5,
     },
     "liver-ct": {
         "description": "liver CT (LiTS): dark lesions inside a given liver mask",
         "noise": {"sigma": 3.0, "threshold": 175.0, "offset": 1.0, "direction": -1},
         "reference_size": 128,
         "foreground": "given",
-        "learning_rate": 1e-4,
     },
 }
 

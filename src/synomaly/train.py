@@ -159,11 +159,20 @@ def _callbacks(output_dir: Path, config: TrainConfig, preview_batch: Tensor, noi
     from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
 
     class Preview(pl.Callback):
+        """A preview every ``preview_every`` steps, and one of the final model (so short runs get one too)."""
+
+        def write(self, trainer, module) -> None:
+            if config.preview_every and trainer.is_global_zero:
+                write_preview(output_dir / "previews" / f"step_{trainer.global_step:07d}.png", module,
+                              preview_batch.to(module.device), noise, method)
+
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-            step = trainer.global_step
-            if config.preview_every and trainer.is_global_zero and step % config.preview_every == 0:
-                write_preview(output_dir / "previews" / f"step_{step:07d}.png", module, preview_batch.to(module.device),
-                              noise, method)
+            if config.preview_every and trainer.global_step % config.preview_every == 0:
+                self.write(trainer, module)
+
+        def on_train_end(self, trainer, module) -> None:
+            if config.preview_every and trainer.global_step % config.preview_every:
+                self.write(trainer, module)
 
     callbacks = [
         EMAWeightAveraging(decay=config.ema_decay),
