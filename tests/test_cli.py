@@ -243,3 +243,38 @@ def test_a_yaml_scalar_where_a_list_is_expected_is_one_item(tiny_model_dir, disk
         code, _, err = run(["--quiet", "evaluate", "--config", str(tmp_path / "c.yaml")], capsys)
         assert code == 0, err
         assert json.loads((out / "metrics.json").read_text())["aggregate"]["n_anomalous"] == 1
+
+
+def test_inputs_whose_names_clean_to_the_same_stem_get_their_own_outputs(tiny_model_dir, disk_data, tmp_path, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    png = Image.open(disk_data / "png_lesioned" / "l0.png")
+    for name in ("a b.png", "a_b.png", "a.png", "a.tif", "a+b.png"):
+        png.save(folder / name)
+    out = tmp_path / "out"
+    base = ["--quiet", "detect", str(folder), "-m", str(tiny_model_dir), "-o", str(out), "--device", "cpu"]
+    code, _, err = run(base, capsys)
+    assert code == 0, err
+    cases = json.loads((out / "summary.json").read_text())["cases"]
+    assert len(cases) == 5 and len({c["output"] for c in cases}) == 5
+    assert sorted(c["input"] for c in cases) == sorted(str(p) for p in folder.iterdir())
+    assert all((out / c["output"] / "case.json").is_file() for c in cases)
+    code, _, err = run(base, capsys)  # a rerun finds every case under the same name
+    assert code == 0 and [c["output"] for c in json.loads((out / "summary.json").read_text())["cases"]] == [c["output"] for c in cases]
+
+
+def test_a_second_detect_into_a_folder_in_use_is_refused(tiny_model_dir, disk_data, tmp_path, capsys):
+    from synomaly import _atomic
+
+    out = tmp_path / "out"
+    with _atomic.folder_lock(out, "synomaly detect"):  # as a running detect holds it
+        code, _, err = run(["--quiet", "detect", str(disk_data / "png_lesioned"), "-m", str(tiny_model_dir), "-o", str(out),
+                            "--device", "cpu"], capsys)
+    assert code == 2 and "another synomaly detect is writing into this folder" in err and len(err.strip().splitlines()) == 1
+    assert list(out.iterdir()) == []
+    code, _, err = run(["--quiet", "detect", str(disk_data / "png_lesioned" / "l0.png"), "-m", str(tiny_model_dir), "-o", str(out),
+                        "--device", "cpu"], capsys)
+    assert code == 0, err  # released: the lock leaves no file behind
+    assert sorted(p.name for p in out.iterdir()) == ["l0", "summary.json"]

@@ -200,6 +200,39 @@ def test_nifti_axial_slice_of_non_square_volume(tmp_path):
     assert props.spacing == pytest.approx((0.8, 0.9))
 
 
+@pytest.mark.parametrize("codes", ["RAS", "LPS", "PSR", "ILA"])
+def test_the_same_scan_stored_in_any_orientation_gives_the_same_slices_and_writes_back_in_its_own(tmp_path, codes):
+    from nibabel import orientations
+
+    path, volume = make_volume(tmp_path)  # stored LAS, the canonical order
+    reference, _ = read_images(path)
+    ornt = orientations.axcodes2ornt(tuple(codes))
+    transform = orientations.ornt_transform(orientations.axcodes2ornt(("L", "A", "S")), ornt)
+    stored = orientations.apply_orientation(volume, transform)
+    affine = AFFINE @ orientations.inv_ornt_aff(transform, volume.shape)  # the same voxels in world space
+    nib.save(nib.Nifti1Image(stored, affine), tmp_path / f"{codes}.nii.gz")
+    images, props = read_images(tmp_path / f"{codes}.nii.gz")
+    np.testing.assert_array_equal(images, reference)
+    assert props.extra["axcodes"] == codes and props.spacing == pytest.approx((0.8, 0.9))
+    write_image(tmp_path / "out.nii.gz", images + 1, props)
+    out = nib.load(tmp_path / "out.nii.gz")
+    np.testing.assert_allclose(out.affine, affine)
+    np.testing.assert_array_equal(out.get_fdata(), stored + 1.0)
+
+
+def test_a_nan_in_the_affine_is_one_line_naming_the_file(tmp_path):
+    path, volume = make_volume(tmp_path)
+    image = nib.load(path)
+    affine = image.affine.copy()
+    affine[0, 1] = np.nan
+    broken = nib.Nifti1Image(np.asarray(image.dataobj), None, header=image.header)
+    broken.header.set_sform(affine, code=1)
+    broken.header.set_qform(None, code=0)
+    nib.save(broken, tmp_path / "nan.nii.gz")
+    with pytest.raises(InputError, match="nan.nii.gz: the affine"):
+        read_images(tmp_path / "nan.nii.gz")
+
+
 def test_slice_convention_helpers_invert_each_other():
     volume = np.random.default_rng(1).random((5, 6, 7))
     for axis in range(3):
@@ -221,7 +254,8 @@ def test_nifti_scaling_is_applied_and_float_output_is_not_rescaled(tmp_path):
     image.header.set_slope_inter(2.0, -5.0)
     nib.save(image, tmp_path / "scaled.nii")
     images, props = read_images(tmp_path / "scaled.nii")
-    np.testing.assert_array_equal(images[0], np.rot90(pattern(np.float32)[..., None][:, :, 0]) * 2 - 5)
+    # An identity affine is RAS: brought to canonical LAS, the first voxel axis is reversed.
+    np.testing.assert_array_equal(images[0], np.rot90(pattern(np.float32)[::-1]) * 2 - 5)
     write_image(tmp_path / "out.nii", images / 7, props)
     out = nib.load(tmp_path / "out.nii")
     assert out.get_data_dtype() == np.float32
@@ -571,3 +605,12 @@ def test_output_stem_keeps_relative_path_information(tmp_path):
     assert output_stem(tmp_path / "elsewhere" / "x.png", root) == "x"
     long_a = output_stem(root / ("y" * 300 + "a.png"), root)
     assert long_a != output_stem(root / ("y" * 300 + "b.png"), root)
+
+
+def test_png_slices_stacked_as_the_readme_says_read_back_as_the_same_slices(tmp_path):
+    slices = [np.random.default_rng(i).random((5, 7)).astype(np.float32) for i in range(3)]
+    volume = np.stack([np.rot90(s, -1) for s in slices], axis=-1)
+    nib.save(nib.Nifti1Image(volume, np.diag([-0.9, 0.8, 3.0, 1.0])), tmp_path / "v.nii.gz")
+    images, props = read_images(tmp_path / "v.nii.gz")
+    np.testing.assert_array_equal(images, np.stack(slices))
+    assert props.extra["axcodes"] == "LAS" and props.spacing == pytest.approx((0.8, 0.9))

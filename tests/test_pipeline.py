@@ -155,3 +155,27 @@ def test_bf16_detection_matches_float32(tiny_model_dir, phantom_test, sampler):
     assert (runs[0].reconstruction - runs[1].reconstruction).abs().mean() < 0.02
     agree = (runs[0].mask == runs[1].mask).float().mean()
     assert agree > 0.98
+
+
+def test_readme_python_example_runs_as_written():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"## Python\n\n```python\n(.*?)```", readme, re.S).group(1)
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - the README's own example
+    out, fit = namespace["out"], namespace["fit"]
+    assert out.mask.shape == (4, 1, 64, 64) and fit.original_shape == (100, 80)
+
+
+def test_images_of_another_size_than_the_model_are_refused_with_the_way_out():
+    import numpy as np
+
+    pipe = SynomalyPipeline.from_pretrained("demo")
+    with pytest.raises(ValueError, match=r"128x128 but this model takes 64x64.*pipe.preprocess"):
+        pipe.detect(torch.zeros(1, 1, 128, 128))
+    images, foreground, fit = pipe.preprocess(np.full((2, 128, 128), 7.0))
+    assert images.shape == foreground.shape == (2, 1, 64, 64)
+    restored = pipe.postprocess(pipe.detect(images, foreground=foreground), fit)
+    assert {k: v.shape for k, v in restored.items()} == {k: (2, 128, 128) for k in ("mask", "anomaly_map", "reconstruction")}

@@ -202,3 +202,18 @@ def test_weights_with_nan_are_refused_on_loading(tiny_model_dir, tmp_path):
     save_file(state, copy / "model.safetensors")
     with pytest.raises(InputError, match="NaN or infinite"):
         SynomalyPipeline.from_pretrained(copy)
+
+
+def test_resume_of_a_finished_run_changes_nothing_and_new_weights_retire_old_thresholds(images, tmp_path):
+    train(images, tmp_path, model=model_preset("tiny"), noise=NOISE, train_config=quick(4))
+    (tmp_path / "thresholds.json").write_text('{"detect": {"threshold": 0.3}}')
+    weights = (tmp_path / "model.safetensors").read_bytes()
+    train(images, tmp_path, model=model_preset("tiny"), noise=NOISE, train_config=quick(4), resume=True)
+    assert (tmp_path / "model.safetensors").read_bytes() == weights  # the EMA export is kept, not the raw weights
+    assert (tmp_path / "thresholds.json").exists()
+    train(images, tmp_path, model=model_preset("tiny"), noise=NOISE, train_config=quick(6), resume=True)
+    assert final_step(tmp_path) == 6 and not (tmp_path / "thresholds.json").exists()
+    assert (tmp_path / "thresholds.previous.json").exists()
+    (tmp_path / "thresholds.json").write_text('{"detect": {"threshold": 0.3}}')
+    train(images, tmp_path, model=model_preset("tiny"), noise=NOISE, train_config=quick(2), overwrite=True)
+    assert final_step(tmp_path) == 2 and not (tmp_path / "thresholds.json").exists()

@@ -55,3 +55,35 @@ def write_text(path: str | Path, text: str) -> None:
 def write_json(path: str | Path, obj: Any) -> None:
     """Atomically write ``obj`` as indented JSON (NaN written as ``null``-free ``NaN`` is refused)."""
     write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (created if missing) while one run writes into it.
+
+    The lock is ``fcntl.flock`` on the folder itself (no lock file is left behind), released by the
+    operating system when the process ends however it ends, so a killed run never leaves a stale
+    lock. Where ``fcntl`` is missing (Windows) no lock is taken.
+
+    Raises:
+        OutputExistsError: Another run holds the lock.
+    """
+    from synomaly.errors import OutputExistsError
+
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputExistsError(folder, f"another {what} is writing into this folder; wait for it to finish or "
+                                            "choose another output folder") from None
+        yield
+    finally:
+        os.close(fd)

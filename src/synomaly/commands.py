@@ -76,8 +76,7 @@ def lightning_accelerator(device: str) -> str:
 
 def preprocessing_of(pipe: SynomalyPipeline) -> Preprocessing:
     """The model folder's preprocessing (defaults at the model's size when none was stored)."""
-    stored = pipe.config.preprocess
-    return Preprocessing.from_dict(stored) if stored else Preprocessing(size=pipe.config.model.image_size)
+    return pipe.preprocessing
 
 
 def scaled_area(size: int, pixels_128: int) -> int:
@@ -255,19 +254,22 @@ def run_detect(
     made_with = json_plain({"model": str(Path(model).resolve()), "model_sha256": model_fingerprint(model),
                             "detect": dataclasses.asdict(settings), "seed": seed, "slice_axis": slice_axis,
                             "slice_range": slice_range, "foreground_masks": foreground_masks})
-    if not overwrite:
-        _check_earlier_run(output, made_with)
-    summary: dict[str, Any] = {"synomaly": synomaly.__version__, "model": str(model), "detect": dataclasses.asdict(settings),
-                               "made_with": made_with, "cases": [], "failed": []}
     if foreground_masks is not None and len(foreground_masks) != len(inputs):
         raise InputError(foreground_masks[0] if foreground_masks else "foreground_masks",
                          f"{len(foreground_masks)} foreground mask sources given for {len(inputs)} inputs")
-    for i, spec in enumerate(inputs):
-        fg_spec = None if foreground_masks is None else foreground_masks[i]
-        for source, fg in _expand_or_report(spec, fg_spec, summary, on_error):
-            _detect_one(pipe, pre, source, fg, Path(spec), output, summary, overrides, batch_size, made_with,
-                        slice_axis, slice_range, on_error, overwrite)
-    _atomic.write_json(output / "summary.json", summary)
+    with _atomic.folder_lock(output, "synomaly detect"):
+        if not overwrite:
+            _check_earlier_run(output, made_with)
+        summary: dict[str, Any] = {"synomaly": synomaly.__version__, "model": str(model),
+                                   "detect": dataclasses.asdict(settings), "made_with": made_with, "cases": [], "failed": [],
+                                   "stems": {}}
+        for i, spec in enumerate(inputs):
+            fg_spec = None if foreground_masks is None else foreground_masks[i]
+            for source, fg in _expand_or_report(spec, fg_spec, summary, on_error):
+                _detect_one(pipe, pre, source, fg, Path(spec), output, summary, overrides, batch_size, made_with,
+                            slice_axis, slice_range, on_error, overwrite)
+        del summary["stems"]
+        _atomic.write_json(output / "summary.json", summary)
     log.info("%d inputs done, %d failed; summary in %s", len(summary["cases"]), len(summary["failed"]), output / "summary.json")
     return summary
 
@@ -326,6 +328,10 @@ def _detect_one(pipe, pre, source, fg_spec, root, output, summary, overrides, ba
     from synomaly.io import output_stem
 
     stem = output_stem(source.path, root if root.is_dir() else source.path) + (f"__{source.key}" if source.key else "")
+    owner = f"{source.path.resolve()}:{source.key or ''}"
+    if summary["stems"].setdefault(stem, owner) != owner:  # e.g. a.png and a.tif, or p1/x.png and p1__x.png
+        stem = f"{stem}-{hashlib.sha256(owner.encode()).hexdigest()[:8]}"
+        summary["stems"][stem] = owner
     case_dir = output / stem
     marker = case_dir / "case.json"
     if marker.exists() and not overwrite:

@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -24,6 +25,7 @@ from synomaly.detect import DetectionOutput, multistage_detect, reconstruct
 from synomaly.errors import ConfigError, InputError, OutputExistsError
 from synomaly.methods import get_method
 from synomaly.model import check_image_size
+from synomaly.preprocess import FitInfo, Preprocessing, restore_size
 from synomaly.schedule import DiffusionSchedule
 
 log = logging.getLogger(__name__)
@@ -131,7 +133,14 @@ class SynomalyPipeline:
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu", bf16: bool = False) -> SynomalyPipeline:
-        """Load a model folder written by ``save_pretrained`` or by training."""
+        """Load a model folder written by ``save_pretrained`` or by training; ``"demo"`` is the shipped demo model.
+
+        A folder named ``demo`` in the working directory wins over the shipped model.
+        """
+        if str(folder) == "demo" and not Path(folder).is_dir():
+            from synomaly.demo import shipped_model
+
+            folder = shipped_model()
         folder = Path(folder)
         if not folder.is_dir():
             raise InputError(folder, "model folder not found")
@@ -205,6 +214,30 @@ class SynomalyPipeline:
                                generator, self.config.method)
         return recon
 
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """The preprocessing the model was trained with (defaults at the model's size for old folders)."""
+        stored = self.config.preprocess
+        return Preprocessing.from_dict(stored) if stored else Preprocessing(size=self.config.model.image_size)
+
+    def preprocess(self, images: Any, foreground: Any = None) -> tuple[Tensor, Tensor, FitInfo]:
+        """Raw ``[N, H, W]`` (or ``[H, W]``) intensities to model input, exactly as the command line does it.
+
+        Returns ``[N, 1, S, S]`` images in [-1, 1] and foreground masks on the pipeline's device, and
+        the :class:`~synomaly.preprocess.FitInfo` that :meth:`postprocess` needs. ``foreground``: optional
+        ``[N, H, W]`` masks that replace the model's computed foreground.
+        """
+        x, fg, fit = self.preprocessing.apply(np.asarray(images, dtype=np.float32), foreground)
+        return torch.from_numpy(x).to(self.device), torch.from_numpy(fg).to(self.device), fit
+
+    def postprocess(self, output: DetectionOutput, fit: FitInfo) -> dict[str, np.ndarray]:
+        """``mask``, ``anomaly_map`` and ``reconstruction`` of ``detect`` back at the input's ``[N, H, W]`` size."""
+        def back(x: Tensor, kind: str) -> np.ndarray:
+            return restore_size(x[:, 0].detach().float().cpu().numpy(), fit, kind=kind)
+
+        return {"mask": back(output.mask, "mask"), "anomaly_map": back(output.anomaly_map, "image"),
+                "reconstruction": back(output.reconstruction, "image")}
+
     def detect_config(self, **overrides: Any) -> DetectConfig:
         """The folder's detection settings with ``overrides`` applied and validated."""
         config = from_dict(DetectConfig, {**dataclasses.asdict(self.config.detect), **overrides}, "detect")
@@ -219,6 +252,10 @@ class SynomalyPipeline:
         if not images.is_floating_point():
             raise ValueError(f"images must be floating point in [-1, 1], got {images.dtype}")
         check_image_size(self.config.model, images.shape[2], images.shape[3])
+        size = self.config.model.image_size
+        if tuple(images.shape[2:]) != (size, size):
+            raise ValueError(f"images are {images.shape[3]}x{images.shape[2]} but this model takes {size}x{size}: "
+                             "bring raw images to it with pipe.preprocess(arrays) (and outputs back with pipe.postprocess)")
         images = images.to(self.device, torch.float32)
         if not torch.isfinite(images).all():
             raise ValueError("images contain NaN or Inf values")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from synomaly.config import DetectConfig, ModelConfig, PipelineConfig, ScheduleC
 from synomaly.errors import OutputExistsError, SynomalyError
 from synomaly.methods import get_method
 from synomaly.model import check_image_size
-from synomaly.pipeline import WEIGHTS_NAME, SynomalyPipeline
+from synomaly.pipeline import CONFIG_NAME, THRESHOLDS_NAME, WEIGHTS_NAME, SynomalyPipeline
 from synomaly.schedule import LOSSES, DiffusionSchedule
 
 log = logging.getLogger(__name__)
@@ -220,7 +221,26 @@ def _check_outputs(output_dir: Path, resume: bool, overwrite: bool) -> Path | No
             raise OutputExistsError(existing, "pass resume=True (--resume) to continue or overwrite=True (--overwrite)")
     if overwrite:
         checkpoint.unlink(missing_ok=True)
+        (output_dir / THRESHOLDS_NAME).unlink(missing_ok=True)  # chosen for the model being replaced
     return None
+
+
+def _finished_step(output_dir: Path) -> int | None:
+    """The final step of the model folder already written in ``output_dir``, or None."""
+    try:
+        config = json.loads((output_dir / CONFIG_NAME).read_text())
+        return int(config["training"]["final_step"]) if (output_dir / WEIGHTS_NAME).is_file() else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _retire_thresholds(output_dir: Path) -> None:
+    """New weights make an earlier ``thresholds.json`` wrong: keep it aside as ``thresholds.previous.json``."""
+    thresholds = output_dir / THRESHOLDS_NAME
+    if thresholds.exists():
+        thresholds.replace(output_dir / "thresholds.previous.json")
+        log.warning("%s was chosen for the earlier weights: moved to thresholds.previous.json; run synomaly calibrate again",
+                    thresholds)
 
 
 def _dataset(images: Tensor | np.ndarray, foreground: Tensor | np.ndarray | None, target: Tensor | np.ndarray | None,
@@ -285,6 +305,10 @@ def train(
 
     output_dir = Path(output_dir)
     ckpt_path = _check_outputs(output_dir, resume, overwrite)
+    finished = _finished_step(output_dir) if resume else None
+    if finished is not None and finished >= train_config.steps:
+        log.info("%s already finished at step %d (asked for %d): nothing to do", output_dir, finished, train_config.steps)
+        return output_dir
     config = PipelineConfig(model=model, schedule=schedule, noise=dict(noise), detect=detect,
                             preprocess=dict(preprocess or {}), method=method)
     chosen = get_method(method)
@@ -316,6 +340,7 @@ def train(
                    "seconds_last_run": round(seconds, 3), "device": str(trainer.strategy.root_device),
                    "world_size": trainer.world_size}
         config = dataclasses.replace(config, training=summary)
+        _retire_thresholds(output_dir)
         SynomalyPipeline(module.unet, config).save_pretrained(output_dir, overwrite=True)
         log.info("model folder written to %s (%d steps)", output_dir, trainer.global_step)
     trainer.strategy.barrier("model folder written")

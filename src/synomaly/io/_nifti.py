@@ -1,5 +1,12 @@
 """NIfTI-1/2 volumes through nibabel.
 
+Orientation: a volume is brought to one canonical voxel order on reading, ``CANONICAL`` = LAS
+(voxel axes run towards the patient's Left, Anterior and Superior, as FSL and DICOM converters
+store brains), by flips and axis swaps only (nibabel's ``io_orientation``; no resampling). So
+``slice_axis=2`` is always the axial axis, and the same scan stored as RAS, LPS or anything else
+gives the same slices. Writers apply the exact inverse, so outputs land in the input's own voxel
+order with its own affine and header. 2-D images are kept as stored.
+
 Slice convention (one rule for every slice axis, images and masks alike, exactly invertible):
 the two remaining array axes ``(a, b)`` of ``vol`` (in array order) become columns and rows with
 ``b`` reversed, i.e. ``image = np.rot90(vol_slice)``, so ``image[row, col] = vol_slice[col, B-1-row]``.
@@ -7,7 +14,8 @@ This is what ``matplotlib.imshow(vol_slice.T, origin="lower")`` shows, and for t
 RAS/LAS-stored volumes it puts anterior (axial) or superior (coronal, sagittal) at the top.
 It is also the inverse of NIfTI's bottom-up row order, so a NIfTI that ``write_image`` made from
 DICOM input reads back as exactly the DICOM's images (converters such as dcm2niix store rows the
-same way). The volume is not reoriented by its affine: ``slice_axis`` indexes the stored array.
+same way). For a canonical (LAS) volume this is the radiological view of DICOM and of the usual PNG
+slices: axial slices show the patient's right on the image's left and anterior at the top.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import base64
 import logging
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -23,6 +32,42 @@ from synomaly.errors import ConfigError, InputError
 from synomaly.io._base import ImageProperties
 
 logger = logging.getLogger(__name__)
+
+CANONICAL = ("L", "A", "S")
+
+
+def stored_orientation(path: Path, affine: Any) -> list[list[float]]:
+    """The stored voxel axes' orientation (nibabel ``io_orientation`` rows: RAS axis, direction).
+
+    Raises:
+        InputError: The affine is not finite or has no orientation (e.g. a NaN in the sform).
+    """
+    from nibabel import orientations
+
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.isfinite(affine).all():
+        raise InputError(path, "the affine (sform/qform) holds NaN or infinite values; fix the header (e.g. with nibabel)")
+    ornt = orientations.io_orientation(affine)
+    if np.isnan(ornt).any():
+        raise InputError(path, "the affine has no usable orientation (a degenerate axis)")
+    return ornt.tolist()
+
+
+def reorient(volume: np.ndarray, stored: list[list[float]], inverse: bool = False) -> np.ndarray:
+    """A stored-order volume in ``CANONICAL`` order, or (``inverse``) a canonical volume back in the stored order."""
+    from nibabel import orientations
+
+    canonical, ornt = orientations.axcodes2ornt(CANONICAL), np.asarray(stored, dtype=np.float64)
+    transform = orientations.ornt_transform(canonical, ornt) if inverse else orientations.ornt_transform(ornt, canonical)
+    return orientations.apply_orientation(volume, transform)
+
+
+def canonical_zooms(zooms: list[float], stored: list[list[float]]) -> list[float]:
+    """Voxel sizes along the canonical axes (``zooms`` along the stored ones)."""
+    out = [1.0, 1.0, 1.0]
+    for axis, (target, _) in enumerate(stored):
+        out[int(target)] = zooms[axis]
+    return out
 
 
 def volume_to_slices(volume: np.ndarray, axis: int) -> np.ndarray:
@@ -73,6 +118,11 @@ def read_nifti(path: Path, slice_axis: int) -> tuple[np.ndarray, dict]:
     volume = data.reshape(_as_3d(path, image.shape))
     zooms = [float(z) for z in image.header.get_zooms()[:3]]
     zooms += [1.0] * (3 - len(zooms))
+    stored = None
+    if not is_2d:
+        stored = stored_orientation(path, image.affine)
+        volume = reorient(volume, stored)
+        zooms = canonical_zooms(zooms, stored)
     a, b = [i for i in range(3) if i != axis]
     props = {
         "format": "nifti",
@@ -84,6 +134,8 @@ def read_nifti(path: Path, slice_axis: int) -> tuple[np.ndarray, dict]:
         "extra": {
             "nifti_version": 2 if isinstance(image, nibabel.Nifti2Image) else 1,
             "nifti_header": base64.b64encode(image.header.binaryblock).decode("ascii"),
+            "orientation": stored,  # stored voxel axes (nibabel ornt); None: 2-D, kept as stored
+            "axcodes": None if stored is None else "".join(nibabel.orientations.ornt2axcodes(stored)),
         },
     }
     return volume_to_slices(volume, axis), props
@@ -126,11 +178,16 @@ def write_nifti(tmp: Path, stack: np.ndarray, like: ImageProperties | None) -> N
 
     dtype = _storage_dtype(stack)
     if like is not None and like.format == "nifti":
+        stored = like.extra.get("orientation")
         shape3 = _as_3d(Path(like.path), like.shape)
+        if stored is not None:
+            shape3 = reorient(np.empty(shape3, dtype=np.uint8), stored).shape
         volume = np.zeros(shape3, dtype=dtype)
         axis = 2 if like.slice_axis is None else like.slice_axis
         volume_to_slices(volume, axis)[like.slice_indices] = stack
-        volume = volume.reshape(like.shape)
+        if stored is not None:
+            volume = reorient(volume, stored, inverse=True)
+        volume = np.ascontiguousarray(volume).reshape(like.shape)
         header = _header_from(like)
     else:
         volume = np.ascontiguousarray(slices_to_volume(stack.astype(dtype), 2))
@@ -145,8 +202,12 @@ def write_nifti(tmp: Path, stack: np.ndarray, like: ImageProperties | None) -> N
 
 
 def _spacing_affine(like: ImageProperties | None) -> np.ndarray:
-    """Diagonal affine from the pixel spacing (array axis 0 runs along columns, axis 1 along rows)."""
-    affine = np.eye(4)
+    """Diagonal ``CANONICAL`` (LAS) affine from the pixel spacing (array axis 0 runs along columns, axis 1 along rows).
+
+    The image's columns run towards the patient's left, as in the radiological view of 2-D slices,
+    so the volume reads back as exactly these slices.
+    """
+    affine = np.diag([-1.0, 1.0, 1.0, 1.0])
     if like is not None and like.spacing is not None:
-        affine[0, 0], affine[1, 1] = like.spacing[1], like.spacing[0]
+        affine[0, 0], affine[1, 1] = -like.spacing[1], like.spacing[0]
     return affine

@@ -55,7 +55,9 @@ def output_stem(input_path: str | Path, root: str | Path) -> str:
     folders joined by ``__``, so ``root/p01/flair.nii.gz`` becomes ``p01__flair``. The result holds
     only letters, digits, ``.``, ``_`` and ``-``, never ``..``, never starts or ends with a dot, and is cut
     to 200 characters with a hash of the full name, so ``out_dir / (stem + suffix)`` stays in
-    ``out_dir``. Inputs outside ``root`` keep only their own name.
+    ``out_dir``. A name whose characters had to be replaced gets a hash of the original (``a b.png``
+    and ``a_b.png`` never share outputs), so the name is stable across reruns. Inputs outside
+    ``root`` keep only their own name.
     """
     input_path, root = Path(os.path.abspath(input_path)), Path(os.path.abspath(root))
     try:
@@ -67,7 +69,11 @@ def output_stem(input_path: str | Path, root: str | Path) -> str:
         parts[-1] = parts[-1][: len(parts[-1]) - len(suffix)]
     cleaned = [_UNSAFE.sub("_", part) for part in parts]
     stem = re.sub(r"\.{2,}", ".", "__".join(p for p in cleaned if p.strip("."))).lstrip(".-").rstrip(".")
+    lossy = stem != "__".join(parts)  # characters were replaced: two inputs could meet in one name
+    stem = stem or "input"
+    if lossy:
+        stem = f"{stem[: _MAX_STEM - 9]}-{hashlib.sha256('/'.join(parts).encode()).hexdigest()[:8]}"
     if len(stem) > _MAX_STEM:
         digest = hashlib.sha256(stem.encode()).hexdigest()[:12]
         stem = f"{stem[: _MAX_STEM - 13]}-{digest}"
-    return stem or "input"
+    return stem
