@@ -217,3 +217,33 @@ def test_resume_of_a_finished_run_changes_nothing_and_new_weights_retire_old_thr
     (tmp_path / "thresholds.json").write_text('{"detect": {"threshold": 0.3}}')
     train(images, tmp_path, model=model_preset("tiny"), noise=NOISE, train_config=quick(2), overwrite=True)
     assert final_step(tmp_path) == 2 and not (tmp_path / "thresholds.json").exists()
+
+
+def test_sigterm_stops_training_with_a_nonzero_status_and_resume_keeps_the_loss_log(tmp_path):
+    data = tmp_path / "d.npz"
+    np.savez(data, images=(np.random.default_rng(0).random((16, 32, 32)) * 255).astype(np.uint8))
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "synomaly.cli", "train", f"{data}:images", "-o", str(out), "--model", "tiny",
+            "--image-size", "32", "--device", "cpu", "--batch-size", "4", "--train.steps", "400",
+            "--train.checkpoint_every", "5", "--train.log_every", "1", "--train.progress", "false"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    checkpoint = out / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    assert proc.poll() is None, "training finished before it could be stopped"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "stopped by SIGTERM" in err and "--resume" in err and "Traceback" not in err
+    assert not (out / "model.safetensors").exists()
+    rows_before = (out / "logs" / "version_0" / "metrics.csv").read_text().splitlines()
+    resumed = subprocess.run([*argv, "--resume"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert final_step(out) == 400
+    rows_after = (out / "logs" / "version_0" / "metrics.csv").read_text().splitlines()
+    steps_after = [int(row.split(",")[1]) for row in rows_after[1:]]
+    assert steps_after == sorted(steps_after) and steps_after[-1] == 399  # one log, from the first step to the last
+    kept = [row for row in rows_before[1:] if int(row.split(",")[1]) < 5]
+    assert kept and rows_after[1 : 1 + len(kept)] == kept  # the rows before the first checkpoint survive the resume

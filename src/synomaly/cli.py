@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"synomaly {command}: error: {error}", file=sys.stderr)
-        return 2
+        return getattr(error, "exit_code", 2)
     except KeyboardInterrupt:
         print(f"synomaly {command}: interrupted", file=sys.stderr)
         return 130

@@ -6,7 +6,9 @@ from pathlib import Path
 
 
 class SynomalyError(Exception):
-    """Base class of user-facing errors; the CLI prints ``str(error)`` and exits non-zero."""
+    """Base class of user-facing errors; the CLI prints ``str(error)`` and exits with ``exit_code``."""
+
+    exit_code = 2
 
 
 class InputError(SynomalyError, ValueError):
@@ -48,3 +50,17 @@ class OutputExistsError(SynomalyError, FileExistsError):
     def __init__(self, path: str | Path, hint: str = "pass overwrite=True (--overwrite) to replace it") -> None:
         self.path = Path(path)
         super().__init__(f"{path}: already exists; {hint}")
+
+
+class Interrupted(SynomalyError):
+    """A run stopped by a signal (SIGTERM from a batch scheduler, SIGINT); its finished work is kept.
+
+    Args:
+        what: What stopped and where, e.g. ``train stopped at step 120 of 1500 by SIGTERM``.
+        hint: How to continue.
+    """
+
+    exit_code = 143  # 128 + SIGTERM, what schedulers expect of a terminated job
+
+    def __init__(self, what: str, hint: str) -> None:
+        super().__init__(f"{what}; {hint}")

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from synomaly import _atomic
 from synomaly.config import DetectConfig, ModelConfig, PipelineConfig, ScheduleConfig, _check
-from synomaly.errors import OutputExistsError, SynomalyError
+from synomaly.errors import Interrupted, OutputExistsError, SynomalyError
 from synomaly.methods import get_method
 from synomaly.model import check_image_size
 from synomaly.pipeline import CONFIG_NAME, THRESHOLDS_NAME, WEIGHTS_NAME, SynomalyPipeline
@@ -225,6 +225,31 @@ def _check_outputs(output_dir: Path, resume: bool, overwrite: bool) -> Path | No
     return None
 
 
+def _merge_loss_log(path: Path, earlier: str) -> None:
+    """Put the rows of the run before ``--resume`` back in front of the CSV log that the resumed run rewrote."""
+    import csv
+    import io
+
+    old = list(csv.DictReader(io.StringIO(earlier)))
+    new = list(csv.DictReader(io.StringIO(path.read_text()))) if path.is_file() else []
+    first = min((int(row["step"]) for row in new if row.get("step")), default=None)
+    kept = [row for row in old if first is None or (row.get("step") and int(row["step"]) < first)]
+    fields = list(dict.fromkeys([*(old[0] if old else {}), *(new[0] if new else {})]))
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(kept + new)
+    _atomic.write_text(path, out.getvalue())
+
+
+def _checkpoint_hint(output_dir: Path) -> str:
+    """Where the run can continue from, in words."""
+    checkpoint = output_dir / CHECKPOINT
+    if not checkpoint.is_file():
+        return "no checkpoint was saved yet, so"
+    return f"the last checkpoint ({checkpoint}) is kept:"
+
+
 def _finished_step(output_dir: Path) -> int | None:
     """The final step of the model folder already written in ``output_dir``, or None."""
     try:
@@ -333,7 +358,18 @@ def train(
     )
     trainer = _trainer(output_dir, train_config, dataset.tensors[0][:4], noise_fn, method)
     start = time.perf_counter()
-    trainer.fit(module, loader, ckpt_path=ckpt_path, weights_only=True)
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    loss_log = output_dir / "logs" / "version_0" / "metrics.csv"
+    earlier_log = loss_log.read_text() if ckpt_path is not None and loss_log.is_file() else None
+    try:
+        trainer.fit(module, loader, ckpt_path=ckpt_path, weights_only=True)
+    except SIGTERMException:  # a SystemExit with status 0: a scheduler would record success without a model
+        raise Interrupted(f"train stopped by SIGTERM at step {trainer.global_step} of {train_config.steps}, so no model "
+                          f"was written", f"{_checkpoint_hint(output_dir)} run the same command with --resume") from None
+    finally:
+        if earlier_log is not None and trainer.is_global_zero:
+            _merge_loss_log(loss_log, earlier_log)
     seconds = time.perf_counter() - start
     if trainer.is_global_zero:
         summary = {**dataclasses.asdict(train_config), "images": len(dataset), "final_step": trainer.global_step,
