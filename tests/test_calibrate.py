@@ -151,7 +151,7 @@ def _no_healthy_foreground(healthy, lesioned, masks):
     [
         (_no_masks, "healthy-percentile", ["no lesions in the validation masks"]),
         (_empty_masks, "healthy-percentile", ["no lesions in the validation masks"]),
-        (_all_anomalous, "dice-grid", ["no healthy validation slices"]),
+        (_all_anomalous, "dice-grid", ["no healthy validation slices", "the best validation Dice is"]),
         (
             _no_healthy_foreground,
             "default",

@@ -278,3 +278,21 @@ def test_a_second_detect_into_a_folder_in_use_is_refused(tiny_model_dir, disk_da
                         "--device", "cpu"], capsys)
     assert code == 0, err  # released: the lock leaves no file behind
     assert sorted(p.name for p in out.iterdir()) == ["l0", "summary.json"]
+
+
+@pytest.mark.parametrize("spelling, expected", [("200", [200]), ("100,200", [100, 200]), ("[100, 300]", [100, 300])])
+def test_calibrate_grid_takes_one_value_a_comma_list_or_a_list(model_copy, disk_data, capsys, spelling, expected):
+    bundle = disk_data / "bundle.npz"
+    code, _, err = run(["--quiet", "calibrate", f"{bundle}:anomalous", "--masks", f"{bundle}:masks", "-m", str(model_copy),
+                        "--grid.t", spelling, "--grid.kernel", "3", "--grid.threshold", "0.1,0.2", "--grid.max_stages", "1",
+                        "--device", "cpu"], capsys)
+    assert code == 0, err
+    calibration = json.loads((model_copy / "thresholds.json").read_text())["calibration"]
+    assert calibration["grid"]["t"] == expected and calibration["grid"]["threshold"] == [0.1, 0.2]
+
+
+@pytest.mark.parametrize("spelling", ["abc", "1.5", "100,x"])
+def test_calibrate_grid_values_of_the_wrong_kind_name_the_option(model_copy, disk_data, capsys, spelling):
+    code, _, err = run(["--quiet", "calibrate", str(disk_data / "png_lesioned"), "-m", str(model_copy), "--grid.t", spelling,
+                        "--device", "cpu"], capsys)
+    assert code == 2 and "grid.t" in err and len(err.strip().splitlines()) == 1

@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 __all__ = ["CalibrationGrid", "CalibrationResult", "calibrate", "write_thresholds"]
 
 TUNED_FIELDS = ("t", "kernel", "threshold", "max_stages", "fusion")
+LOW_DICE = 0.05  # a best validation Dice below this means the detector is not working
 CALIBRATION_KEYS = (
     "method", "score", "grid", "table", "percentile", "healthy_percentile_threshold", "n_anomalous", "n_healthy",
     "warnings",
@@ -232,6 +233,7 @@ def calibrate(
     anomalous = masks.flatten(1).any(1).cpu() if masks is not None else torch.zeros(len(images), dtype=torch.bool)
     lesioned, healthy = anomalous.nonzero().flatten(), (~anomalous).nonzero().flatten()
     total = _count_batches(len(lesioned), batch_size) * _passes(grid) + _count_batches(len(healthy), batch_size)
+    _announce(pipeline, images, grid, len(lesioned), len(healthy), batch_size, seed)
     with tqdm(total=total, desc="calibrate", unit="batch", disable=not progress) as bar:
         run = _Runner(pipeline, images, masks, foreground, batch_size, seed, bar)
         result = _choose(run, grid, lesioned, percentile)
@@ -243,6 +245,29 @@ def calibrate(
     _apply_fallbacks(result)
     log.info("calibration (%s): %s, validation Dice %s", result.method, result.detect, result.score)
     return result
+
+
+def _announce(pipeline: SynomalyPipeline, images: Tensor, grid: CalibrationGrid, n_lesioned: int, n_healthy: int,
+              batch_size: int, seed: int) -> None:
+    """Log the grid's size, its worst-case network evaluations and a time estimate from one timed batch."""
+    import time
+
+    points = len(grid.t) * len(grid.kernel) * len(grid.threshold) * len(grid.max_stages) * len(grid.fusion)
+    cost = max(stage_cost(pipeline.detect_config(t=t), pipeline.config.method) for t in grid.t)
+    single = len(grid.t) if 1 in grid.max_stages else 0
+    multi = len(grid.t) * len(grid.kernel) * len(grid.threshold) * len(grid.fusion) if max(grid.max_stages) > 1 else 0
+    evaluations = cost * (n_lesioned * (single + multi * max(grid.max_stages)) + n_healthy)
+    if evaluations == 0:
+        log.info("calibration grid: %d settings, no network evaluations", points)
+        return
+    batch = pipeline.check_images(images[: min(batch_size, len(images))])
+    start = time.perf_counter()
+    pipeline.reconstruct(batch, torch.Generator(device=pipeline.device).manual_seed(seed), t=grid.t[0])
+    per_image = (time.perf_counter() - start) / len(batch) / max(cost, 1)
+    seconds = evaluations * per_image
+    log.info("calibration grid: %d settings on %d validation slices with lesions (%d healthy): at most %d network "
+             "evaluations, about %s here (multi-stage images that stop early cost less)",
+             points, n_lesioned, n_healthy, evaluations, f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min")
 
 
 def _check_options(pipeline: SynomalyPipeline, grid: CalibrationGrid, percentile: float, batch_size: int) -> None:
@@ -295,6 +320,9 @@ def _apply_fallbacks(result: CalibrationResult) -> None:
         _warn(result, "no healthy validation slices: the healthy-percentile threshold is not available")
     elif result.healthy_percentile_threshold is None:
         _warn(result, "the healthy validation slices have no foreground pixels: no healthy-percentile threshold")
+    if result.method == "dice-grid" and result.score is not None and result.score < LOW_DICE:
+        _warn(result, f"the best validation Dice is {result.score:.3f}: the model finds almost none of the lesions at any "
+                      "setting of the grid; check the training (steps, loss), the preprocessing and the masks before using it")
     if result.method == "dice-grid":
         return
     _warn(

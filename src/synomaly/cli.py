@@ -109,7 +109,11 @@ def _calibrate_parser() -> Any:
     p.add_argument("--model", "-m", required=True, help="model folder (thresholds.json is written into it)")
     p.add_argument("--masks", nargs="+", default=None, help=f"{MASKS_HELP}; without masks the threshold is a percentile of healthy maps")
     p.add_argument("--percentile", type=float, default=99.0, help="percentile of healthy anomaly-map values (unsupervised rule)")
-    p.add_class_arguments(CalibrationGrid, "grid")
+    defaults = CalibrationGrid()
+    for name, kind in GRID_TYPES.items():
+        p.add_argument(f"--grid.{name}", type=list[kind] | kind | str, default=list(getattr(defaults, name)),
+                       help=f"candidate {name} values: one value, a comma-separated list or a [list] (default: "
+                            f"{','.join(str(v) for v in getattr(defaults, name))})")
     _detect_overrides(p, FIXED_OPTIONS)
     _slices(p)
     _common(p)
@@ -175,6 +179,24 @@ def build_parser() -> Any:
     return parser
 
 
+GRID_TYPES = {"t": int, "kernel": int, "threshold": float, "max_stages": int, "fusion": str}
+
+
+def grid_values(value: Any, kind: type, name: str) -> list[Any]:
+    """A calibration grid axis from ``200``, ``"100,200"``, ``[100, 200]`` or a YAML list."""
+    from synomaly.errors import ConfigError
+
+    items = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
+    try:
+        out = [kind(item.strip()) if isinstance(item, str) else kind(item) for item in items if str(item).strip()]
+    except (TypeError, ValueError):
+        raise ConfigError(f"grid.{name}", f"expected {kind.__name__} values (one, a comma-separated list or a list), "
+                                          f"got {value!r}") from None
+    if kind is int and any(isinstance(item, float) and not float(item).is_integer() for item in items):
+        raise ConfigError(f"grid.{name}", f"expected whole numbers, got {value!r}")
+    return out
+
+
 # Options that take several values; a YAML scalar (``inputs: scan.png``) is one value, never its characters.
 LIST_OPTIONS = ("inputs", "data", "masks", "foreground_masks", "direction", "slice_range")
 
@@ -212,7 +234,7 @@ def _run(command: str, a: Any) -> Any:
     if command == "calibrate":
         from synomaly.calibrate import CalibrationGrid
 
-        grid = CalibrationGrid(**{k: tuple(v) for k, v in a.grid.items()})
+        grid = CalibrationGrid(**{k: tuple(grid_values(v, GRID_TYPES[k], k)) for k, v in a.grid.items()})
         return commands.run_calibrate(a.model, a.data, masks=a.masks, grid=grid, detect=detect, percentile=a.percentile,
                                       batch_size=a.batch_size, device=a.device, seed=a.seed, overwrite=a.overwrite, **slices)
     if command == "evaluate":
