@@ -213,6 +213,26 @@ def test_write_refuses_to_overwrite(random_pipeline, phantom_test, tmp_path):
     assert read_evaluation(tmp_path)[0]["aggregate"]["nfe_mean"] == 99.0
 
 
+def test_an_overwrite_that_fails_midway_leaves_no_complete_looking_evaluation(random_pipeline, phantom_test, tmp_path,
+                                                                             monkeypatch):
+    from synomaly.commands import run_report
+    from synomaly.errors import InputError
+
+    images = phantom_test[0][:2]
+    out = evaluate(random_pipeline, images, None, case_ids=["a", "b"], progress=False, max_stages=1)
+    write_evaluation(out, tmp_path)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez_compressed", disk_full)  # the new tables are written, then the disk fills up
+    with pytest.raises(OSError):
+        write_evaluation(out, tmp_path, overwrite=True)
+    assert not (tmp_path / "metrics.json").exists()
+    with pytest.raises(InputError, match="metrics.json: missing"):
+        run_report(tmp_path)
+
+
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [

@@ -426,6 +426,9 @@ def write_evaluation(result: EvaluationResult, out_dir: str | Path, overwrite: b
     if metrics_path.exists() and not overwrite:
         raise OutputExistsError(metrics_path)
     metrics = json_safe(result.metrics)
+    # The old evaluation stops being complete before any new file lands: a run that fails midway
+    # (disk full) leaves no metrics.json beside a mix of old and new tables.
+    metrics_path.unlink(missing_ok=True)
     _atomic.write_text(out / PER_CASE_NAME, _csv_text(metrics["per_case"]))
     if "per_volume" in metrics:
         _atomic.write_text(out / PER_VOLUME_NAME, _csv_text(metrics["per_volume"]))
