@@ -296,3 +296,14 @@ def test_calibrate_grid_values_of_the_wrong_kind_name_the_option(model_copy, dis
     code, _, err = run(["--quiet", "calibrate", str(disk_data / "png_lesioned"), "-m", str(model_copy), "--grid.t", spelling,
                         "--device", "cpu"], capsys)
     assert code == 2 and "grid.t" in err and len(err.strip().splitlines()) == 1
+
+
+def test_detect_never_writes_through_a_symbolic_link_in_its_output_folder(tiny_model_dir, disk_data, tmp_path, capsys):
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    (out / "l0").symlink_to(elsewhere, target_is_directory=True)  # planted where the case folder of l0.png goes
+    code, _, err = run(["--quiet", "detect", str(disk_data / "png_lesioned" / "l0.png"), "-m", str(tiny_model_dir), "-o", str(out),
+                        "--device", "cpu", "--on-error", "stop"], capsys)
+    assert code == 2 and "symbolic link" in err and "Traceback" not in err
+    assert list(elsewhere.iterdir()) == []
