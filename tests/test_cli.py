@@ -307,3 +307,16 @@ def test_detect_never_writes_through_a_symbolic_link_in_its_output_folder(tiny_m
                         "--device", "cpu", "--on-error", "stop"], capsys)
     assert code == 2 and "symbolic link" in err and "Traceback" not in err
     assert list(elsewhere.iterdir()) == []
+
+
+def test_quiet_silences_the_progress_bars_of_every_command(model_copy, disk_data, tmp_path, capfd):
+    bundle = disk_data / "bundle.npz"
+    assert main(["--quiet", "calibrate", f"{bundle}:anomalous", "--masks", f"{bundle}:masks", "-m", str(model_copy),
+                 "--grid.t", "200", "--grid.kernel", "3", "--grid.threshold", "0.2", "--grid.max_stages", "1,2",
+                 "--device", "cpu"]) == 0
+    assert main(["--quiet", "evaluate", f"{bundle}:anomalous", "--masks", f"{bundle}:masks", "-m", str(model_copy),
+                 "-o", str(tmp_path / "ev"), "--device", "cpu"]) == 0
+    assert main(["--quiet", "train", f"{bundle}:healthy", "-o", str(tmp_path / "m"), "--model", "tiny", "--image-size", "32",
+                 "--train.steps", "2", "--batch-size", "4", "--device", "cpu"]) == 0
+    err = capfd.readouterr().err
+    assert "calibrate:" not in err and "evaluate:" not in err and "Epoch" not in err and "it/s" not in err, err

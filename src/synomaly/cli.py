@@ -253,7 +253,8 @@ def _run_train(a: Any, slices: dict[str, Any]) -> Any:
     from synomaly.train import TrainConfig
 
     accelerator = commands.lightning_accelerator(a.device)
-    config = TrainConfig(**{**a.train.as_dict(), "batch_size": a.batch_size, "seed": a.seed, "accelerator": accelerator})
+    config = TrainConfig(**{**a.train.as_dict(), "batch_size": a.batch_size, "seed": a.seed, "accelerator": accelerator,
+                            "progress": a.train.progress and commands.show_progress()})
     blob_threshold = a.blob_threshold
     if a.threshold is not None:
         log.warning("train --threshold is deprecated and will be removed in the next release: use --blob-threshold "

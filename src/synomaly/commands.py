@@ -32,6 +32,11 @@ log = logging.getLogger(__name__)
 DEVICES = "auto, cpu, cuda, cuda:N or mps"
 
 
+def show_progress() -> bool:
+    """Progress bars follow the log level: shown at INFO (the default), hidden by ``--quiet``."""
+    return logging.getLogger("synomaly").isEnabledFor(logging.INFO)
+
+
 def resolve_device(device: str) -> str:
     """Check ``device`` against what this machine has, before any work; ``auto`` picks ``cuda`` when visible.
 
@@ -395,7 +400,7 @@ def run_calibrate(
     pipe.config = dataclasses.replace(pipe.config, detect=pipe.detect_config(**fixed))
     cases = load_labelled(pipe, data, masks, slice_axis, slice_range, foreground_masks)
     result = calibrate(pipe, cases.images, cases.masks, foreground=cases.foreground, grid=grid or CalibrationGrid(),
-                       percentile=percentile, batch_size=batch_size, seed=seed)
+                       percentile=percentile, batch_size=batch_size, seed=seed, progress=show_progress())
     result.detect = {**fixed, **result.detect}
     path = write_thresholds(model, result, overwrite=overwrite)
     log.info("chose %s by %s (validation Dice %s); written to %s", result.detect, result.method, result.score, path)
@@ -429,7 +434,7 @@ def run_evaluate(
         raise InputError(data[0], "evaluation needs masks (--masks, one per input; 'none' for healthy inputs)")
     overrides = {k: v for k, v in (detect or {}).items() if v is not None}
     result = evaluate(pipe, cases.images, cases.masks, case_ids=cases.case_ids, group_ids=cases.group_ids,
-                      foreground=cases.foreground, batch_size=batch_size, seed=seed, **overrides)
+                      foreground=cases.foreground, batch_size=batch_size, seed=seed, progress=show_progress(), **overrides)
     result.metrics["model"] = {"folder": str(model), "config": pipe.config.to_dict()}
     write_evaluation(result, output, overwrite=overwrite)
     log.info("Dice (mean over anomalous slices) %.3f, AP %.3f; written to %s",

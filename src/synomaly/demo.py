@@ -166,7 +166,7 @@ def run_demo(output: str | Path = "synomaly-demo", *, train_steps: int = 0, devi
     import shutil
 
     from synomaly.calibrate import CalibrationGrid, calibrate, write_thresholds
-    from synomaly.commands import resolve_device
+    from synomaly.commands import resolve_device, show_progress
     from synomaly.errors import OutputExistsError
     from synomaly.evaluate import evaluate, write_evaluation
     from synomaly.pipeline import SynomalyPipeline
@@ -192,12 +192,12 @@ def run_demo(output: str | Path = "synomaly-demo", *, train_steps: int = 0, devi
     log.info("calibrating on %d validation slices", len(data.val_images))
     result = calibrate(pipe, data.val_images, data.val_masks, foreground=data.foreground["val"],
                        grid=CalibrationGrid(t=(100, 200, 300), kernel=(3, 5), threshold=(0.1, 0.15, 0.2, 0.25, 0.3)),
-                       batch_size=batch_size, seed=seed)
+                       batch_size=batch_size, seed=seed, progress=show_progress())
     write_thresholds(model_dir, result, overwrite=True)
     pipe = SynomalyPipeline.from_pretrained(model_dir, device=device)
     log.info("evaluating on %d test slices with %s", len(data.test_images), result.detect)
     evaluation = evaluate(pipe, data.test_images, data.test_masks, case_ids=data.test_ids,
-                          foreground=data.foreground["test"], batch_size=batch_size, seed=seed)
+                          foreground=data.foreground["test"], batch_size=batch_size, seed=seed, progress=show_progress())
     write_evaluation(evaluation, output / "evaluation", overwrite=True)
     seconds = time.perf_counter() - start
     notes = f"{NOTES} This run took {seconds:.0f} s on {device}" + (f", {train_steps} training steps included." if train_steps else

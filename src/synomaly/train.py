@@ -13,6 +13,7 @@ import importlib.util
 import json
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,14 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = {"32": "32-true", "bf16": "bf16-mixed"}
 CHECKPOINT = Path("checkpoints") / "last.ckpt"
+# Lightning warnings that say nothing a user of this package can act on.
+LIGHTNING_NOISE = (
+    r".*log_every_n_steps.*",  # short runs: fewer batches per epoch than the logging interval
+    r".*LeafSpec.*",  # a deprecation inside Lightning itself
+    r".*does not have many workers.*",  # the data are tensors in memory
+    r".*resuming from a checkpoint that ended before the epoch ended.*",  # expected with step-based checkpoints
+    r".*litlogger.*",
+)
 FLIPS = {"both": (-1, -2), "horizontal": (-1,), "vertical": (-2,), "none": ()}
 
 
@@ -363,7 +372,10 @@ def train(
     loss_log = output_dir / "logs" / "version_0" / "metrics.csv"
     earlier_log = loss_log.read_text() if ckpt_path is not None and loss_log.is_file() else None
     try:
-        trainer.fit(module, loader, ckpt_path=ckpt_path, weights_only=True)
+        with warnings.catch_warnings():
+            for message in LIGHTNING_NOISE:
+                warnings.filterwarnings("ignore", message=message)
+            trainer.fit(module, loader, ckpt_path=ckpt_path, weights_only=True)
     except SIGTERMException:  # a SystemExit with status 0: a scheduler would record success without a model
         raise Interrupted(f"train stopped by SIGTERM at step {trainer.global_step} of {train_config.steps}, so no model "
                           f"was written", f"{_checkpoint_hint(output_dir)} run the same command with --resume") from None
