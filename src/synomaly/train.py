@@ -190,7 +190,33 @@ def _callbacks(output_dir: Path, config: TrainConfig, preview_batch: Tensor, noi
                         every_n_train_steps=config.checkpoint_every, enable_version_counter=False),
         Preview(),
     ]
+    if config.progress:
+        callbacks.append(_step_progress_class()())
     return callbacks
+
+
+def _step_progress_class() -> type:
+    """The step progress bar callback (built lazily: importing Lightning costs seconds)."""
+    import lightning.pytorch as pl
+    from tqdm.auto import tqdm
+
+    class StepProgressBar(pl.Callback):
+        """One bar over optimiser steps (Lightning's counts epochs, so it never shows the time left)."""
+
+        def on_train_start(self, trainer, module) -> None:
+            self.bar = tqdm(total=trainer.max_steps, initial=trainer.global_step, desc="train", unit="step",
+                            disable=not trainer.is_global_zero, dynamic_ncols=True)
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+            self.bar.update(trainer.global_step - self.bar.n)
+            loss = trainer.callback_metrics.get("train/loss")
+            if loss is not None and trainer.global_step % 10 == 0:
+                self.bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
+
+        def on_train_end(self, trainer, module) -> None:
+            self.bar.close()
+
+    return StepProgressBar
 
 
 @torch.no_grad()
@@ -418,7 +444,7 @@ def _trainer(output_dir: Path, config: TrainConfig, preview_batch: Tensor, noise
         callbacks=_callbacks(output_dir, config, preview_batch, noise, method),
         logger=_loggers(output_dir),
         log_every_n_steps=config.log_every,
-        enable_progress_bar=config.progress,
+        enable_progress_bar=False,  # StepProgress shows steps and the time left instead
         enable_model_summary=False,
         plugins=[AtomicCheckpointIO()],
         default_root_dir=output_dir,
