@@ -320,3 +320,33 @@ def test_quiet_silences_the_progress_bars_of_every_command(model_copy, disk_data
                  "--train.steps", "2", "--batch-size", "4", "--device", "cpu"]) == 0
     err = capfd.readouterr().err
     assert "calibrate:" not in err and "evaluate:" not in err and "Epoch" not in err and "it/s" not in err, err
+
+
+def test_score_a_detect_folder_by_file_name_and_in_order(tiny_model_dir, disk_data, tmp_path, capsys):
+    from PIL import Image
+
+    det = tmp_path / "det"
+    base = ["--quiet", "detect", "-m", str(tiny_model_dir), "--device", "cpu", "--threshold", "0.1"]
+    assert run([*base, str(disk_data / "png_lesioned"), "-o", str(det)], capsys)[0] == 0
+    code, _, err = run(["--quiet", "score", str(det), "--references", str(disk_data / "png_masks"), "-o", str(tmp_path / "s")], capsys)
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "s" / "metrics.json").read_text())
+    assert metrics["aggregate"]["n_cases"] == 6 and metrics["settings"]["hd95_unit"] == "px"
+    for row in metrics["per_case"]:  # an independent Dice from the files on disk
+        name = row["group_id"]
+        pred = np.load(det / name / "mask.npy")[0] > 0
+        ref = np.asarray(Image.open(disk_data / "png_masks" / f"{name}.png")) > 0
+        expected = 2 * (pred & ref).sum() / (pred.sum() + ref.sum()) if pred.sum() + ref.sum() else 1.0
+        assert row["dice"] == pytest.approx(expected)
+    assert (tmp_path / "s" / "per_case.csv").read_text().count("\n") == 7
+    # A volume: references in order, HD95 in mm from the NIfTI's spacing.
+    assert run([*base, str(disk_data / "vol.nii.gz"), "-o", str(tmp_path / "det2")], capsys)[0] == 0
+    code, _, err = run(["--quiet", "score", str(tmp_path / "det2"), "-r", str(disk_data / "vol_mask.nii.gz"),
+                        "-o", str(tmp_path / "s2")], capsys)
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "s2" / "metrics.json").read_text())
+    assert metrics["settings"]["hd95_unit"] == "mm" and len(metrics["per_volume"]) == 1
+    assert run(["--quiet", "score", str(tmp_path / "det2"), "-r", str(disk_data / "vol_mask.nii.gz"), "-o", str(tmp_path / "s2")],
+               capsys)[0] == 2  # no silent overwrite
+    code, _, err = run(["--quiet", "score", str(tmp_path / "det2"), "-r", "none", "none", "-o", str(tmp_path / "s3")], capsys)
+    assert code == 2 and "1 cases but 2 reference sources" in err

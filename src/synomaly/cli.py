@@ -146,6 +146,19 @@ def _report_parser() -> Any:
     return p
 
 
+def _score_parser() -> Any:
+    from jsonargparse import ArgumentParser
+
+    p = ArgumentParser(description="Score a detect output folder against reference masks, without running a model.")
+    p.add_argument("predictions", help="a synomaly detect output folder (summary.json and one folder per input)")
+    p.add_argument("--references", "-r", nargs="+", required=True,
+                   help="one folder of masks named like the inputs, or one mask source per input in the order of "
+                        "summary.json ('none' for a healthy input, data.npz:key for arrays)")
+    p.add_argument("--output", "-o", required=True, help="folder for metrics.json, per_case.csv and per_volume.csv")
+    _common(p, device=False)
+    return p
+
+
 def _demo_parser() -> Any:
     from jsonargparse import ArgumentParser
 
@@ -172,6 +185,7 @@ def build_parser() -> Any:
         ("detect", _detect_parser, "detect anomalies with a trained model"),
         ("calibrate", _calibrate_parser, "choose detection settings on validation data"),
         ("evaluate", _evaluate_parser, "evaluate detections against masks"),
+        ("score", _score_parser, "score existing predictions (a detect output folder) against masks"),
         ("report", _report_parser, "HTML report of an evaluation"),
         ("demo", _demo_parser, "the whole method on a built-in brain template, offline"),
     ):
@@ -198,7 +212,7 @@ def grid_values(value: Any, kind: type, name: str) -> list[Any]:
 
 
 # Options that take several values; a YAML scalar (``inputs: scan.png``) is one value, never its characters.
-LIST_OPTIONS = ("inputs", "data", "masks", "foreground_masks", "direction", "slice_range")
+LIST_OPTIONS = ("inputs", "data", "masks", "foreground_masks", "direction", "slice_range", "references")
 
 
 def as_list(value: Any, name: str) -> list[Any]:
@@ -240,6 +254,10 @@ def _run(command: str, a: Any) -> Any:
     if command == "evaluate":
         return commands.run_evaluate(a.model, a.data, a.masks, a.output, detect=detect, batch_size=a.batch_size,
                                      device=a.device, seed=a.seed, overwrite=a.overwrite, **slices)
+    if command == "score":
+        from synomaly.score import score_folder
+
+        return score_folder(a.predictions, a.references, a.output, overwrite=a.overwrite)
     if command == "report":
         return commands.run_report(a.evaluation, a.output, title=a.title, notes=a.notes, overwrite=a.overwrite)
     from synomaly.demo import run_demo

@@ -492,6 +492,7 @@ class SegmentationEvaluator:
         score: Tensor | None = None,
         image: Tensor | None = None,
         reconstruction: Tensor | None = None,
+        spacing: Spacing = None,
     ) -> None:
         """Add a batch of ``B`` cases.
 
@@ -504,13 +505,14 @@ class SegmentationEvaluator:
             score: Image-level anomaly score ``[B]``; give it in every update or in none.
             image: Input images ``[B, C, H, W]``, for SSIM (needs ``reconstruction`` too).
             reconstruction: Reconstructed images, same shape as ``image``.
+            spacing: Pixel size of this batch for HD95 (e.g. each file's own); ``None``: the evaluator's.
         """
         batch, first = target.shape[0], not self._counts
         # Validate and compute everything before touching the state, so a bad batch leaves no trace.
         names = self._names(case_ids, batch)
         groups = self._groups(group_ids, batch, first)
         columns = {
-            "hd95": hd95(pred_mask, target, self.spacing),
+            "hd95": hd95(pred_mask, target, self.spacing if spacing is None else spacing),
             "ap": per_image_average_precision(anomaly_map, target),
             "ssim": self._ssim_or_nan(image, reconstruction, batch),
             "score": self._score_or_nan(score, batch, first),
