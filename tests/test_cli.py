@@ -350,3 +350,25 @@ def test_score_a_detect_folder_by_file_name_and_in_order(tiny_model_dir, disk_da
                capsys)[0] == 2  # no silent overwrite
     code, _, err = run(["--quiet", "score", str(tmp_path / "det2"), "-r", "none", "none", "-o", str(tmp_path / "s3")], capsys)
     assert code == 2 and "1 cases but 2 reference sources" in err
+
+
+def test_masks_beside_their_images_kaggle_style(tiny_model_dir, disk_data, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "kaggle"
+    folder.mkdir()
+    for i in range(3):
+        shutil.copy(disk_data / "png_lesioned" / f"l{i}.png", folder / f"case {i}.png")
+        shutil.copy(disk_data / "png_masks" / f"l{i}.png", folder / f"case {i}_mask.png")
+    code, _, err = run(["--quiet", "evaluate", str(folder), "--mask-suffix", "_mask", "-m", str(tiny_model_dir),
+                        "-o", str(tmp_path / "ev"), "--device", "cpu"], capsys)
+    assert code == 0, err
+    per_case = json.loads((tmp_path / "ev" / "metrics.json").read_text())["per_case"]
+    assert sorted(row["case_id"] for row in per_case) == ["case 0.png", "case 1.png", "case 2.png"]
+    assert all(row["anomalous"] for row in per_case)
+    (folder / "case 2_mask.png").unlink()
+    code, _, err = run(["--quiet", "evaluate", str(folder), "--mask-suffix", "_mask", "-m", str(tiny_model_dir),
+                        "-o", str(tmp_path / "ev2"), "--device", "cpu"], capsys)
+    assert code == 2 and "case 2.png: no mask case 2_mask.png beside it" in err
+    code, _, err = run(["--quiet", "evaluate", str(folder), "-m", str(tiny_model_dir), "-o", str(tmp_path / "ev3")], capsys)
+    assert code == 2 and "--masks" in err

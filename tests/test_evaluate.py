@@ -248,3 +248,23 @@ def test_bad_arguments_are_rejected(random_pipeline, kwargs, error, message):
     args = {"case_ids": ["a", "b"], **kwargs}
     with pytest.raises(error, match=message):
         evaluate(random_pipeline, torch.zeros(2, 1, 32, 32), None, progress=False, **args)
+
+
+def test_oracle_dice_is_the_best_mean_and_pooled_dice_over_map_thresholds():
+    from synomaly.evaluate import MAP_MAX, _OracleDice
+    from synomaly.metrics import confusion_counts, dice
+
+    g = torch.Generator().manual_seed(0)
+    maps = torch.rand(6, 1, 12, 12, generator=g) * 0.8
+    targets = maps + 0.3 * torch.rand(6, 1, 12, 12, generator=g) > 0.7
+    targets[4:] = False  # two healthy slices
+    oracle = _OracleDice(levels=50)
+    oracle.update(maps[:3], targets[:3])
+    oracle.update(maps[3:], targets[3:])
+    result = oracle.compute()
+    levels = torch.linspace(0, MAP_MAX, 51)[1:]
+    means = [float(dice(confusion_counts(maps[:4] >= lv, targets[:4])).mean()) for lv in levels]
+    pooled = [float(dice(confusion_counts(maps >= lv, targets).sum())) for lv in levels]
+    assert result["dice_oracle_mean"] == pytest.approx(max(means))
+    assert result["dice_oracle_pooled"] == pytest.approx(max(pooled))
+    assert result["dice_oracle_threshold"] == pytest.approx(float(levels[int(np.argmax(means))]))

@@ -16,16 +16,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success rename it to ``path``, else delete it.
 
     A reader never sees a half-written file, and an interrupted write leaves the old file intact.
-    ``path`` and its folder must not be symbolic links (an output never lands outside its folder).
+    ``path`` itself must not be a symbolic link (its folder may be one, e.g. a scratch space).
     The temporary name keeps the target's suffixes, so suffix-driven writers still work.
     """
     path = Path(path)
-    for link in (path, path.parent):
-        if link.is_symlink():  # a planted link would carry the output out of its folder
-            from synomaly.errors import InputError
+    if path.is_symlink():  # a planted link would carry the output elsewhere
+        from synomaly.errors import InputError
 
-            raise InputError(link, "is a symbolic link: outputs are never written through links; remove it or choose "
-                                   "another output folder")
+        raise InputError(path, "is a symbolic link: outputs are never written through links; remove it or choose "
+                               "another output folder")
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)

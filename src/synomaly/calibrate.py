@@ -229,6 +229,8 @@ def calibrate(
         ConfigError: On a grid ``t`` beyond the model's schedule or a bad ``batch_size``.
     """
     check_inputs(images, masks, foreground)
+    if not pipeline.method.uses_timestep and len(grid.t) > 1:  # t changes nothing: one pass, not one per value
+        grid = dataclasses.replace(grid, t=(pipeline.config.detect.t,))
     _check_options(pipeline, grid, percentile, batch_size)
     anomalous = masks.flatten(1).any(1).cpu() if masks is not None else torch.zeros(len(images), dtype=torch.bool)
     lesioned, healthy = anomalous.nonzero().flatten(), (~anomalous).nonzero().flatten()

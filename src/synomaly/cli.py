@@ -32,6 +32,38 @@ def _common(parser: Any, device: bool = True) -> None:
         parser.add_argument("--seed", type=int, default=0, help="seed of the noise (results are reproducible)")
 
 
+def _mask_suffix(parser: Any) -> None:
+    parser.add_argument("--mask-suffix", default=None,
+                        help="masks lie beside their images as NAME<suffix>.ext (e.g. _mask for X.png and X_mask.png, as "
+                             "Kaggle data sets ship them); those files are not taken as images")
+
+
+def masks_beside_images(data: list[str], suffix: str) -> tuple[list[str], list[str]]:
+    """Every image of ``data`` (mask files left out) and the mask ``NAME<suffix>.ext`` beside each."""
+    from synomaly.data import Source, expand
+    from synomaly.errors import InputError
+    from synomaly.io import suffix_of
+
+    images, masks = [], []
+    for spec in data:
+        if Source.parse(spec).key is not None:
+            raise InputError(spec, "--mask-suffix pairs files on disk; give arrays' masks with --masks bundle.npz:key")
+        for source in expand(spec):
+            path = source.path
+            ext = suffix_of(path.name)
+            stem = path.name[: len(path.name) - len(ext)] if ext else path.name
+            if stem.endswith(suffix):
+                continue
+            mask = path.with_name(f"{stem}{suffix}{ext}")
+            if not mask.exists():
+                raise InputError(path, f"no mask {mask.name} beside it (--mask-suffix {suffix})")
+            images.append(str(path))
+            masks.append(str(mask))
+    if not images:
+        raise InputError(data[0], f"only masks (names ending in {suffix}) found, no images")
+    return images, masks
+
+
 def _slices(parser: Any) -> None:
     parser.add_argument("--slice-axis", type=int, default=2, help="NIfTI axis to cut 2-D slices along")
     parser.add_argument("--slice-range", type=int, nargs=2, default=None, help="half-open range START STOP of slices")
@@ -62,6 +94,7 @@ def _train_parser() -> Any:
     p.add_argument("--method", default="diffusion", choices=list(METHODS),
                    help="; ".join(f"{name}: {m.description}" for name, m in METHODS.items()))
     p.add_argument("--masks", nargs="+", default=None, help=f"{MASKS_HELP} (--method supervised only)")
+    _mask_suffix(p)
     p.add_argument("--foreground", default=None, choices=["none", "auto", "disk", "given"],
                    help="region of the blobs in training and of the anomaly map at inference (default: the preset's); "
                         "given: from --foreground-masks, which every later command then needs")
@@ -108,6 +141,7 @@ def _calibrate_parser() -> Any:
     p.add_argument("data", nargs="+", help=f"validation {SOURCES_HELP}")
     p.add_argument("--model", "-m", required=True, help="model folder (thresholds.json is written into it)")
     p.add_argument("--masks", nargs="+", default=None, help=f"{MASKS_HELP}; without masks the threshold is a percentile of healthy maps")
+    _mask_suffix(p)
     p.add_argument("--percentile", type=float, default=99.0, help="percentile of healthy anomaly-map values (unsupervised rule)")
     defaults = CalibrationGrid()
     for name, kind in GRID_TYPES.items():
@@ -125,7 +159,8 @@ def _evaluate_parser() -> Any:
 
     p = ArgumentParser(description="Evaluate against masks: per-case and aggregate metrics (JSON, CSV).")
     p.add_argument("data", nargs="+", help=SOURCES_HELP)
-    p.add_argument("--masks", nargs="+", required=True, help=MASKS_HELP)
+    p.add_argument("--masks", nargs="+", default=None, help=f"{MASKS_HELP} (or --mask-suffix)")
+    _mask_suffix(p)
     p.add_argument("--model", "-m", required=True, help="model folder")
     p.add_argument("--output", "-o", required=True, help="evaluation folder")
     _detect_overrides(p)
@@ -233,6 +268,13 @@ def _run(command: str, a: Any) -> Any:
     for name in LIST_OPTIONS:
         if a.get(name) is not None:
             a[name] = as_list(a[name], name)
+    if a.get("mask_suffix"):
+        if a.get("masks") is not None:
+            raise ConfigError("--mask-suffix", "give either --masks or --mask-suffix, not both")
+        a.data, a.masks = masks_beside_images(a.data, a.mask_suffix)
+    elif command == "evaluate" and a.get("masks") is None:
+        raise ConfigError("--masks", "evaluation needs masks: --masks (one source per input, 'none' for healthy ones) "
+                                     "or --mask-suffix")
     if a.get("batch_size") is not None and a.batch_size < 1:
         raise ConfigError("--batch-size", f"must be >= 1, got {a.batch_size}")
     if command != "train" and a.get("device") is not None:

@@ -256,7 +256,7 @@ def run_detect(
     settings = pipe.detect_config(**overrides)
     pre = preprocessing_of(pipe)
     output = Path(output)
-    made_with = json_plain({"model": str(Path(model).resolve()), "model_sha256": model_fingerprint(model),
+    made_with = json_plain({"model": str(pipe.folder), "model_sha256": model_fingerprint(pipe.folder),
                             "detect": dataclasses.asdict(settings), "seed": seed, "slice_axis": slice_axis,
                             "slice_range": slice_range, "foreground_masks": foreground_masks})
     if foreground_masks is not None and len(foreground_masks) != len(inputs):
@@ -301,6 +301,9 @@ def _check_earlier_run(output: Path, made_with: dict[str, Any]) -> None:
     """Refuse (before any work) to add to an output folder whose cases were made with other settings."""
     for marker in sorted(output.glob("*/case.json")):
         earlier = read_json(marker).get("made_with")
+        if earlier is None:
+            raise OutputExistsError(marker.parent, "made by an earlier synomaly version that recorded no settings; pass "
+                                                   "--overwrite to redo every case, or choose another --output")
         if earlier != made_with:
             changed = sorted(k for k in made_with if (earlier or {}).get(k) != made_with[k])
             if "detect" in changed and isinstance(earlier, dict):
@@ -308,6 +311,16 @@ def _check_earlier_run(output: Path, made_with: dict[str, Any]) -> None:
                 changed += [f"detect.{k}" for k, v in made_with["detect"].items() if earlier["detect"].get(k) != v]
             raise OutputExistsError(marker.parent, f"made with other settings or another model ({', '.join(changed) or 'unknown'}); "
                                                    "pass --overwrite to redo every case, or choose another --output")
+
+
+def _warn_orientation(pipe: SynomalyPipeline, record: Any) -> None:
+    """Warn once when a NIfTI volume meets a model folder made before volumes were read in canonical order."""
+    if record.properties.format == "nifti" and "nifti_orientation" not in pipe.config.training and not getattr(
+            pipe, "_warned_orientation", False):
+        pipe._warned_orientation = True  # type: ignore[attr-defined]
+        log.warning("%s was made by a synomaly version that read NIfTI volumes in their stored voxel order; volumes "
+                    "are now read in canonical LAS order, so slices of RAS-stored volumes appear mirrored to it",
+                    pipe.folder or "this model")
 
 
 def _case_generator(device: torch.device, seed: int, stem: str) -> torch.Generator:
@@ -334,10 +347,16 @@ def _detect_one(pipe, pre, source, fg_spec, root, output, summary, overrides, ba
 
     stem = output_stem(source.path, root if root.is_dir() else source.path) + (f"__{source.key}" if source.key else "")
     owner = f"{source.path.resolve()}:{source.key or ''}"
-    if summary["stems"].setdefault(stem, owner) != owner:  # e.g. a.png and a.tif, or p1/x.png and p1__x.png
+    marker = output / stem / "case.json"
+    earlier = read_json(marker) if marker.is_file() else None
+    taken = earlier is not None and f"{Path(earlier.get('input', '')).resolve()}:{earlier.get('key') or ''}" != owner
+    if summary["stems"].setdefault(stem, owner) != owner or taken:  # e.g. a.png and a.tif, or p1/x.png and p1__x.png
         stem = f"{stem}-{hashlib.sha256(owner.encode()).hexdigest()[:8]}"
         summary["stems"][stem] = owner
     case_dir = output / stem
+    if case_dir.is_symlink():
+        raise InputError(case_dir, "is a symbolic link: outputs are never written through links; remove it or choose "
+                                   "another output folder")
     marker = case_dir / "case.json"
     if marker.exists() and not overwrite:
         log.info("%s: outputs exist, skipped (use --overwrite to redo)", source.name)
@@ -351,6 +370,7 @@ def _detect_one(pipe, pre, source, fg_spec, root, output, summary, overrides, ba
         log.error("%s", error)
         summary["failed"].append({"input": str(source.path), "error": str(error)})
         return
+    _warn_orientation(pipe, record)
     start = time.perf_counter()
     generator = _case_generator(pipe.device, made_with["seed"], stem)
     outputs = _batched_detect(pipe, torch.from_numpy(images), torch.from_numpy(foreground), batch_size, generator, overrides)

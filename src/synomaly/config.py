@@ -20,12 +20,6 @@ T = TypeVar("T")
 FUSION_MODES = ("binary", "continuous")
 SCHEDULES = ("cosine", "linear")
 SAMPLERS = ("one-step", "chain")
-# What the network of a model folder is trained to do:
-#   diffusion:  predict the noise of x_t (Synomaly and the DDPM baselines);
-#   dae:        map a noised image straight back to the clean one (Kascenas et al.'s denoising
-#               autoencoder: one forward pass of the clean input at inference, timestep fixed at 0);
-#   supervised: predict lesion logits from lesion masks (the supervised upper bound, not unsupervised).
-METHODS = ("diffusion", "dae", "supervised")
 
 
 def _check(condition: bool, option: str, problem: str) -> None:

@@ -42,6 +42,7 @@ __all__ = ["EvaluationResult", "evaluate", "read_evaluation", "write_evaluation"
 
 MAP_MAX = 2.0  # |blur(x) - blur(x_hat)| of images in [-1, 1] never exceeds 2
 CURVE_THRESHOLDS = 200
+ORACLE_CHUNK = 8  # threshold levels of the oracle Dice handled at once
 METRICS_NAME, CASES_NAME = "metrics.json", "cases.npz"
 PER_CASE_NAME, PER_VOLUME_NAME = "per_case.csv", "per_volume.csv"
 SSIM_MIN_SIZE = 11  # the SSIM window; smaller images get no SSIM
@@ -163,14 +164,20 @@ class _OracleDice:
 
     def update(self, anomaly_map: Tensor, target: Tensor) -> None:
         """Add a batch of raw maps and bool targets (healthy slices add to the pooled counts only)."""
-        levels = self._levels.to(anomaly_map.device).view(-1, 1, 1, 1, 1)
-        masks = (anomaly_map.unsqueeze(0) >= levels).flatten(0, 1)  # [T * B, 1, H, W]
-        counts = confusion_counts(masks, target.repeat(len(levels), 1, 1, 1))
-        tp, fp, fn, tn = (c.view(len(levels), -1) for c in (counts.tp, counts.fp, counts.fn, counts.tn))
-        self._counts += torch.stack([tp.sum(1), fp.sum(1), fn.sum(1), tn.sum(1)], dim=1).double().cpu()
         anomalous = target.flatten(1).any(1)
-        per_slice = dice(Counts(tp[:, anomalous], fp[:, anomalous], fn[:, anomalous], tn[:, anomalous]))
-        self._sums += per_slice.sum(1).cpu()
+        flat_map, flat_target = anomaly_map.flatten(1), target.flatten(1)
+        levels = self._levels.to(anomaly_map.device)
+        for start in range(0, len(levels), ORACLE_CHUNK):  # a few levels at a time: memory stays that of a few masks
+            chunk = levels[start : start + ORACLE_CHUNK].view(-1, 1, 1)
+            pred = flat_map.unsqueeze(0) >= chunk  # [L, B, H*W]
+            tp = (pred & flat_target).sum(2)
+            fp = pred.sum(2) - tp
+            fn = flat_target.sum(1) - tp
+            tn = flat_target.shape[1] - tp - fp - fn
+            rows = slice(start, start + len(chunk))
+            self._counts[rows] += torch.stack([tp.sum(1), fp.sum(1), fn.sum(1), tn.sum(1)], dim=1).double().cpu()
+            per_slice = dice(Counts(tp[:, anomalous], fp[:, anomalous], fn[:, anomalous], tn[:, anomalous]))
+            self._sums[rows] += per_slice.sum(1).cpu()
         self._n += int(anomalous.sum())
 
     def compute(self) -> dict[str, float | None]:

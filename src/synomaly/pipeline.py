@@ -109,6 +109,7 @@ class SynomalyPipeline:
         self.config = config
         self.method = get_method(config.method)
         self.bf16 = bf16
+        self.folder: Path | None = None  # the model folder it was loaded from
         self.schedule = DiffusionSchedule.from_config(config.schedule).to(self.device)
 
     @property
@@ -150,7 +151,9 @@ class SynomalyPipeline:
         unet = method.build(config)
         if method.trained:
             load_weights(unet, folder / WEIGHTS_NAME)
-        return cls(unet.to(device), config, bf16=bf16)
+        pipe = cls(unet.to(device), config, bf16=bf16)
+        pipe.folder = folder.resolve()
+        return pipe
 
     def save_pretrained(self, folder: str | Path, overwrite: bool = False) -> Path:
         """Write ``config.json`` and ``model.safetensors`` atomically into ``folder``.

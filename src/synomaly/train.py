@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from synomaly import _atomic
 from synomaly.config import DetectConfig, ModelConfig, PipelineConfig, ScheduleConfig, _check
 from synomaly.errors import Interrupted, OutputExistsError, SynomalyError
+from synomaly.io._nifti import CANONICAL
 from synomaly.methods import get_method
 from synomaly.model import check_image_size
 from synomaly.pipeline import CONFIG_NAME, THRESHOLDS_NAME, WEIGHTS_NAME, SynomalyPipeline
@@ -79,7 +80,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     loss: str = "mse"
-    flips: str = "both"
+    flips: bool | str = "both"
     precision: str = "32"
     accelerator: str = "auto"
     devices: int = 1
@@ -98,7 +99,8 @@ class TrainConfig:
         _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
         _check(0.0 <= self.ema_decay < 1.0, "train.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
         _check(self.loss in LOSSES, "train.loss", f"must be one of {', '.join(LOSSES)}, got {self.loss!r}")
-        flips = {True: "both", False: "none", "true": "both", "false": "none"}.get(self.flips, self.flips)
+        flips = self.flips.lower() if isinstance(self.flips, str) else self.flips
+        flips = {True: "both", False: "none", "true": "both", "false": "none"}.get(flips, flips)
         _check(flips in FLIPS, "train.flips", f"must be one of {', '.join(FLIPS)}, got {self.flips!r}")
         object.__setattr__(self, "flips", flips)
         _check(self.precision in PRECISIONS, "train.precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
@@ -354,7 +356,7 @@ def train(
         detect: Detection defaults stored in the model folder.
         preprocess: Preprocessing settings stored in the model folder (plain data).
         foreground: Optional ``[N, 1, H, W]`` masks that confine noise blobs.
-        method: ``diffusion``, ``dae`` or ``supervised`` (``synomaly.config.METHODS``).
+        method: A ``synomaly.methods`` name.
         target: Lesion masks ``[N, 1, H, W]`` (``supervised`` only).
         resume: Continue from ``checkpoints/last.ckpt`` when it exists.
         overwrite: Replace an existing model folder's run.
@@ -377,7 +379,12 @@ def train(
                          f"{'does' if chosen.needs_masks else 'does not'}")
     if not chosen.trained:
         _dataset(images, foreground, target, model)  # the same checks of the images
-        summary = {"images": len(images), "final_step": 0, "note": f"{method}: nothing to train"}
+        if (output_dir / CONFIG_NAME).exists() and not (overwrite or resume):
+            raise OutputExistsError(output_dir / CONFIG_NAME, "pass overwrite=True (--overwrite) to replace it")
+        (output_dir / WEIGHTS_NAME).unlink(missing_ok=True)  # a method without weights leaves none behind
+        _retire_thresholds(output_dir)
+        summary = {"images": len(images), "final_step": 0, "note": f"{method}: nothing to train",
+                   "nifti_orientation": "".join(CANONICAL)}
         SynomalyPipeline(chosen.build(config), dataclasses.replace(config, training=summary)).save_pretrained(
             output_dir, overwrite=True)
         log.info("model folder written to %s (%s needs no training)", output_dir, method)
@@ -391,12 +398,12 @@ def train(
         dataset, batch_size=train_config.batch_size, shuffle=True, drop_last=len(dataset) >= train_config.batch_size,
         num_workers=train_config.num_workers, persistent_workers=train_config.num_workers > 0,
     )
+    loss_log = output_dir / "logs" / "version_0" / "metrics.csv"  # read before Lightning's CSV logger replaces it
+    earlier_log = loss_log.read_text() if ckpt_path is not None and loss_log.is_file() else None
     trainer = _trainer(output_dir, train_config, dataset.tensors[0][:4], noise_fn, method)
     start = time.perf_counter()
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    loss_log = output_dir / "logs" / "version_0" / "metrics.csv"
-    earlier_log = loss_log.read_text() if ckpt_path is not None and loss_log.is_file() else None
     try:
         with warnings.catch_warnings():
             for message in LIGHTNING_NOISE:
@@ -411,6 +418,7 @@ def train(
     seconds = time.perf_counter() - start
     if trainer.is_global_zero:
         summary = {**dataclasses.asdict(train_config), "images": len(dataset), "final_step": trainer.global_step,
+                   "nifti_orientation": "".join(CANONICAL),
                    "seconds_last_run": round(seconds, 3), "device": str(trainer.strategy.root_device),
                    "world_size": trainer.world_size}
         config = dataclasses.replace(config, training=summary)

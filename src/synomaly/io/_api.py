@@ -124,7 +124,9 @@ def read_mask(
                                f"shape {tuple(like.stack_shape)} of {like.slice_count} in {like.path}")
     both_nifti = props.format == "nifti" and like.format == "nifti"
     if both_nifti and not np.allclose(props.affine, like.affine, atol=1e-3):
-        logger.warning("%s: mask affine differs from the affine of %s; using voxel alignment", path, like.path)
+        logger.warning("%s: mask affine differs from the affine of %s; both were brought to the canonical voxel order "
+                       "(%s and %s stored), then aligned voxel by voxel", path, like.path,
+                       props.extra.get("axcodes"), like.extra.get("axcodes"))
     return _binary(path, values, eight_bit=props.dtype == "uint8")
 
 

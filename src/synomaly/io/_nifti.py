@@ -5,7 +5,7 @@ Orientation: a volume is brought to one canonical voxel order on reading, ``CANO
 store brains), by flips and axis swaps only (nibabel's ``io_orientation``; no resampling). So
 ``slice_axis=2`` is always the axial axis, and the same scan stored as RAS, LPS or anything else
 gives the same slices. Writers apply the exact inverse, so outputs land in the input's own voxel
-order with its own affine and header. 2-D images are kept as stored.
+order with its own affine and header. 2-D images and single-slice volumes are kept as stored.
 
 Slice convention (one rule for every slice axis, images and masks alike, exactly invertible):
 the two remaining array axes ``(a, b)`` of ``vol`` (in array order) become columns and rows with
@@ -119,7 +119,7 @@ def read_nifti(path: Path, slice_axis: int) -> tuple[np.ndarray, dict]:
     zooms = [float(z) for z in image.header.get_zooms()[:3]]
     zooms += [1.0] * (3 - len(zooms))
     stored = None
-    if not is_2d:
+    if not is_2d and min(volume.shape) > 1:  # a single slice (any axis) is kept as stored, like a 2-D image
         stored = stored_orientation(path, image.affine)
         volume = reorient(volume, stored)
         zooms = canonical_zooms(zooms, stored)
