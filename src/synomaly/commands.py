@@ -142,7 +142,10 @@ def run_train(
     if (masks is not None) != chosen.needs_masks:
         needs = [name for name, m in METHODS.items() if m.needs_masks]
         raise synomaly.errors.ConfigError("masks", f"lesion masks are needed by, and only by, --method {' or '.join(needs)}")
-    cases = load_cases(data, pre, masks, slice_axis=slice_axis, slice_range=slice_range, foreground_specs=foreground_masks)
+    # Blobs go anywhere in the foreground; the erosion trims only the anomaly map at inference.
+    training_pre = dataclasses.replace(pre, foreground_erosion=0)
+    cases = load_cases(data, training_pre, masks, slice_axis=slice_axis, slice_range=slice_range,
+                       foreground_specs=foreground_masks)
     noise_config = _noise_config(preset, size, noise or {}, chosen.default_noise)
     # The reference's 30-pixel minimum component and 500-pixel convergence floor are for 128 px.
     detect = chosen.detect_defaults(noise_config["name"], {"min_size": scaled_area(size, 30),

@@ -411,8 +411,9 @@ class Preprocessing:
         fit: How non-matching sizes are fitted, one of ``FIT_MODES`` (see :func:`fit_to_size`).
         foreground: Region rule, one of ``FOREGROUND_METHODS``; ``"given"`` takes a mask passed
             to :meth:`apply` (e.g. a liver mask).
-        foreground_erosion: Pixels (at the model size) by which the foreground is eroded, e.g. to
-            leave out the scalp and skull rim of a head mask.
+        foreground_erosion: Pixels (at the model size) by which the foreground is eroded at
+            inference, e.g. to leave the scalp and skull rim of a head mask out of the anomaly map.
+            Training (``synomaly train``) places blobs in the whole, uneroded foreground.
     """
 
     clip: bool = False
