@@ -135,14 +135,15 @@ def test_curves_are_monotone_and_consistent_with_pixel_auroc(result):
 
 
 @pytest.mark.slow
-def test_kept_cases_are_the_worst_best_and_first_healthy(result, reference):
+def test_kept_cases_are_the_worst_best_and_the_healthy_with_the_largest_area(result, reference):
     cases, rows = result.cases, result.metrics["per_case"]
     assert len(cases["case_id"]) == KEEP and cases["case_id"].dtype.kind == "U"
     ranked = sorted((r["dice"], i) for i, r in enumerate(rows) if r["anomalous"])
     n_anomalous = KEEP - KEEP // 4
     expected = [CASE_IDS[i] for _, i in ranked[: (n_anomalous + 1) // 2] + ranked[-(n_anomalous // 2) :]]
     assert list(cases["case_id"][:n_anomalous]) == expected
-    assert list(cases["case_id"][n_anomalous:]) == CASE_IDS[: KEEP // 4]
+    healthy = sorted((-r["tp"] - r["fp"], i) for i, r in enumerate(rows) if not r["anomalous"])  # largest area first
+    assert list(cases["case_id"][n_anomalous:]) == [CASE_IDS[i] for _, i in healthy[: KEEP // 4]]
     assert np.isnan(cases["dice"][n_anomalous:]).all() and not np.isnan(cases["dice"][:n_anomalous]).any()
     index = [CASE_IDS.index(c) for c in cases["case_id"]]
     np.testing.assert_allclose(cases["dice"][:n_anomalous], reference["dice"][index[:n_anomalous]], atol=1e-12)
@@ -183,7 +184,9 @@ def test_all_healthy_data_gives_null_metrics_and_no_volume_table(random_pipeline
                    progress=False, max_stages=2)
     assert out.metrics["curves"]["roc"] == {"fpr": [], "tpr": []}
     assert math.isnan(out.metrics["aggregate"]["dice_mean"]) and "per_volume" not in out.metrics
-    assert out.cases["case_id"].tolist() == ["a", "b", "c"] and np.isnan(out.cases["dice"]).all()
+    areas = {row["case_id"]: row["fp"] for row in out.metrics["per_case"]}
+    expected = sorted("abcdef", key=lambda c: (-areas[c], c))[:3]  # the largest predicted areas, first met on ties
+    assert out.cases["case_id"].tolist() == expected and np.isnan(out.cases["dice"]).all()
     (tmp_path / "per_volume.csv").write_text("stale\n")  # left by an earlier run with volume ids
     write_evaluation(out, tmp_path, overwrite=True)
     saved = json.loads((tmp_path / "metrics.json").read_text())

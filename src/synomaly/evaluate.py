@@ -337,7 +337,8 @@ class _CaseKeeper:
     """Chooses the cases to keep while the batches stream by, holding only their arrays.
 
     Quotas are fixed up front from the known numbers of anomalous and healthy cases: a quarter of
-    ``keep`` healthy cases (the first ones met) and the rest split between the lowest and highest
+    ``keep`` healthy cases (those with the largest predicted area, largest first; ties: the first
+    met) and the rest split between the lowest and highest
     Dice among anomalous cases; a class with too few cases leaves its places to the other.
 
     Args:
@@ -354,6 +355,7 @@ class _CaseKeeper:
         self.n_best = anomalous - self.n_worst
         self.anomalous: list[tuple[float, int, dict[str, np.ndarray]]] = []
         self.healthy: list[tuple[float, int, dict[str, np.ndarray]]] = []
+        self._areas: dict[int, int] = {}  # predicted area of each kept healthy case
 
     def update(self, start: int, x0: Tensor, target: Tensor, out: DetectionOutput, dice_values: Tensor) -> None:
         """Consider a batch whose first case has index ``start``."""
@@ -364,9 +366,15 @@ class _CaseKeeper:
             pool = pool[: self.n_worst] + pool[len(pool) - self.n_best :]
         kept = {i: arrays for _, i, arrays in self.anomalous}
         self.anomalous = [(d, i, kept[i] if i in kept else _case_arrays(x0, target, out, i - start)) for d, i in pool]
-        for i, flag in enumerate(is_anomalous):
-            if not flag and len(self.healthy) < self.n_healthy:
-                self.healthy.append((math.nan, start + i, _case_arrays(x0, target, out, i)))
+        # Healthy cases: those with the largest predicted area (the most false positives) so far.
+        areas = out.mask.flatten(1).sum(1).cpu().tolist()
+        ranking = [(-self._areas[i], i) for _, i, _ in self.healthy]
+        ranking += [(-areas[j], start + j) for j, flag in enumerate(is_anomalous) if not flag]
+        ranking = sorted(ranking)[: self.n_healthy]  # largest area first; ties: the first met
+        kept_healthy = {i: arrays for _, i, arrays in self.healthy}
+        self._areas = {i: -negative for negative, i in ranking}
+        self.healthy = [(math.nan, i, kept_healthy[i] if i in kept_healthy else _case_arrays(x0, target, out, i - start))
+                        for _, i in ranking]
 
     def arrays(self, case_ids: list[str], size: torch.Size, stages: int) -> dict[str, np.ndarray]:
         """The kept cases stacked, stage arrays padded to ``stages`` by repeating the last one."""
