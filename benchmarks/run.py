@@ -124,9 +124,13 @@ METHODS["intensity"] = Method({"method": "intensity"}, preprocess=FG, t=(0,), ke
                               threshold=INTENSITY_THRESHOLDS, note="intensity of the image inside the foreground "
                               "(Meissen et al.), no training: the floor")
 
-# Ablations of the Synomaly recipe: one change each against ``synomaly`` (or the row named in ``note``).
+# Ablations of the Synomaly recipe: one change each against the earlier recipe (no foreground, flips both ways;
+# the committed `synomaly` rows were made with it), or against the row named in ``note``. Each row names what it keeps
+# fixed, so it means the same after the presets change.
+NO_FG = {"lgg_flair": {"foreground": "none"}}
+BOTH_FLIPS = {"flips": "both"}
 ABLATIONS = {
-    "abl-foreground": Method({"noise": "synomaly"}, stages=MULTI, preprocess=FG,
+    "abl-foreground": Method({"noise": "synomaly"}, stages=MULTI, preprocess=FG, train_options=BOTH_FLIPS,
                              note="foreground `auto` (head mask): blobs inside it in training, map zeroed outside it"),
     "abl-foreground-erode2": Method({}, shares="abl-foreground", stages=MULTI, infer_preprocess={"foreground_erosion": 2},
                                     note="`abl-foreground`, head mask eroded by 2 px at inference"),
@@ -147,7 +151,7 @@ ABLATIONS = {
         {"method": "intensity"}, preprocess={"lgg_flair": {"foreground_erosion": 4}}, data_foreground=True, t=(0,),
         kernel=(1, 3, 5, 7), threshold=INTENSITY_THRESHOLDS,
         note="`intensity` inside the data's own head masks eroded by 4 px (the floor as first measured)"),
-    "abl-hflip": Method({"noise": "synomaly"}, stages=MULTI, train_options={"flips": "horizontal"},
+    "abl-hflip": Method({"noise": "synomaly"}, stages=MULTI, preprocess=NO_FG, train_options={"flips": "horizontal"},
                         note="left-right flips only (no upside-down brains)"),
     "abl-foreground-hflip": Method({"noise": "synomaly"}, stages=MULTI, preprocess=FG, train_options={"flips": "horizontal"},
                                    note="`abl-foreground` with left-right flips only"),
@@ -155,11 +159,12 @@ ABLATIONS = {
                                           note="`abl-foreground-hflip`, head mask eroded by 4 px at inference"),
     "abl-foreground-hflip-erode4-1stage": Method({}, shares="abl-foreground-hflip", infer_preprocess={"foreground_erosion": 4},
                                                  note="`abl-foreground-hflip-erode4`, one stage"),
-    "abl-fixed-range": Method({"noise": "synomaly"}, stages=MULTI, preprocess={"lgg_flair": {"normalization": "fixed"}},
+    "abl-fixed-range": Method({"noise": "synomaly"}, stages=MULTI, train_options=BOTH_FLIPS,
+                              preprocess={"lgg_flair": {"normalization": "fixed", "foreground": "none"}},
                               note="keep the data's per-volume scale (0..255 to [-1, 1]) instead of per-slice min-max"),
-    "abl-hybrid": Method({"noise": "synomaly"}, stages=MULTI, train_options={"loss": "hybrid"},
+    "abl-hybrid": Method({"noise": "synomaly"}, stages=MULTI, preprocess=NO_FG, train_options={"loss": "hybrid", **BOTH_FLIPS},
                          note="hybrid loss (MSE + variational bound) instead of MSE"),
-    "abl-3000-steps": Method({"noise": "synomaly"}, stages=MULTI, train_options={"steps": 3000},
+    "abl-3000-steps": Method({"noise": "synomaly"}, stages=MULTI, preprocess=NO_FG, train_options={"steps": 3000, **BOTH_FLIPS},
                              note="3000 training steps instead of 1500"),
 }
 METHODS.update({name: dataclasses.replace(method, ablation=True) for name, method in ABLATIONS.items()})

@@ -372,3 +372,17 @@ def test_masks_beside_their_images_kaggle_style(tiny_model_dir, disk_data, tmp_p
     assert code == 2 and "case 2.png: no mask case 2_mask.png beside it" in err
     code, _, err = run(["--quiet", "evaluate", str(folder), "-m", str(tiny_model_dir), "-o", str(tmp_path / "ev3")], capsys)
     assert code == 2 and "--masks" in err
+
+
+def test_detect_reports_lesion_areas_at_the_inputs_resolution(tiny_model_dir, disk_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run(["--quiet", "detect", str(disk_data / "vol.nii.gz"), str(disk_data / "png_lesioned" / "l0.png"),
+                "-m", str(tiny_model_dir), "-o", str(out), "--device", "cpu", "--threshold", "0.05"], capsys)[0] == 0
+    cases = {c["output"]: c for c in json.loads((out / "summary.json").read_text())["cases"]}
+    from synomaly.io import read_images
+
+    mask, _ = read_images(out / "vol" / "mask.nii.gz")
+    assert cases["vol"]["area_px"] == mask.reshape(len(mask), -1).sum(1).tolist()
+    assert cases["vol"]["area_mm2"] == pytest.approx([a * 0.81 for a in cases["vol"]["area_px"]])  # 0.9 x 0.9 mm
+    assert cases["l0"]["area_px"] == [int((np.load(out / "l0" / "mask.npy") > 0).sum())] and cases["l0"]["area_mm2"] is None
+    assert "32x32" in cases["l0"]["score_unit"]

@@ -176,3 +176,20 @@ def test_computed_foreground_is_used_without_masks_and_erosion_is_recorded(tmp_p
     assert main(["--quiet", "detect", f"{tmp_path / 'd.npz'}:images", "-m", str(model), "-o", str(out),
                  "--threshold", "0.9", "--min_size", "0", "--kernel", "1"]) == 0
     assert json.loads((out / "summary.json").read_text())["cases"][0]["score"] == [16.0] * 4
+
+
+@pytest.mark.parametrize("preset, flips, foreground", [("brain-flair", "horizontal", "auto"), ("ultrasound", "both", "disk")])
+def test_presets_set_the_recipe_unless_told_otherwise(tmp_path, preset, flips, foreground):
+    from synomaly.commands import run_train
+
+    images = (np.random.default_rng(0).random((4, 32, 32)) * 255).astype(np.uint8)
+    np.savez(tmp_path / "d.npz", x=images)
+    quick = {"steps": 1, "batch_size": 4, "progress": False, "accelerator": "cpu", "preview_every": 0}
+    folder = run_train([f"{tmp_path / 'd.npz'}:x"], tmp_path / "m", preset=preset, model="tiny", image_size=32,
+                       train_config=TrainConfig(**quick))
+    config = json.loads((folder / "config.json").read_text())
+    assert config["training"]["flips"] == flips and config["preprocess"]["foreground"] == foreground
+    folder = run_train([f"{tmp_path / 'd.npz'}:x"], tmp_path / "m2", preset=preset, model="tiny", image_size=32,
+                       train_config=TrainConfig(**quick, flips="none"), preprocess={"foreground": "none"})
+    config = json.loads((folder / "config.json").read_text())
+    assert config["training"]["flips"] == "none" and config["preprocess"]["foreground"] == "none"

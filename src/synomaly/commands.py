@@ -24,7 +24,7 @@ from synomaly.data import Cases, load_cases, load_file, pair_sources
 from synomaly.errors import InputError, OutputExistsError, SynomalyError
 from synomaly.methods import METHODS, get_method
 from synomaly.pipeline import SynomalyPipeline, read_json
-from synomaly.preprocess import MODALITY_PRESETS, Preprocessing, noise_params_for, restore_size
+from synomaly.preprocess import MODALITY_PRESETS, Preprocessing, noise_params_for, preset_flips, restore_size
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,9 @@ def run_train(
     unet = dataclasses.replace(unet, image_size=size)
     pre = Preprocessing.from_preset(preset, size=size, **(preprocess or {}))
     chosen = get_method(method)
+    train_config = train_config or TrainConfig()
+    if train_config.flips is None:
+        train_config = dataclasses.replace(train_config, flips=preset_flips(preset))
     if (masks is not None) != chosen.needs_masks:
         needs = [name for name, m in METHODS.items() if m.needs_masks]
         raise synomaly.errors.ConfigError("masks", f"lesion masks are needed by, and only by, --method {' or '.join(needs)}")
@@ -151,7 +154,7 @@ def run_train(
     detect = chosen.detect_defaults(noise_config["name"], {"min_size": scaled_area(size, 30),
                                                            "min_area": scaled_area(size, 500)})
     log.info("training (%s) on %d slices from %d inputs at %dx%d", method, len(cases), len(cases.files), size, size)
-    return train(cases.images, output, model=unet, noise=noise_config, train_config=train_config or TrainConfig(),
+    return train(cases.images, output, model=unet, noise=noise_config, train_config=train_config,
                  detect=detect, preprocess=pre.to_dict(), foreground=cases.foreground, method=method,
                  target=cases.masks if chosen.needs_masks else None, resume=resume, overwrite=overwrite)
 
@@ -175,8 +178,9 @@ def _batched_detect(pipe: SynomalyPipeline, images: torch.Tensor, foreground: to
     return {key: torch.cat(values) for key, values in parts.items()}
 
 
-def _write_case_outputs(case_dir: Path, record: Any, images: np.ndarray, outputs: dict[str, torch.Tensor]) -> dict[str, str]:
-    """Write maps back at the input's size and on its grid; returns the written file names."""
+def _write_case_outputs(case_dir: Path, record: Any, images: np.ndarray,
+                        outputs: dict[str, torch.Tensor]) -> tuple[dict[str, str], np.ndarray]:
+    """Write maps back at the input's size and on its grid; returns the file names and each slice's mask area there (px)."""
     from synomaly.io import write_image
     from synomaly.report import overlay_rgb
 
@@ -202,7 +206,7 @@ def _write_case_outputs(case_dir: Path, record: Any, images: np.ndarray, outputs
                             _heat_rgb(outputs["anomaly_map"][best, 0].numpy()), overlay], axis=1)
     _write_png(case_dir / "overlay.png", strip)
     files["overlay"] = "overlay.png"
-    return files
+    return files, restored["mask"].reshape(len(restored["mask"]), -1).sum(1)
 
 
 def _gray_rgb(image: np.ndarray) -> np.ndarray:
@@ -378,9 +382,13 @@ def _detect_one(pipe, pre, source, fg_spec, root, output, summary, overrides, ba
     generator = _case_generator(pipe.device, made_with["seed"], stem)
     outputs = _batched_detect(pipe, torch.from_numpy(images), torch.from_numpy(foreground), batch_size, generator, overrides)
     seconds = time.perf_counter() - start
-    files = _write_case_outputs(case_dir, record, images, outputs)
+    files, area = _write_case_outputs(case_dir, record, images, outputs)
+    spacing = record.properties.spacing
     entry = {"input": str(source.path), "key": source.key, "output": stem, "files": files, "slices": len(images),
-             "case_ids": record.case_ids, "score": outputs["score"].tolist(), "stages": outputs["stages"].tolist(),
+             "case_ids": record.case_ids, "area_px": area.tolist(),
+             "area_mm2": (area * spacing[0] * spacing[1]).tolist() if spacing else None,
+             "score": outputs["score"].tolist(), "score_unit": f"mask pixels at the model's {pre.size}x{pre.size} input",
+             "stages": outputs["stages"].tolist(),
              "seconds": round(seconds, 4), "foreground_mask": fg_spec, "made_with": made_with}
     _atomic.write_json(marker, entry)  # written last: marks the input as done
     summary["cases"].append(entry)

@@ -25,10 +25,13 @@ NORMALIZATIONS = ("minmax", "fixed")
 # modality's lesions: +1 bright (FLAIR), -1 dark (BUSI ultrasound, hypodense liver lesions).
 MODALITY_PRESETS: dict[str, dict[str, Any]] = {
     "brain-flair": {
-        "description": "brain MRI FLAIR (BraTS, LGG): bright lesions",
+        "description": "brain MRI FLAIR (BraTS, LGG): bright lesions; the head found automatically, brains kept upright",
         "noise": {"sigma": 3.0, "threshold": 175.0, "offset": 0.5, "direction": 1},
         "reference_size": 128,
-        "foreground": "none",
+        # Chosen on lgg_flair validation Dice (docs/benchmarks.md, ablations): the head as foreground
+        # keeps scalp and background out of the map, and left-right flips only keep brains upright.
+        "foreground": "auto",
+        "flips": "horizontal",
     },
     "ultrasound": {
         "description": "B-mode ultrasound with dark (hypoechoic) lesions, e.g. BUSI",
@@ -56,6 +59,11 @@ def _preset(name: str) -> dict[str, Any]:
     if name not in MODALITY_PRESETS:
         raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(MODALITY_PRESETS)}")
     return MODALITY_PRESETS[name]
+
+
+def preset_flips(preset: str) -> str:
+    """The training flips of ``preset`` (``both`` unless the modality has an upright orientation)."""
+    return _preset(preset).get("flips", "both")
 
 
 def noise_params_for(preset: str, image_size: int) -> dict[str, Any]:
@@ -460,8 +468,10 @@ class Preprocessing:
 
     @classmethod
     def from_preset(cls, preset: str, size: int = 128, **overrides: Any) -> Preprocessing:
-        """Preprocessing with the preset's foreground rule (other fields default or overridden)."""
-        return cls(**{"size": size, "foreground": _preset(preset)["foreground"], **overrides})
+        """Preprocessing with the preset's foreground rule and erosion (scaled to ``size``); other fields default or overridden."""
+        entry = _preset(preset)
+        erosion = round(entry.get("foreground_erosion", 0) * size / entry["reference_size"])
+        return cls(**{"size": size, "foreground": entry["foreground"], "foreground_erosion": erosion, **overrides})
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict of all fields."""

@@ -59,7 +59,8 @@ class TrainConfig:
         ema_decay: Decay of the exponential moving average of the weights that is exported.
         loss: ``mse`` or ``hybrid`` (MSE plus the fixed-variance variational bound).
         flips: Random flips, each axis with probability 1/2: ``both``, ``horizontal`` (left-right
-            only: keeps brains upright), ``vertical`` or ``none``. ``true``/``false`` mean ``both``/``none``.
+            only: keeps brains upright), ``vertical`` or ``none``. ``true``/``false`` mean ``both``/``none``;
+            ``None`` (the default) takes the modality preset's (``synomaly train``), else ``both``.
         precision: ``32`` or ``bf16`` (mixed).
         accelerator: Lightning accelerator (``auto``, ``cpu``, ``gpu``).
         devices: Devices per node.
@@ -80,7 +81,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     loss: str = "mse"
-    flips: bool | str = "both"
+    flips: bool | str | None = None
     precision: str = "32"
     accelerator: str = "auto"
     devices: int = 1
@@ -101,7 +102,7 @@ class TrainConfig:
         _check(self.loss in LOSSES, "train.loss", f"must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         flips = self.flips.lower() if isinstance(self.flips, str) else self.flips
         flips = {True: "both", False: "none", "true": "both", "false": "none"}.get(flips, flips)
-        _check(flips in FLIPS, "train.flips", f"must be one of {', '.join(FLIPS)}, got {self.flips!r}")
+        _check(flips is None or flips in FLIPS, "train.flips", f"must be one of {', '.join(FLIPS)}, got {self.flips!r}")
         object.__setattr__(self, "flips", flips)
         _check(self.precision in PRECISIONS, "train.precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         _check(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
@@ -152,8 +153,9 @@ def _lightning_module(unet: nn.Module, schedule: DiffusionSchedule, noise: Any, 
         def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
             named = dict(zip(fields, batch))
             x, fg, target = named["images"], named.get("foreground"), named.get("target")
-            if config.flips != "none":
-                x, fg, target = random_flips(x, fg, target, dims=FLIPS[config.flips])
+            flips = config.flips or "both"
+            if flips != "none":
+                x, fg, target = random_flips(x, fg, target, dims=FLIPS[flips])
             loss = training_loss(self.unet, self.schedule, self.noise, method, config.loss, x, fg, target)
             if not torch.isfinite(loss):
                 raise TrainingDiverged(self.global_step, float(loss))
