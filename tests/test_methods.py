@@ -189,6 +189,7 @@ def test_presets_set_the_recipe_unless_told_otherwise(tmp_path, preset, flips, f
                        train_config=TrainConfig(**quick))
     config = json.loads((folder / "config.json").read_text())
     assert config["training"]["flips"] == flips and config["preprocess"]["foreground"] == foreground
+    assert config["preprocess"]["foreground_erosion"] == (2 if preset == "brain-flair" else 0)  # 8 px at 128, scaled to 32
     folder = run_train([f"{tmp_path / 'd.npz'}:x"], tmp_path / "m2", preset=preset, model="tiny", image_size=32,
                        train_config=TrainConfig(**quick, flips="none"), preprocess={"foreground": "none"})
     config = json.loads((folder / "config.json").read_text())
