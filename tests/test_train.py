@@ -97,15 +97,21 @@ def run_script(tmp_path, out, steps, devices=1, **popen):
     return subprocess.Popen([sys.executable, str(script), str(out), str(steps), str(devices)], **popen)
 
 
-def test_sigkill_mid_training_then_resume_reaches_the_same_step(tmp_path):
-    out = tmp_path / "run"
-    proc = run_script(tmp_path, out, 400, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def wait_for_checkpoint(proc, out, extra: float):
+    """Wait until the training in ``proc`` wrote its first checkpoint (and ``extra`` seconds more); it must still run."""
     checkpoint = out / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 120
     while not checkpoint.exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)
-    time.sleep(0.5)
-    assert proc.poll() is None, "training finished before it could be killed"
+    time.sleep(extra)
+    assert proc.poll() is None, "training finished before it could be stopped"
+    return checkpoint
+
+
+def test_sigkill_mid_training_then_resume_reaches_the_same_step(tmp_path):
+    out = tmp_path / "run"
+    proc = run_script(tmp_path, out, 400, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = wait_for_checkpoint(proc, out, 0.5)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "model.safetensors").exists()
@@ -227,12 +233,7 @@ def test_sigterm_stops_training_with_a_nonzero_status_and_resume_keeps_the_loss_
             "--image-size", "32", "--device", "cpu", "--batch-size", "4", "--train.steps", "400",
             "--train.checkpoint_every", "5", "--train.log_every", "1", "--train.progress", "false"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    checkpoint = out / "checkpoints" / "last.ckpt"
-    deadline = time.monotonic() + 120
-    while not checkpoint.exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    time.sleep(1.0)
-    assert proc.poll() is None, "training finished before it could be stopped"
+    wait_for_checkpoint(proc, out, 1.0)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
