@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 import synomaly
 from synomaly import _atomic
@@ -275,11 +276,12 @@ def run_detect(
         summary: dict[str, Any] = {"synomaly": synomaly.__version__, "model": str(model),
                                    "detect": dataclasses.asdict(settings), "made_with": made_with, "cases": [], "failed": [],
                                    "stems": {}}
-        for i, spec in enumerate(inputs):
-            fg_spec = None if foreground_masks is None else foreground_masks[i]
-            for source, fg in _expand_or_report(spec, fg_spec, summary, on_error):
-                _detect_one(pipe, pre, source, fg, Path(spec), output, summary, overrides, batch_size, made_with,
-                            slice_axis, slice_range, on_error, overwrite)
+        jobs = [(spec, source, fg) for i, spec in enumerate(inputs)
+                for source, fg in _expand_or_report(spec, None if foreground_masks is None else foreground_masks[i],
+                                                    summary, on_error)]
+        for spec, source, fg in tqdm(jobs, desc="detect", unit="input", disable=not show_progress()):
+            _detect_one(pipe, pre, source, fg, Path(spec), output, summary, overrides, batch_size, made_with,
+                        slice_axis, slice_range, on_error, overwrite)
         del summary["stems"]
         _atomic.write_json(output / "summary.json", summary)
     log.info("%d inputs done, %d failed; summary in %s", len(summary["cases"]), len(summary["failed"]), output / "summary.json")
