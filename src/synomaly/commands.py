@@ -264,7 +264,8 @@ def run_detect(
     settings = pipe.detect_config(**overrides)
     pre = preprocessing_of(pipe)
     output = Path(output)
-    made_with = json_plain({"model": str(pipe.folder), "model_sha256": model_fingerprint(pipe.folder),
+    # The model is identified by its files' digest, not its path: a moved or renamed folder is the same model.
+    made_with = json_plain({"model_sha256": model_fingerprint(pipe.folder),
                             "detect": dataclasses.asdict(settings), "seed": seed, "slice_axis": slice_axis,
                             "slice_range": slice_range, "foreground_masks": foreground_masks})
     if foreground_masks is not None and len(foreground_masks) != len(inputs):
