@@ -117,7 +117,7 @@ def test_sigkill_mid_training_then_resume_reaches_the_same_step(tmp_path):
     assert not (out / "model.safetensors").exists()
     torch.load(checkpoint, weights_only=True)  # the checkpoint on disk is complete
     resumed = run_script(tmp_path, out, 400, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    log = resumed.communicate(timeout=300)[0]
+    log = resumed.communicate(timeout=900)[0]
     assert resumed.returncode == 0, log
     assert "Restored all states" in log
     assert final_step(out) == 400
@@ -240,7 +240,7 @@ def test_sigterm_stops_training_with_a_nonzero_status_and_resume_keeps_the_loss_
     assert "stopped by SIGTERM" in err and "--resume" in err and "Traceback" not in err
     assert not (out / "model.safetensors").exists()
     rows_before = (out / "logs" / "version_0" / "metrics.csv").read_text().splitlines()
-    resumed = subprocess.run([*argv, "--resume"], capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run([*argv, "--resume"], capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr
     assert final_step(out) == 400
     rows_after = (out / "logs" / "version_0" / "metrics.csv").read_text().splitlines()

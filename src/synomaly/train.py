@@ -158,7 +158,7 @@ def _lightning_module(unet: nn.Module, schedule: DiffusionSchedule, noise: Any, 
                 x, fg, target = random_flips(x, fg, target, dims=FLIPS[flips])
             loss = training_loss(self.unet, self.schedule, self.noise, method, config.loss, x, fg, target)
             if not torch.isfinite(loss):
-                raise TrainingDiverged(self.global_step, float(loss))
+                raise TrainingDiverged(self.global_step, float(loss.detach()))
             self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=x.shape[0])
             return loss
 
