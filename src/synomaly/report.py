@@ -77,6 +77,11 @@ _METRICS = (
     _Metric("dice_mean", "Dice", _MASK, "mean over {dice_mean_n} anomalous slices"),
     _Metric("dice_pooled", "Dice", _MASK, _POOLED),
     _Metric("dice_volume_mean", "Dice", _MASK, _PER_VOLUME, optional=True),
+    _Metric("dice_oracle_mean", "Oracle Dice", _MASK, "mean over {dice_mean_n} anomalous slices at the one map "
+            "threshold ({dice_oracle_threshold}) that is best ON THE TEST DATA: for comparison with papers that report "
+            "it, never a way to choose settings", optional=True),
+    _Metric("dice_oracle_pooled", "Oracle Dice", _MASK, "pooled over all pixels at the map threshold best for it on "
+            "the test data", optional=True),
     _Metric("iou_mean", "IoU", _MASK, "mean over {iou_mean_n} anomalous slices"),
     _Metric("iou_pooled", "IoU", _MASK, _POOLED),
     _Metric("iou_volume_mean", "IoU", _MASK, _PER_VOLUME, optional=True),
