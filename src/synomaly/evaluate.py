@@ -163,29 +163,33 @@ class _OracleDice:
         self._n = 0
 
     def update(self, anomaly_map: Tensor, target: Tensor) -> None:
-        """Add a batch of raw maps and bool targets (healthy slices add to the pooled counts only)."""
-        anomalous = target.flatten(1).any(1)
+        """Add a batch of raw maps and bool targets (healthy slices add to the pooled counts only).
+
+        Everything stays on the map's device; nothing is copied to the host until :meth:`compute`.
+        """
+        device = anomaly_map.device
+        self._levels, self._sums, self._counts = (x.to(device) for x in (self._levels, self._sums, self._counts))
         flat_map, flat_target = anomaly_map.flatten(1), target.flatten(1)
-        levels = self._levels.to(anomaly_map.device)
-        for start in range(0, len(levels), ORACLE_CHUNK):  # a few levels at a time: memory stays that of a few masks
-            chunk = levels[start : start + ORACLE_CHUNK].view(-1, 1, 1)
+        anomalous = flat_target.any(1)
+        for start in range(0, len(self._levels), ORACLE_CHUNK):  # a few levels at a time: memory of a few masks
+            chunk = self._levels[start : start + ORACLE_CHUNK].view(-1, 1, 1)
             pred = flat_map.unsqueeze(0) >= chunk  # [L, B, H*W]
             tp = (pred & flat_target).sum(2)
             fp = pred.sum(2) - tp
             fn = flat_target.sum(1) - tp
             tn = flat_target.shape[1] - tp - fp - fn
             rows = slice(start, start + len(chunk))
-            self._counts[rows] += torch.stack([tp.sum(1), fp.sum(1), fn.sum(1), tn.sum(1)], dim=1).double().cpu()
-            per_slice = dice(Counts(tp[:, anomalous], fp[:, anomalous], fn[:, anomalous], tn[:, anomalous]))
-            self._sums[rows] += per_slice.sum(1).cpu()
-        self._n += int(anomalous.sum())
+            self._counts[rows] += torch.stack([tp.sum(1), fp.sum(1), fn.sum(1), tn.sum(1)], dim=1).double()
+            self._sums[rows] += (dice(Counts(tp, fp, fn, tn)) * anomalous).sum(1)
+        self._n = self._n + anomalous.sum()
 
     def compute(self) -> dict[str, float | None]:
-        if not self._n:
+        n = int(self._n)
+        if not n:
             return {"dice_oracle_mean": None, "dice_oracle_threshold": None, "dice_oracle_pooled": None}
-        means = self._sums / self._n
+        means = self._sums.cpu() / n
         best = int(means.argmax())
-        pooled = dice(Counts(*self._counts.unbind(1)))
+        pooled = dice(Counts(*self._counts.cpu().unbind(1)))
         return {"dice_oracle_mean": float(means[best]), "dice_oracle_threshold": float(self._levels[best]),
                 "dice_oracle_pooled": float(pooled.max())}
 
