@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from synomaly import _atomic
-from synomaly.calibrate import json_safe
+from synomaly._json import json_safe
 from synomaly.methods import get_method
 
 ROOT = Path(__file__).resolve().parent.parent

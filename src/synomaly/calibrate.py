@@ -34,8 +34,9 @@ from tqdm.auto import tqdm
 
 import synomaly
 from synomaly import _atomic
+from synomaly._json import json_safe
 from synomaly.config import DetectConfig, from_dict
-from synomaly.detect import stage_cost
+from synomaly.detect import check_inputs, stage_cost
 from synomaly.errors import ConfigError, InputError, OutputExistsError
 from synomaly.maps import above_threshold, difference_map, remove_small_components
 from synomaly.metrics import confusion_counts, dice
@@ -129,38 +130,6 @@ class CalibrationResult:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON data (no NaN: an undefined number is ``None``)."""
         return json_safe(dataclasses.asdict(self))
-
-
-def json_safe(obj: Any) -> Any:
-    """``obj`` with tuples as lists, NumPy/Torch scalars as Python numbers and NaN/Inf as ``None``.
-
-    Shared with :mod:`synomaly.evaluate`; ``json.dumps(..., allow_nan=False)`` accepts the result.
-    """
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
-def check_inputs(images: Tensor, masks: Tensor | None, foreground: Tensor | None) -> None:
-    """Raise ``ValueError`` unless the shapes fit: ``[N, 1, H, W]`` images, masks and foreground alike.
-
-    Values are checked batch by batch by the pipeline. Shared with :mod:`synomaly.evaluate`.
-    """
-    if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 1:
-        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-        raise ValueError(f"images must be a [N, 1, H, W] tensor, got {shape}")
-    if images.shape[0] == 0:
-        raise ValueError("no images given")
-    for name, extra in (("masks", masks), ("foreground", foreground)):
-        if extra is not None and (not isinstance(extra, Tensor) or extra.shape != images.shape):
-            shape = tuple(extra.shape) if isinstance(extra, Tensor) else type(extra).__name__
-            raise ValueError(f"{name} must be shaped like the images {tuple(images.shape)}, got {shape}")
 
 
 @dataclass

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import time
 from pathlib import Path
@@ -20,11 +19,12 @@ from tqdm.auto import tqdm
 
 import synomaly
 from synomaly import _atomic
+from synomaly._json import json_plain, read_json
 from synomaly.config import model_preset
 from synomaly.data import Cases, load_cases, load_file, pair_sources
 from synomaly.errors import InputError, OutputExistsError, SynomalyError
 from synomaly.methods import METHODS, get_method
-from synomaly.pipeline import SynomalyPipeline, read_json
+from synomaly.pipeline import SynomalyPipeline
 from synomaly.preprocess import MODALITY_PRESETS, Preprocessing, noise_params_for, preset_flips, restore_size
 
 log = logging.getLogger(__name__)
@@ -287,11 +287,6 @@ def run_detect(
         _atomic.write_json(output / "summary.json", summary)
     log.info("%d inputs done, %d failed; summary in %s", len(summary["cases"]), len(summary["failed"]), output / "summary.json")
     return summary
-
-
-def json_plain(data: Any) -> Any:
-    """``data`` as it reads back from JSON (tuples become lists), so settings compare equal after a round trip."""
-    return json.loads(json.dumps(data))
 
 
 def model_fingerprint(folder: str | Path) -> str:

@@ -149,3 +149,19 @@ def multistage_detect(
         score=mask.flatten(1).sum(1).to(images.dtype),
         nfe=torch.from_numpy(nfe).to(images.device),
     )
+
+
+def check_inputs(images: Tensor, masks: Tensor | None, foreground: Tensor | None) -> None:
+    """Raise ``ValueError`` unless the shapes fit: ``[N, 1, H, W]`` images, masks and foreground alike.
+
+    Values are checked batch by batch by the pipeline.
+    """
+    if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 1:
+        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"images must be a [N, 1, H, W] tensor, got {shape}")
+    if images.shape[0] == 0:
+        raise ValueError("no images given")
+    for name, extra in (("masks", masks), ("foreground", foreground)):
+        if extra is not None and (not isinstance(extra, Tensor) or extra.shape != images.shape):
+            shape = tuple(extra.shape) if isinstance(extra, Tensor) else type(extra).__name__
+            raise ValueError(f"{name} must be shaped like the images {tuple(images.shape)}, got {shape}")

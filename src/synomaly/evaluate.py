@@ -30,11 +30,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from synomaly import _atomic
-from synomaly.calibrate import check_inputs, json_safe
-from synomaly.detect import DetectionOutput
+from synomaly._json import json_safe, read_json
+from synomaly.detect import DetectionOutput, check_inputs
 from synomaly.errors import ConfigError, InputError, OutputExistsError
 from synomaly.metrics import Counts, SegmentationEvaluator, confusion_counts, dice
-from synomaly.pipeline import SynomalyPipeline, read_json
+from synomaly.pipeline import SynomalyPipeline
 
 log = logging.getLogger(__name__)
 

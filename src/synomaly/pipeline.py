@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from torch import Tensor, nn
 
 import synomaly
 from synomaly import _atomic
+from synomaly._json import read_json
 from synomaly.config import DetectConfig, PipelineConfig, from_dict
 from synomaly.detect import DetectionOutput, multistage_detect, reconstruct
 from synomaly.errors import ConfigError, InputError, OutputExistsError
@@ -33,16 +33,6 @@ log = logging.getLogger(__name__)
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 THRESHOLDS_NAME = "thresholds.json"
-
-
-def read_json(path: Path) -> Any:
-    """Parse a JSON file as plain data; any problem is an ``InputError`` naming the file."""
-    if not path.is_file():
-        raise InputError(path, "missing")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InputError(path, f"not valid JSON ({error})") from None
 
 
 def load_config(folder: str | Path) -> PipelineConfig:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from synomaly import _atomic
-from synomaly.calibrate import json_safe
+from synomaly._json import json_safe, read_json
 from synomaly.errors import InputError, OutputExistsError
 from synomaly.io import read_images, read_mask
 from synomaly.metrics import SegmentationEvaluator
@@ -86,7 +86,6 @@ def score_folder(predictions: str | Path, references: list[str], output: str | P
         OutputExistsError: ``output`` holds a score and ``overwrite`` is false.
     """
     from synomaly.evaluate import _csv_text
-    from synomaly.pipeline import read_json
 
     folder, output = Path(predictions), Path(output)
     if (output / "metrics.json").exists() and not overwrite:
