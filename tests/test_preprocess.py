@@ -215,7 +215,7 @@ def test_preprocessing_round_trips_through_json():
     prep = Preprocessing(clip=True, clip_low=1.0, clip_high=99.0, size=64, fit="center", foreground="disk")
     again = Preprocessing.from_dict(json.loads(json.dumps(prep.to_dict())))
     assert again == prep
-    with pytest.raises(ConfigError, match="preprocessing.colour"):
+    with pytest.raises(ConfigError, match=r"preprocessing: unknown key\(s\) colour; valid keys: clip, "):
         Preprocessing.from_dict({**prep.to_dict(), "colour": True})
 
 
