@@ -1,4 +1,4 @@
-"""Typed configuration of a model folder: UNet, schedule, training noise, detection defaults.
+"""Typed configuration of a model folder: UNet, schedule, noise, detection, preprocessing, training.
 
 Every dataclass validates itself on construction and round-trips through plain JSON data
 (``to_dict`` / ``from_dict``); ``from_dict`` rejects unknown keys, so a typo in a config file
@@ -14,12 +14,18 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from synomaly.errors import ConfigError
+from synomaly.preprocess.settings import Preprocessing
 
 T = TypeVar("T")
 
 FUSION_MODES = ("binary", "continuous")
 SCHEDULES = ("cosine", "linear")
 SAMPLERS = ("one-step", "chain")
+LOSSES = ("mse", "hybrid")
+PRECISIONS = {"32": "32-true", "bf16": "bf16-mixed"}  # to Lightning's names
+FLIPS = {"both": (-1, -2), "horizontal": (-1,), "vertical": (-2,), "none": ()}  # the tensor axes flipped
+# What config.json records about a training run beside its TrainConfig fields.
+TRAINING_OUTCOME = ("images", "final_step", "note", "nifti_orientation", "seconds_last_run", "device", "world_size")
 
 
 def _check(condition: bool, option: str, problem: str) -> None:
@@ -194,14 +200,91 @@ class DetectConfig:
 
 
 @dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and hardware settings.
+
+    Attributes:
+        steps: Optimiser steps in total (a resumed run stops at the same count).
+        batch_size: Images per step and device.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        grad_clip: Gradient norm clipping (0 disables).
+        ema_decay: Decay of the exponential moving average of the weights that is exported.
+        loss: ``mse`` or ``hybrid`` (MSE plus the fixed-variance variational bound).
+        flips: Random flips, each axis with probability 1/2: ``both``, ``horizontal`` (left-right
+            only: keeps brains upright), ``vertical`` or ``none``. ``true``/``false`` mean ``both``/``none``;
+            ``None`` (the default) takes the modality preset's (``synomaly train``), else ``both``.
+        precision: ``32`` or ``bf16`` (mixed).
+        accelerator: Lightning accelerator (``auto``, ``cpu``, ``gpu``).
+        devices: Devices per node.
+        num_nodes: Nodes (multi-node DDP, e.g. under SLURM).
+        strategy: Lightning strategy (``auto``, ``ddp``, ...).
+        seed: Seed of the data order, noise and initial weights.
+        checkpoint_every: Steps between resume checkpoints.
+        preview_every: Steps between preview pictures (0 disables).
+        log_every: Steps between log rows.
+        num_workers: Data-loader worker processes.
+        progress: Show a progress bar.
+    """
+
+    steps: int = 1000
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    loss: str = "mse"
+    flips: bool | str | None = None
+    precision: str = "32"
+    accelerator: str = "auto"
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    seed: int = 0
+    checkpoint_every: int = 200
+    preview_every: int = 500
+    log_every: int = 10
+    num_workers: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 1, "train.steps", f"must be >= 1, got {self.steps}")
+        _check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _check(0.0 <= self.ema_decay < 1.0, "train.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+        _check(self.loss in LOSSES, "train.loss", f"must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        flips = self.flips.lower() if isinstance(self.flips, str) else self.flips
+        flips = {True: "both", False: "none", "true": "both", "false": "none"}.get(flips, flips)
+        _check(flips is None or flips in FLIPS, "train.flips", f"must be one of {', '.join(FLIPS)}, got {self.flips!r}")
+        object.__setattr__(self, "flips", flips)
+        _check(self.precision in PRECISIONS, "train.precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        _check(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
+        _check(self.devices >= 1 and self.num_nodes >= 1, "train.devices", "devices and num_nodes must be >= 1")
+
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
-    """Everything ``config.json`` of a model folder holds."""
+    """Everything ``config.json`` of a model folder holds, checked as a whole on construction.
+
+    Attributes:
+        model: The UNet.
+        schedule: The noise schedule.
+        noise: The training noise as ``{"name": <registered noise>, **its parameters}``; each noise class
+            validates its own parameters, so the section is checked by building the noise.
+        detect: Detection defaults (``thresholds.json`` beside the config overrides the calibrated ones).
+        preprocess: The preprocessing (and foreground rule) of training, repeated at inference; ``None``
+            (``{}`` in the file) for folders that predate it: defaults at the model's size.
+        training: The :class:`TrainConfig` fields of the run and its outcome (``TRAINING_OUTCOME``).
+        method: The registered method (``synomaly.methods``).
+        version: The package version that wrote the folder.
+    """
 
     model: ModelConfig = field(default_factory=ModelConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     noise: dict[str, Any] = field(default_factory=lambda: {"name": "synomaly"})
     detect: DetectConfig = field(default_factory=DetectConfig)
-    preprocess: dict[str, Any] = field(default_factory=dict)
+    preprocess: Preprocessing | None = None
     training: dict[str, Any] = field(default_factory=dict)
     method: str = "diffusion"
     version: str = ""
@@ -209,18 +292,40 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         self.detect.check_timestep(self.schedule.num_timesteps)
         from synomaly.methods import get_method  # the registry imports this module
+        from synomaly.noise import noise_from_dict
 
         get_method(self.method)
-        _check("name" in self.noise, "noise", "needs a 'name'")
+        _check(isinstance(self.noise, dict) and "name" in self.noise, "noise", "needs a 'name'")
+        noise_from_dict(self.noise)
+        check_training_record(self.training)
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """The stored preprocessing, or the defaults at the model's size for folders that predate it."""
+        return self.preprocess or Preprocessing(size=self.model.image_size)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON data (tuples become lists)."""
-        return _to_plain(dataclasses.asdict(self))
+        data = _to_plain(dataclasses.asdict(self))
+        data["preprocess"] = data["preprocess"] or {}
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PipelineConfig:
         """Rebuild from ``to_dict`` output; unknown keys or bad values raise ``ConfigError``."""
+        if isinstance(data, dict) and data.get("preprocess") == {}:
+            data = {**data, "preprocess": None}
         return from_dict(cls, data)
+
+
+def check_training_record(record: dict[str, Any]) -> None:
+    """Raise ``ConfigError`` unless ``record`` holds valid :class:`TrainConfig` fields and ``TRAINING_OUTCOME`` keys only."""
+    _check(isinstance(record, dict), "training", f"expected an object, got {type(record).__name__}")
+    settings = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(record) - settings - set(TRAINING_OUTCOME))
+    _check(not unknown, "training", f"unknown key(s) {', '.join(unknown)}; valid keys: "
+           f"{', '.join(sorted(settings | set(TRAINING_OUTCOME)))}")
+    from_dict(TrainConfig, {key: value for key, value in record.items() if key in settings}, "training")
 
 
 def _to_plain(obj: Any) -> Any:
@@ -250,11 +355,15 @@ def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
 
 
 def _coerce(hint: Any, value: Any, option: str) -> Any:
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return from_dict(hint, value, option)
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
-        return value
+        members = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        section = members[0] if len(members) == 1 else None
+        if value is None or not (isinstance(section, type) and dataclasses.is_dataclass(section)):
+            return value
+        return from_dict(section, value, option)  # an optional section
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(option, f"expected a list, got {value!r}")

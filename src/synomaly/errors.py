@@ -64,3 +64,12 @@ class Interrupted(SynomalyError):
 
     def __init__(self, what: str, hint: str) -> None:
         super().__init__(f"{what}; {hint}")
+
+
+class TrainingDiverged(SynomalyError):
+    """The loss became NaN or infinite: the run stops, and no model folder is written from it."""
+
+    def __init__(self, step: int, loss: float) -> None:
+        self.step, self.loss = step, loss
+        super().__init__(f"train.lr: the loss became {loss} at step {step} (training diverged), so no model was written; "
+                         "lower --train.lr (or check the images) and train again with --overwrite")

@@ -210,8 +210,7 @@ class SynomalyPipeline:
     @property
     def preprocessing(self) -> Preprocessing:
         """The preprocessing the model was trained with (defaults at the model's size for old folders)."""
-        stored = self.config.preprocess
-        return Preprocessing.from_dict(stored) if stored else Preprocessing(size=self.config.model.image_size)
+        return self.config.preprocessing
 
     def preprocess(self, images: Any, foreground: Any = None) -> tuple[Tensor, Tensor, FitInfo]:
         """Raw ``[N, H, W]`` (or ``[H, W]``) intensities to model input, exactly as the command line does it.

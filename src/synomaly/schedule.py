@@ -12,9 +12,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from synomaly.config import SCHEDULES, ScheduleConfig
-
-LOSSES = ("mse", "hybrid")
+from synomaly.config import LOSSES, SCHEDULES, ScheduleConfig
 
 
 def cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
@@ -40,6 +38,15 @@ class DiffusionSchedule(nn.Module):
         kind: ``cosine`` or ``linear``.
         num_timesteps: Number of diffusion steps T.
     """
+
+    # The buffers registered in __init__ (float32 tables indexed by t).
+    betas: Tensor
+    alphas_cumprod: Tensor
+    sqrt_alphas_cumprod: Tensor
+    sqrt_one_minus_alphas_cumprod: Tensor
+    posterior_log_variance: Tensor
+    posterior_mean_coef1: Tensor
+    posterior_mean_coef2: Tensor
 
     def __init__(self, kind: str = "cosine", num_timesteps: int = 1000) -> None:
         super().__init__()
