@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from synomaly import SynomalyPipeline
-from synomaly.calibrate import CalibrationGrid, _UpperPercentile, calibrate, write_thresholds
+from synomaly.calibrate import CalibrationGrid, UpperPercentile, calibrate, write_thresholds
 from synomaly.config import PipelineConfig, model_preset
 from synomaly.errors import ConfigError, InputError, OutputExistsError
 from synomaly.model import build_unet
@@ -123,7 +123,7 @@ def test_healthy_percentile_with_foreground_over_several_batches(random_pipeline
 @pytest.mark.parametrize("q", [0.0, 37.5, 99.0, 100.0])
 def test_upper_percentile_matches_numpy_when_fed_in_chunks(q):
     values = torch.rand(1000, generator=torch.Generator().manual_seed(0)) ** 3
-    quantile = _UpperPercentile(values.numel(), q)
+    quantile = UpperPercentile(values.numel(), q)
     for chunk in values.split(77):
         quantile.update(chunk)
     assert quantile.compute() == pytest.approx(np.percentile(values.double().numpy(), q), rel=1e-6)

@@ -22,115 +22,34 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-import synomaly
-from synomaly import _atomic
-from synomaly._json import json_safe
-from synomaly.config import DetectConfig, from_dict
-from synomaly.detect import check_inputs, stage_cost
-from synomaly.errors import ConfigError, InputError, OutputExistsError
-from synomaly.maps import above_threshold, difference_map, remove_small_components
+from synomaly.calibration_rules import (
+    TUNED_FIELDS,
+    CalibrationGrid,
+    CalibrationResult,
+    UpperPercentile,
+    apply_fallbacks,
+    best_row,
+    grid_row,
+    write_thresholds,
+)
+from synomaly.config import DetectConfig
+from synomaly.detect import check_inputs, stage_cost, stage_mask
+from synomaly.errors import ConfigError
+from synomaly.maps import difference_map
 from synomaly.metrics import confusion_counts, dice
-from synomaly.pipeline import THRESHOLDS_NAME, SynomalyPipeline
+from synomaly.pipeline import SynomalyPipeline
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CalibrationGrid", "CalibrationResult", "calibrate", "write_thresholds"]
-
-TUNED_FIELDS = ("t", "kernel", "threshold", "max_stages", "fusion")
-LOW_DICE = 0.05  # a best validation Dice below this means the detector is not working
-CALIBRATION_KEYS = (
-    "method", "score", "grid", "table", "percentile", "healthy_percentile_threshold", "n_anomalous", "n_healthy",
-    "warnings",
-)
-
-
-@dataclass(frozen=True)
-class CalibrationGrid:
-    """Candidate detection settings; the grid is their Cartesian product.
-
-    ``fusion`` only matters with more than one stage, so single-stage points are scored once
-    (they keep the pipeline's ``fusion``).
-
-    Attributes:
-        t: Partial diffusion timesteps.
-        kernel: Odd Gaussian blur sizes.
-        threshold: Difference thresholds on the [-1, 1] scale.
-        max_stages: Stage limits (1 is single-stage).
-        fusion: Fusion modes of the multi-stage loop (``binary``, ``continuous``).
-    """
-
-    t: tuple[int, ...] = (100, 200, 300)
-    kernel: tuple[int, ...] = (3, 5, 7)
-    threshold: tuple[float, ...] = (0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45)
-    max_stages: tuple[int, ...] = (1, 5)
-    fusion: tuple[str, ...] = ("binary",)
-
-    def __post_init__(self) -> None:
-        for name in TUNED_FIELDS:
-            values = getattr(self, name)
-            if isinstance(values, (str, bytes)) or not isinstance(values, (list, tuple)) or not values:
-                raise ConfigError(f"grid.{name}", f"must be a non-empty list of values, got {values!r}")
-            for value in values:
-                _check_value(name, value)
-            object.__setattr__(self, name, tuple(values))
-
-    def to_dict(self) -> dict[str, list]:
-        """Plain JSON data."""
-        return {name: list(getattr(self, name)) for name in TUNED_FIELDS}
-
-
-def _check_value(name: str, value: Any) -> None:
-    """Validate one grid value exactly as ``DetectConfig`` validates that field."""
-    try:
-        from_dict(DetectConfig, {name: value}, "grid")
-    except ConfigError as error:
-        raise ConfigError(f"grid.{name}", error.problem) from None
-
-
-@dataclass
-class CalibrationResult:
-    """Outcome of :func:`calibrate`.
-
-    Attributes:
-        detect: The chosen values of ``t``, ``kernel``, ``threshold``, ``max_stages``, ``fusion``.
-        method: ``dice-grid``, ``healthy-percentile`` or ``default``.
-        score: Mean per-slice validation Dice of the choice (``dice-grid`` only).
-        table: Every grid point with its mean Dice (``dice``), mean network evaluations per image
-            (``nfe``) and the number of anomalous slices it was scored on (``n``).
-        healthy_percentile_threshold: The ``percentile``-th percentile of one-stage anomaly-map
-            values on healthy slices (inside the foreground), at the chosen ``t`` and ``kernel``.
-        n_anomalous: Validation slices with a non-empty mask.
-        n_healthy: Validation slices with an empty (or no) mask.
-        warnings: Every fallback taken, as logged.
-        grid: The grid searched, as plain data.
-        percentile: The percentile of the unsupervised rule.
-    """
-
-    detect: dict[str, Any]
-    method: str
-    score: float | None
-    table: list[dict[str, Any]]
-    healthy_percentile_threshold: float | None
-    n_anomalous: int
-    n_healthy: int
-    warnings: list[str] = field(default_factory=list)
-    grid: dict[str, list] = field(default_factory=dict)
-    percentile: float = 99.0
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON data (no NaN: an undefined number is ``None``)."""
-        return json_safe(dataclasses.asdict(self))
-
+__all__ = ["CalibrationGrid", "CalibrationResult", "UpperPercentile", "calibrate", "write_thresholds"]
 
 @dataclass
 class _Runner:
@@ -213,7 +132,7 @@ def calibrate(
                 run, healthy, result.detect["t"], result.detect["kernel"], percentile
             )
     result.n_anomalous, result.n_healthy = len(lesioned), len(healthy)
-    _apply_fallbacks(result)
+    apply_fallbacks(result)
     log.info("calibration (%s): %s, validation Dice %s", result.method, result.detect, result.score)
     return result
 
@@ -279,49 +198,10 @@ def _choose(run: _Runner, grid: CalibrationGrid, lesioned: Tensor, percentile: f
     )
     if len(lesioned):
         result.table = _single_stage_rows(run, grid, lesioned) + _multistage_rows(run, grid, lesioned)
-        best = _best(result.table)
+        best = best_row(result.table)
         result.detect = {name: best[name] for name in TUNED_FIELDS}
         result.method, result.score = "dice-grid", best["dice"]
     return result
-
-
-def _apply_fallbacks(result: CalibrationResult) -> None:
-    """Log and record every fallback; apply the percentile rule when no lesions were available."""
-    if result.n_healthy == 0:
-        _warn(result, "no healthy validation slices: the healthy-percentile threshold is not available")
-    elif result.healthy_percentile_threshold is None:
-        _warn(result, "the healthy validation slices have no foreground pixels: no healthy-percentile threshold")
-    if result.method == "dice-grid" and result.score is not None and result.score < LOW_DICE:
-        _warn(result, f"the best validation Dice is {result.score:.3f}: the model finds almost none of the lesions at any "
-                      "setting of the grid; check the training (steps, loss), the preprocessing and the masks before using it")
-    if result.method == "dice-grid":
-        return
-    _warn(
-        result,
-        "no lesions in the validation masks (or no masks given): the threshold comes from healthy images only "
-        f"(the {result.percentile:g}th percentile of their anomaly maps); t, kernel and stages stay as configured",
-    )
-    if result.healthy_percentile_threshold is None:
-        result.method = "default"
-        _warn(result, "neither lesions nor healthy foreground pixels: keeping the configured detection settings")
-    else:
-        result.detect["threshold"] = result.healthy_percentile_threshold
-
-
-def _warn(result: CalibrationResult, message: str) -> None:
-    log.warning("%s", message)
-    result.warnings.append(message)
-
-
-def _row(point: tuple[int, int, float, int, str], dice_sum: float, nfe_sum: float, n: int) -> dict[str, Any]:
-    """A table row: the settings (in ``TUNED_FIELDS`` order), mean Dice and network evaluations over ``n`` slices."""
-    return {**dict(zip(TUNED_FIELDS, point)), "dice": dice_sum / n, "nfe": nfe_sum / n, "n": n}
-
-
-def _best(table: list[dict[str, Any]]) -> dict[str, Any]:
-    """Highest mean Dice; ties go to fewer network evaluations, then smaller ``t``, then grid order."""
-    # Rounding keeps Dice values that differ only by summation order tied, so the cheaper point wins.
-    return min(table, key=lambda row: (-round(row["dice"], 12), row["nfe"], row["t"]))
 
 
 def _single_stage_rows(run: _Runner, grid: CalibrationGrid, index: Tensor) -> list[dict[str, Any]]:
@@ -337,12 +217,13 @@ def _single_stage_rows(run: _Runner, grid: CalibrationGrid, index: Tensor) -> li
     for i, t in enumerate(grid.t):
         generator = run.generator()
         for images, target, fg in run.batches(index):
+            assert target is not None  # the lesioned slices have masks
             recon = run.reconstruct(images, t, generator)
             for j, kernel in enumerate(grid.kernel):
                 sums[i, j] += _threshold_dice(images, recon, target, fg, kernel, grid.threshold, base).sum(1).cpu()
     pipe = run.pipeline
     return [
-        _row((t, kernel, threshold, 1, base.fusion), float(sums[i, j, m]),
+        grid_row((t, kernel, threshold, 1, base.fusion), float(sums[i, j, m]),
              len(index) * stage_cost(pipe.detect_config(t=t), pipe.config.method), len(index))
         for (i, t), (j, kernel), (m, threshold) in itertools.product(
             enumerate(grid.t), enumerate(grid.kernel), enumerate(grid.threshold)
@@ -354,16 +235,9 @@ def _threshold_dice(
     images: Tensor, recon: Tensor, target: Tensor, fg: Tensor | None, kernel: int,
     thresholds: tuple[float, ...], base: DetectConfig,
 ) -> Tensor:
-    """Per-slice Dice ``[len(thresholds), B]`` of the one-stage mask at every threshold.
-
-    The mask rule is ``synomaly.detect.stage_mask``'s (a test pins the equality with ``detect``),
-    but the blur runs once per kernel and small components of all thresholds go in one batched call.
-    """
-    diff = difference_map(images, recon, kernel)
-    if fg is not None:
-        diff = diff * fg
-    levels = torch.tensor(thresholds, dtype=diff.dtype, device=diff.device).view(-1, 1, 1, 1, 1)
-    masks, _ = remove_small_components(above_threshold(diff, levels).flatten(0, 1), base.min_size, base.connectivity)
+    """Per-slice Dice ``[len(thresholds), B]`` of the one-stage mask (``detect.stage_mask``) at every threshold."""
+    config = dataclasses.replace(base, kernel=kernel)
+    _, masks, _ = stage_mask(images, recon, config, fg, torch.tensor(thresholds, dtype=torch.float64))
     counts = confusion_counts(masks, target.repeat(len(thresholds), 1, 1, 1))
     return dice(counts).view(len(thresholds), -1)
 
@@ -375,7 +249,7 @@ def _multistage_rows(run: _Runner, grid: CalibrationGrid, index: Tensor) -> list
     same noise, so stage ``s`` of ``detect``'s padded ``stage_masks`` is the final mask of a run with
     ``max_stages = s``. Each (t, kernel, threshold, fusion) therefore runs once, at the largest ``S``.
     """
-    rows = []
+    rows: list[dict[str, Any]] = []
     stages = [s for s in grid.max_stages if s > 1]
     if not stages:
         return rows
@@ -385,13 +259,14 @@ def _multistage_rows(run: _Runner, grid: CalibrationGrid, index: Tensor) -> list
         settings = {"t": t, "kernel": kernel, "threshold": threshold, "max_stages": max(stages), "fusion": fusion}
         cost = stage_cost(run.pipeline.detect_config(**settings), run.pipeline.config.method)
         for images, target, fg in run.batches(index):
+            assert target is not None  # the lesioned slices have masks
             out = run.pipeline.detect(images, generator, fg, **settings)
             for i, limit in enumerate(stages):
                 mask = out.stage_masks[:, min(limit, out.stage_masks.shape[1]) - 1]
                 dice_sums[i] += dice(confusion_counts(mask, target)).sum().cpu()
                 nfe_sums[i] += out.stages.clamp(max=limit).sum().cpu() * cost
         rows += [
-            _row((t, kernel, threshold, limit, fusion), float(dice_sums[i]), float(nfe_sums[i]), len(index))
+            grid_row((t, kernel, threshold, limit, fusion), float(dice_sums[i]), float(nfe_sums[i]), len(index))
             for i, limit in enumerate(stages)
         ]
     return rows
@@ -406,7 +281,7 @@ def _healthy_percentile(run: _Runner, index: Tensor, t: int, kernel: int, percen
     n_values = len(index) * size if run.foreground is None else int(run.foreground[index].bool().sum())
     if n_values == 0:
         return None
-    quantile = _UpperPercentile(n_values, percentile)
+    quantile = UpperPercentile(n_values, percentile)
     generator = run.generator()
     for images, _, fg in run.batches(index):
         diff = difference_map(images, run.reconstruct(images, t, generator), kernel)
@@ -414,60 +289,3 @@ def _healthy_percentile(run: _Runner, index: Tensor, t: int, kernel: int, percen
     return quantile.compute()
 
 
-class _UpperPercentile:
-    """NumPy's ``percentile`` (linear rule) of values arriving in batches, keeping only the top ones.
-
-    The number of values is known in advance, so only those at or above the lower interpolation
-    rank are needed: memory is about ``1 - q/100`` of the values, not all of them.
-
-    Args:
-        n_values: How many values :meth:`update` will receive in total.
-        q: The percentile, in [0, 100].
-    """
-
-    def __init__(self, n_values: int, q: float) -> None:
-        self.position = q / 100 * (n_values - 1)  # NumPy's virtual index
-        self.keep = n_values - math.floor(self.position)
-        self.top = torch.empty(0)
-
-    def update(self, values: Tensor) -> None:
-        """Add a batch of values (any shape)."""
-        both = torch.cat([self.top.to(values.device), values.detach().flatten().float()])
-        self.top = both.topk(min(self.keep, both.numel())).values
-
-    def compute(self) -> float:
-        """Linear interpolation between the two order statistics around the virtual index."""
-        ascending = self.top.flip(0).double().cpu()
-        low = float(ascending[0])
-        high = float(ascending[1]) if len(ascending) > 1 else low
-        return low + (high - low) * (self.position - math.floor(self.position))
-
-
-def write_thresholds(model_dir: str | Path, result: CalibrationResult, overwrite: bool = False) -> Path:
-    """Write ``thresholds.json`` into a model folder; ``from_pretrained`` applies its ``detect`` part.
-
-    Args:
-        model_dir: The model folder (it must exist).
-        result: Output of :func:`calibrate`.
-        overwrite: Replace an existing ``thresholds.json``.
-
-    Returns:
-        The path written.
-
-    Raises:
-        InputError: When ``model_dir`` is not a folder.
-        OutputExistsError: When ``thresholds.json`` exists and ``overwrite`` is False.
-        ConfigError: When the chosen settings are not valid detection settings.
-    """
-    folder = Path(model_dir)
-    if not folder.is_dir():
-        raise InputError(folder, "model folder not found")
-    path = folder / THRESHOLDS_NAME
-    if path.exists() and not overwrite:
-        raise OutputExistsError(path)
-    from_dict(DetectConfig, result.detect, "detect")  # refuse to write what from_pretrained would reject
-    data = result.to_dict()
-    calibration = {key: data[key] for key in CALIBRATION_KEYS}
-    calibration["version"] = synomaly.__version__
-    _atomic.write_json(path, {"detect": data["detect"], "calibration": calibration})
-    return path

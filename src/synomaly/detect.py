@@ -61,9 +61,13 @@ class DetectionOutput:
 
 
 def stage_mask(
-    images: Tensor, reconstructions: Tensor, config: DetectConfig, foreground: Tensor | None = None
+    images: Tensor, reconstructions: Tensor, config: DetectConfig, foreground: Tensor | None = None,
+    thresholds: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, np.ndarray]:
     """Anomaly map and mask of one stage (docs/method.md §4).
+
+    ``thresholds`` (``[L]``, optional) replaces ``config.threshold`` by ``L`` thresholds at once: the mask
+    is then ``[L * N, 1, H, W]``, threshold-major (the blur runs once, the components in one call).
 
     Returns:
         The raw difference map, the mask (difference >= threshold, inside the foreground, small
@@ -72,7 +76,11 @@ def stage_mask(
     diff = difference_map(images, reconstructions, config.kernel)
     if foreground is not None:
         diff = diff * foreground
-    mask, areas = remove_small_components(above_threshold(diff, config.threshold), config.min_size, config.connectivity)
+    if thresholds is None:
+        above = above_threshold(diff, config.threshold)
+    else:
+        above = above_threshold(diff, thresholds.to(diff).view(-1, 1, 1, 1, 1)).flatten(0, 1)
+    mask, areas = remove_small_components(above, config.min_size, config.connectivity)
     return diff, mask, areas
 
 
