@@ -133,7 +133,7 @@ def load_mask(spec: str, record: FileCases, preprocessing: Preprocessing) -> np.
     return np.asarray(fitted, dtype=bool)[:, None]
 
 
-def pair_sources(image_specs: list[str], *spec_lists: list[str] | None) -> list[tuple[Source, ...]]:
+def pair_sources(image_specs: list[str], *spec_lists: list[str] | None) -> list[tuple[Any, ...]]:
     """Expand image specs and pair every file with its spec from each list (folders pair by file name).
 
     Returns tuples ``(source, spec_1, spec_2, ...)`` with ``None`` for a list that is ``None``.

@@ -86,9 +86,9 @@ def demo_data(size: int = 64, seed: int = 0) -> DemoData:
     pre = Preprocessing(size=size, fit="letterbox", foreground="auto")
     raw, _ = read_images(template_path(), slice_axis=2, slice_range=AXIAL_RANGE)
     wm_raw, _ = read_images(template_path(WHITE_MATTER), slice_axis=2, slice_range=AXIAL_RANGE)
-    images, foreground, _ = pre.apply(raw)
-    wm = Preprocessing(size=size, fit="letterbox", foreground="given").apply(raw, region=wm_raw > 0.6)[1]
-    images, foreground, wm = (torch.from_numpy(a) for a in (images, foreground, wm))
+    images_np, foreground_np, _ = pre.apply(raw)
+    wm_np = Preprocessing(size=size, fit="letterbox", foreground="given").apply(raw, region=wm_raw > 0.6)[1]
+    images, foreground, wm = (torch.from_numpy(a) for a in (images_np, foreground_np, wm_np))
     z = torch.arange(len(images))
     g = torch.Generator().manual_seed(seed)
     split = {name: (z % 4 == r) for name, r in (("val", 1), ("test", 3))}

@@ -123,7 +123,7 @@ def read_mask(
         raise InputError(path, f"mask shape {values.shape} of {props.slice_count} slices does not match image "
                                f"shape {tuple(like.stack_shape)} of {like.slice_count} in {like.path}")
     both_nifti = props.format == "nifti" and like.format == "nifti"
-    if both_nifti and not np.allclose(props.affine, like.affine, atol=1e-3):
+    if both_nifti and props.affine is not None and like.affine is not None and not np.allclose(props.affine, like.affine, atol=1e-3):
         logger.warning("%s: mask affine differs from the affine of %s; both were brought to the canonical voxel order "
                        "(%s and %s stored), then aligned voxel by voxel", path, like.path,
                        props.extra.get("axcodes"), like.extra.get("axcodes"))

@@ -118,7 +118,7 @@ def read_dicom_file(path: Path) -> tuple[np.ndarray, dict]:
     spacing = _spacing(ds)
     affine = None
     geometry = ("ImagePositionPatient" in ds and "ImageOrientationPatient" in ds and spacing is not None)
-    if geometry and stack.shape[0] == 1:
+    if geometry and spacing is not None and stack.shape[0] == 1:
         iop = [float(v) for v in ds.ImageOrientationPatient]
         step = np.cross(iop[:3], iop[3:]) * _slice_step(ds)
         affine = _affine(ds.ImagePositionPatient, iop, spacing, stack.shape[1], step)
@@ -175,7 +175,8 @@ def read_dicom_series(folder: Path) -> tuple[np.ndarray, dict]:
     series = {str(ds.get("SeriesInstanceUID", "")) for ds in datasets}
     if len(series) > 1:
         raise InputError(folder, f"holds {len(series)} DICOM series; put each series in its own folder")
-    slices, raw_dtype = [], None
+    slices: list[np.ndarray] = []
+    raw_dtype = None
     for path, ds in zip(files, datasets):
         stack, raw = _pixels(path, ds)
         if stack.shape[0] != 1:

@@ -89,7 +89,7 @@ def _as_3d(path: Path, shape: tuple[int, ...]) -> tuple[int, int, int]:
         core.append(1)
     if len(core) != 3:
         raise InputError(path, f"expected a 2-D or 3-D image, got shape {tuple(shape)} (one volume only)")
-    return tuple(core)
+    return core[0], core[1], core[2]
 
 
 def read_nifti(path: Path, slice_axis: int) -> tuple[np.ndarray, dict]:
@@ -106,7 +106,7 @@ def read_nifti(path: Path, slice_axis: int) -> tuple[np.ndarray, dict]:
         raise ConfigError("slice_axis", f"must be 0, 1 or 2, got {slice_axis!r}")
     try:
         image = nibabel.load(path)
-        data = np.asanyarray(image.dataobj)
+        data = np.asanyarray(image.dataobj)  # type: ignore[attr-defined]  # every image nibabel.load returns has it
     except (ImageFileError, HeaderDataError, OSError, EOFError, ValueError, zlib.error) as error:
         raise InputError(path, f"cannot read NIfTI ({error})") from error
     if not isinstance(image, (nibabel.Nifti1Image, nibabel.Nifti2Image)):
@@ -192,8 +192,7 @@ def write_nifti(tmp: Path, stack: np.ndarray, like: ImageProperties | None) -> N
     else:
         volume = np.ascontiguousarray(slices_to_volume(stack.astype(dtype), 2))
         header = None
-    known = like is not None and like.affine is not None
-    affine = np.asarray(like.affine) if known else _spacing_affine(like)
+    affine = np.asarray(like.affine) if like is not None and like.affine is not None else _spacing_affine(like)
     nifti2 = like is not None and like.extra.get("nifti_version") == 2
     image_class = nibabel.Nifti2Image if nifti2 else nibabel.Nifti1Image
     image = image_class(volume, affine, header=header)

@@ -74,13 +74,13 @@ def _to_storable(
     if array.dtype == bool:
         return array.astype(np.uint8) * np.uint8(255), None
     if array.dtype.kind in "iu":
-        low, high = (int(array.min()), int(array.max())) if array.size else (0, 0)
-        if low >= 0 and high <= 255:
+        least, most = (int(array.min()), int(array.max())) if array.size else (0, 0)
+        if least >= 0 and most <= 255:
             return array.astype(np.uint8), None
-        if low >= 0 and high <= 65535:
+        if least >= 0 and most <= 65535:
             return array.astype(np.uint16), None
         if not allow_float:
-            raise ValueError(f"{path}: integer values {low}..{high} do not fit a 16-bit PNG; scale them first")
+            raise ValueError(f"{path}: integer values {least}..{most} do not fit a 16-bit PNG; scale them first")
     if allow_float:
         return array.astype(np.float32), None
     if not np.isfinite(array).all():

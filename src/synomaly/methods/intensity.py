@@ -30,6 +30,8 @@ def intensity_map(images: Tensor, direction: int) -> Tensor:
 class SignedIntensity(nn.Module):
     """The "network" of the intensity method: ``direction * intensity_map(x) = (direction + x) / 2``; no parameters."""
 
+    direction: Tensor  # a buffer: +1 or -1
+
     def __init__(self, direction: int) -> None:
         super().__init__()
         if direction not in (-1, 1):
