@@ -1,15 +1,17 @@
 """Self-contained HTML report of an evaluation folder: metrics with their aggregation, curves, overlays.
 
 The report is one HTML file with inline CSS and inline base64 PNG figures, so it opens offline and can
-be attached to a CI run or mailed. Figures are drawn on matplotlib ``Figure`` objects with an explicit
-Agg canvas rather than through ``pyplot``: no global backend is switched in the caller's process and no
-figure is registered anywhere, so each one is freed as soon as its PNG is written.
+be attached to a CI run or mailed. The page is the jinja2 template ``templates/report.html.j2``.
+Figures are drawn on matplotlib ``Figure`` objects with an explicit Agg canvas rather than through
+``pyplot``: no global backend is switched in the caller's process and no figure is registered
+anywhere, so each one is freed as soon as its PNG is written.
 """
 
 from __future__ import annotations
 
 import base64
 import datetime
+import functools
 import io
 import json
 import math
@@ -569,174 +571,15 @@ def _cases_context(metrics: Mapping[str, Any], cases: Mapping[str, np.ndarray], 
 # ---------------------------------------------------------------- HTML
 
 
+@functools.cache
+def _template() -> jinja2.Template:
+    """``templates/report.html.j2``, every value HTML-escaped."""
+    environment = jinja2.Environment(loader=jinja2.PackageLoader("synomaly", "templates"), autoescape=True,
+                                     undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    return environment.get_template("report.html.j2")
+
+
 def _render(context: Mapping[str, Any]) -> str:
-    environment = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True,
-                                     lstrip_blocks=True)
     colours = {"pred_css": "rgb({}, {}, {})".format(*PRED_COLOR),
                "truth_css": "rgb({}, {}, {})".format(*TRUTH_COLOR), "map_cmap": _MAP_CMAP}
-    return environment.from_string(_TEMPLATE).render(**context, **colours)
-
-
-_TEMPLATE = """\
-{% macro data_table(table) %}
-<table><thead><tr>{% for column in table.columns %}<th>{{ column }}</th>{% endfor %}</tr></thead>
-<tbody>
-{% for row in table.rows %}
-<tr>{% for cell in row %}<td{% if table.numeric[loop.index0] %} class="num"{% endif %}>{{ cell }}</td>{% endfor %}</tr>
-{% endfor %}
-</tbody></table>
-{% endmacro %}
-<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="generator" content="synomaly {{ version }}">
-<title>{{ title }}</title>
-<style>
-:root { --fg: #1f2328; --muted: #59636e; --line: #d8dee4; --alt: #f6f8fa; --accent: #0b5cad; }
-* { box-sizing: border-box; }
-body { margin: 0; background: #fff; color: var(--fg);
-       font: 14px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; }
-main { max-width: 1040px; margin: 0 auto; padding: 28px 36px 64px; }
-header { border-bottom: 3px solid var(--accent); padding-bottom: 10px; margin-bottom: 14px; }
-h1 { font-size: 26px; margin: 0 0 2px; }
-h2 { font-size: 19px; margin: 34px 0 10px; padding-bottom: 4px; border-bottom: 1px solid var(--line); }
-h3 { font-size: 14px; margin: 0 0 6px; }
-code { font: 12px ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
-nav { display: flex; gap: 16px; font-size: 13px; margin-top: 6px; }
-nav a { color: var(--accent); text-decoration: none; }
-.muted { color: var(--muted); font-size: 13px; }
-.notes { background: #fff8e5; border-left: 4px solid #d4a017; padding: 8px 14px; margin: 12px 0; }
-.notes p { margin: 4px 0; }
-.setup { display: flex; flex-wrap: wrap; gap: 28px; align-items: flex-start; }
-table { border-collapse: collapse; font-size: 13px; }
-th, td { padding: 4px 10px; border-bottom: 1px solid var(--line); text-align: left; vertical-align: top; }
-thead th { background: var(--alt); font-weight: 600; border-bottom: 2px solid var(--line); }
-tbody tr:nth-child(even) { background: #fafbfc; }
-td.num { text-align: right; white-space: nowrap; font-variant-numeric: tabular-nums;
-         font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
-table.kv td:first-child { color: var(--muted); }
-table.metrics { width: 100%; }
-table.metrics td:first-child { white-space: nowrap; font-weight: 600; }
-table.metrics td.agg { color: var(--muted); }
-table.metrics tr.group th { background: #fff; color: var(--accent); padding-top: 14px; }
-figure { margin: 0; }
-img { display: block; max-width: 100%; height: auto; }
-.legend .key { white-space: nowrap; }
-.legend i { display: inline-block; width: 12px; height: 12px; vertical-align: -1px; margin-right: 4px; }
-.case { display: flex; align-items: center; gap: 18px; padding: 6px 0; border-bottom: 1px solid var(--line); }
-.case .caption { flex: none; width: 170px; font-size: 13px; color: var(--muted); }
-.case .caption b { display: block; color: var(--fg); font: 600 13px ui-monospace, SFMono-Regular, Menlo,
-                   Consolas, monospace; word-break: break-all; }
-.strip { margin: 10px 0 18px; }
-details { margin: 10px 0; }
-summary { cursor: pointer; font-weight: 600; }
-details table { margin-top: 8px; }
-footer { margin-top: 48px; color: var(--muted); font-size: 12px; border-top: 1px solid var(--line);
-         padding-top: 8px; }
-</style>
-</head>
-<body>
-<main>
-<header>
-<h1>{{ title }}</h1>
-<div class="muted">Generated {{ generated }} by synomaly {{ version }} from <code>{{ source }}</code></div>
-<nav>
-{% for anchor, label in (("setup", "Setup"), ("metrics", "Metrics"), ("curves", "Curves"), ("worst", "Worst"),
-                         ("best", "Best"), ("healthy", "Healthy"), ("stages", "Stages"), ("tables", "Tables")) %}
-<a href="#{{ anchor }}">{{ label }}</a>
-{% endfor %}
-</nav>
-</header>
-{% if notes %}
-<div class="notes">{% for paragraph in notes %}<p>{{ paragraph }}</p>{% endfor %}</div>
-{% endif %}
-
-<h2 id="setup">Setup</h2>
-{% if setup %}
-<div class="setup">
-{% for table in setup %}
-<div><h3>{{ table.caption }}</h3>
-<table class="kv"><tbody>
-{% for key, value in table.rows %}<tr><td>{{ key }}</td><td>{{ value }}</td></tr>
-{% endfor %}
-</tbody></table></div>
-{% endfor %}
-</div>
-{% else %}<p class="muted">No settings recorded.</p>
-{% endif %}
-
-<h2 id="metrics">Metrics</h2>
-<p>{{ counts_line }} Values are shown to 3 decimals (hover for the exact value); n/a means not reported
-or undefined.</p>
-<table class="metrics">
-<thead><tr><th>Metric</th><th>Value</th><th>Aggregation</th></tr></thead>
-<tbody>
-{% for row in metric_rows %}
-{% if loop.changed(row.group) %}<tr class="group"><th colspan="3">{{ row.group }}</th></tr>
-{% endif %}
-<tr id="metric-{{ row.key }}"><td>{{ row.name }}</td><td class="num" title="{{ row.exact }}">{{ row.value }}</td>
-<td class="agg">{{ row.aggregation }}</td></tr>
-{% endfor %}
-</tbody>
-</table>
-
-<h2 id="curves">Curves</h2>
-{% if curves_figure %}
-<figure><img src="{{ curves_figure }}" alt="Precision-recall and ROC curves, Dice per stage"></figure>
-{% else %}<p class="muted">No curves recorded in metrics.json (pixel curves are empty when the targets hold one
-class).</p>
-{% endif %}
-
-{% for key, heading, entries in case_sections %}
-<h2 id="{{ key }}">{{ heading }}</h2>
-{% if loop.first %}
-<p class="muted legend">Each row: input, reconstruction, anomaly map ({{ map_cmap }}, 0 to {{ map_max }}, one
-scale for all cases) and the input with the <span class="key"><i style="background: {{ pred_css }}"></i>predicted
-mask</span> (filled) and the <span class="key"><i style="border: 2px solid {{ truth_css }}"></i>ground-truth
-outline</span>.{% if key == "worst" %} Anomalous cases sorted by Dice, lowest first.{% endif %}</p>
-{% elif key == "best" %}
-<p class="muted">Highest Dice first.{% if hidden_anomalous %} {{ hidden_anomalous }} anomalous cases with
-intermediate Dice are not shown.{% endif %}</p>
-{% elif key == "healthy" %}
-<p class="muted">Largest predicted area (false positives) first.{% if hidden_healthy %} {{ hidden_healthy }}
-further healthy cases are not shown.{% endif %}</p>
-{% endif %}
-{% for entry in entries %}
-<div class="case"><div class="caption"><b>{{ entry.case_id }}</b>{% for line in entry.lines %}{{ line }}<br>
-{% endfor %}</div><figure><img src="{{ entry.figure }}" alt="case {{ entry.case_id }}"></figure></div>
-{% else %}
-<p class="muted">None in cases.npz.</p>
-{% endfor %}
-{% endfor %}
-
-<h2 id="stages">Stage by stage</h2>
-{% if strips %}
-<p class="muted">Top: the reconstruction after each stage that ran. Bottom: that stage's mask (fill) against
-the ground truth (outline), with its Dice. The cases shown ran the most stages.</p>
-{% for strip in strips %}
-<div class="strip"><h3><code>{{ strip.case_id }}</code>, {{ strip.stages }} stage{{ "s" if strip.stages != 1 }}</h3>
-<figure><img src="{{ strip.figure }}" alt="stages of case {{ strip.case_id }}"></figure></div>
-{% endfor %}
-{% elif has_stage_arrays %}<p class="muted">No cases to show.</p>
-{% else %}<p class="muted">cases.npz holds no per-stage reconstructions and masks.</p>
-{% endif %}
-
-<h2 id="tables">Tables</h2>
-<details><summary>All cases ({{ per_case_table.rows | length }})</summary>
-{% if per_case_table.rows %}{{ data_table(per_case_table) }}
-{% else %}<p class="muted">metrics.json has no per-case rows.</p>
-{% endif %}
-</details>
-{% if per_volume_table %}
-<details><summary>Volumes ({{ per_volume_table.rows | length }}), pixels pooled per volume</summary>
-{{ data_table(per_volume_table) }}
-</details>
-{% endif %}
-<footer>synomaly {{ version }}: Synomaly noise and multi-stage diffusion (Bi et al., Medical Image Analysis
-2025). This file is self-contained: figures are embedded, nothing is loaded from elsewhere.</footer>
-</main>
-</body>
-</html>
-"""
+    return _template().render(**context, **colours)
