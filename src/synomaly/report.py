@@ -1,51 +1,33 @@
 """Self-contained HTML report of an evaluation folder: metrics with their aggregation, curves, overlays.
 
-The report is one HTML file with inline CSS and inline base64 PNG figures, so it opens offline and can
-be attached to a CI run or mailed. The page is the jinja2 template ``templates/report.html.j2``.
-Figures are drawn on matplotlib ``Figure`` objects with an explicit Agg canvas rather than through
-``pyplot``: no global backend is switched in the caller's process and no figure is registered
-anywhere, so each one is freed as soon as its PNG is written.
+The report is one HTML file with inline CSS and inline base64 PNG figures (drawn by
+:mod:`synomaly.figures`), so it opens offline and can be attached to a CI run or mailed. The page is
+the jinja2 template ``templates/report.html.j2``.
 """
 
 from __future__ import annotations
 
-import base64
 import datetime
 import functools
-import io
 import json
 import math
 import string
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jinja2
 import numpy as np
-from scipy import ndimage
 
 from synomaly import __version__
 from synomaly._atomic import write_text
 from synomaly.errors import ConfigError, InputError, OutputExistsError
-
-if TYPE_CHECKING:
-    from matplotlib.axes import Axes
-    from matplotlib.figure import Figure
+from synomaly.figures import MAP_CMAP, NOT_AVAILABLE, PRED_COLOR, TRUTH_COLOR, case_figure, curves_figure, format_value, overlay_rgb, stage_figure
 
 __all__ = ["PRED_COLOR", "TRUTH_COLOR", "build_report", "overlay_rgb"]
 
-PRED_COLOR: tuple[int, int, int] = (230, 60, 40)
-"""Fill colour of the predicted mask in overlays (red)."""
-TRUTH_COLOR: tuple[int, int, int] = (0, 220, 255)
-"""Outline colour of the ground truth in overlays (cyan: distinct from the red fill and from gray)."""
-
-_DPI = 90
-_CASE_PANEL = 2.0  # inches per image panel in a case row (180 px at 90 dpi)
-_STRIP_PANEL = 1.75  # smaller in stage strips, so six panels fit the page width
-_MAP_CMAP = "inferno"
 _STRIP_CASES = 3
-_NOT_AVAILABLE = "n/a"
 _FOLDER_HINT = "pass a folder written by 'synomaly evaluate'"
 _IMAGE_ARRAYS = ("image", "reconstruction", "anomaly_map", "mask", "target")
 _STAGE_ARRAYS = ("stage_reconstructions", "stage_masks")
@@ -112,46 +94,6 @@ _METRICS = (
     _Metric("nfe_max", "Network evaluations", _COST, "per image, maximum over all {n_cases} slices"),
     _Metric("ms_per_image", "Time", _COST, "milliseconds of detection wall time per image"),
 )
-
-
-def overlay_rgb(
-    image: np.ndarray,
-    mask: np.ndarray,
-    target: np.ndarray,
-    *,
-    alpha: float = 0.45,
-    value_range: tuple[float, float] = (-1.0, 1.0),
-    outline_width: int = 1,
-) -> np.ndarray:
-    """Render a predicted mask (filled, semi-transparent) and the ground-truth outline over a gray image.
-
-    The outline is the set of target pixels removed by ``outline_width`` binary erosions (pixels on
-    the image border count as outline), drawn opaque on top of the fill so both stay visible where
-    they overlap.
-
-    Args:
-        image: Gray image ``[H, W]``.
-        mask: Predicted mask ``[H, W]`` (bool or 0/1).
-        target: Ground-truth mask ``[H, W]``.
-        alpha: Opacity of the prediction fill.
-        value_range: Image values shown as black and white; values outside are clipped.
-        outline_width: Outline thickness in pixels, inside the target.
-
-    Returns:
-        ``uint8 [H, W, 3]`` RGB image.
-    """
-    image = np.asarray(image, dtype=np.float64)
-    mask, target = np.asarray(mask, dtype=bool), np.asarray(target, dtype=bool)
-    if image.ndim != 2 or mask.shape != image.shape or target.shape != image.shape:
-        raise ValueError(f"image, mask and target must share one 2-D shape, got {image.shape}, {mask.shape}, "
-                         f"{target.shape}")
-    low, high = value_range
-    gray = np.clip((image - low) / (high - low), 0.0, 1.0) * 255.0
-    rgb = np.repeat(gray[..., None], 3, axis=-1)
-    rgb[mask] = (1.0 - alpha) * rgb[mask] + alpha * np.asarray(PRED_COLOR, dtype=np.float64)
-    outline = target & ~ndimage.binary_erosion(target, iterations=outline_width, border_value=0)
-    rgb[outline] = TRUTH_COLOR
-    return np.rint(rgb).astype(np.uint8)
 
 
 def build_report(
@@ -252,19 +194,10 @@ def _dice(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------- text and tables
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
-    """A metric for display: floats to ``digits`` decimals, missing or undefined (None, NaN) as n/a."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return _NOT_AVAILABLE
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
 def _fmt_setting(value: Any) -> str:
     """A setting for display: numbers unrounded beyond 6 significant digits, sequences comma-joined."""
     if value is None:
-        return _NOT_AVAILABLE
+        return NOT_AVAILABLE
     if isinstance(value, float):
         return f"{value:g}"
     if isinstance(value, (list, tuple)):
@@ -298,12 +231,13 @@ class _Defaults(dict):
     """Template values; a count the evaluation did not report reads n/a rather than raising."""
 
     def __missing__(self, key: str) -> str:
-        return _NOT_AVAILABLE
+        return NOT_AVAILABLE
 
 
 def _metric_rows(aggregate: Mapping[str, Any], spacing: Any) -> list[dict[str, str]]:
     """The metrics table: each value with its aggregation in words, and anything else reported."""
-    words = _Defaults({key: _fmt(value) for key, value in aggregate.items() if not isinstance(value, (list, dict))})
+    words = _Defaults({key: format_value(value) for key, value in aggregate.items()
+                       if not isinstance(value, (list, dict))})
     words["hd95_unit"] = "in pixels" if spacing is None else "in the units of the pixel spacing"
     rows = [_metric_row(m, m.aggregation.format_map(words), aggregate.get(m.key))
             for m in _METRICS if not m.optional or m.key in aggregate]
@@ -316,7 +250,7 @@ def _metric_rows(aggregate: Mapping[str, Any], spacing: Any) -> list[dict[str, s
 
 def _metric_row(metric: _Metric, aggregation: str, value: Any) -> dict[str, str]:
     return {"key": metric.key, "name": metric.name, "group": metric.group, "aggregation": aggregation,
-            "value": _fmt(value), "exact": json.dumps(value)}
+            "value": format_value(value), "exact": json.dumps(value)}
 
 
 def _is_count(key: str) -> bool:
@@ -329,10 +263,11 @@ def _is_number(value: Any) -> bool:
 
 
 def _counts_line(aggregate: Mapping[str, Any]) -> str:
-    line = (f"{_fmt(aggregate.get('n_cases'))} test slices: {_fmt(aggregate.get('n_anomalous'))} anomalous, "
-            f"{_fmt(aggregate.get('n_healthy'))} healthy")
+    line = (f"{format_value(aggregate.get('n_cases'))} test slices: {format_value(aggregate.get('n_anomalous'))} "
+            f"anomalous, {format_value(aggregate.get('n_healthy'))} healthy")
     if "n_volumes" in aggregate:
-        line += f"; {_fmt(aggregate['n_volumes'])} volumes ({_fmt(aggregate.get('n_volumes_anomalous'))} anomalous)"
+        line += (f"; {format_value(aggregate['n_volumes'])} volumes "
+                 f"({format_value(aggregate.get('n_volumes_anomalous'))} anomalous)")
     return line + "."
 
 
@@ -340,7 +275,8 @@ def _table(rows: Sequence[Mapping[str, Any]], preferred: Sequence[str]) -> dict[
     """Columns of ``preferred`` that some row reports, with every cell formatted for display."""
     columns = [c for c in preferred if any(row.get(c) is not None for row in rows)]
     numeric = [all(_is_number(row.get(c)) for row in rows) for c in columns]  # right-aligned
-    return {"columns": columns, "numeric": numeric, "rows": [[_fmt(row.get(c)) for c in columns] for row in rows]}
+    cells = [[format_value(row.get(c)) for c in columns] for row in rows]
+    return {"columns": columns, "numeric": numeric, "rows": cells}
 
 
 def _metrics_context(metrics: Mapping[str, Any]) -> dict[str, Any]:
@@ -350,131 +286,10 @@ def _metrics_context(metrics: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "counts_line": _counts_line(aggregate),
         "metric_rows": _metric_rows(aggregate, settings.get("spacing")),
-        "curves_figure": _curves_figure(metrics),
+        "curves_figure": curves_figure(metrics),
         "per_case_table": _table(metrics.get("per_case") or [], _CASE_COLUMNS),
         "per_volume_table": _table(per_volume, _VOLUME_COLUMNS) if per_volume else None,
     }
-
-
-# ---------------------------------------------------------------- figures
-
-
-def _new_figure(width: float, height: float) -> Figure:
-    """A figure on its own Agg canvas (matplotlib is imported here because importing it is slow)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height), dpi=_DPI)
-    FigureCanvasAgg(figure)
-    return figure
-
-
-def _to_data_uri(figure: Figure) -> str:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=_DPI, metadata={"Software": None})
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def _overlay(image: np.ndarray, mask: np.ndarray, target: np.ndarray, panel_inches: float) -> np.ndarray:
-    """:func:`overlay_rgb` with an outline at least one screen pixel wide when the panel shrinks the image."""
-    width = math.ceil(max(image.shape) / (panel_inches * _DPI))
-    return overlay_rgb(image, mask, target, outline_width=width)
-
-
-def _show(ax: Axes, picture: np.ndarray, title: str, panel_inches: float, **imshow: Any) -> None:
-    # Sharp pixels when enlarging; a smoothing filter when shrinking, where nearest-neighbour aliases.
-    shrinks = max(picture.shape[:2]) > panel_inches * _DPI
-    ax.imshow(picture, interpolation="antialiased" if shrinks else "nearest", **imshow)
-    ax.set_title(title, fontsize=9, pad=3)
-    ax.set_axis_off()
-
-
-def _curve(curves: Any, name: str, x: str, y: str) -> tuple[np.ndarray, np.ndarray] | None:
-    curve = curves.get(name) if isinstance(curves, Mapping) else None
-    if not isinstance(curve, Mapping) or not curve.get(x) or not curve.get(y):
-        return None
-    return np.asarray(curve[x], dtype=float), np.asarray(curve[y], dtype=float)
-
-
-def _plot_pr(ax: Axes, curve: tuple[np.ndarray, np.ndarray], ap: Any) -> None:
-    ax.plot(*curve, color="#0b5cad", lw=1.6, label=f"AP = {_fmt(ap)}")
-    ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="recall", ylabel="precision")
-    ax.set_title("Precision-recall, pixels pooled", fontsize=10)
-    ax.legend(loc="upper right", fontsize=9)
-
-
-def _plot_roc(ax: Axes, curve: tuple[np.ndarray, np.ndarray], auroc: Any) -> None:
-    ax.plot([0, 1], [0, 1], color="#999999", lw=0.8, ls="--")
-    ax.plot(*curve, color="#0b5cad", lw=1.6, label=f"AUROC = {_fmt(auroc)}")
-    ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="false-positive rate", ylabel="true-positive rate")
-    ax.set_title("ROC, pixels pooled", fontsize=10)
-    ax.legend(loc="lower right", fontsize=9)
-
-
-def _plot_stage_dice(ax: Axes, values: Sequence[Any]) -> None:
-    dice = np.asarray(values, dtype=float)  # None (undefined) becomes NaN and leaves a gap
-    stages = np.arange(1, len(dice) + 1)
-    ax.plot(stages, dice, color="#0b5cad", lw=1.6, marker="o", ms=4)
-    for stage, value in zip(stages, dice):
-        ax.annotate(_fmt(float(value)), (stage, value), textcoords="offset points", xytext=(0, 6),
-                    ha="center", fontsize=8)
-    ax.set(xticks=stages, ylim=(0, 1.05), xlabel="stage", ylabel="mean Dice, anomalous slices")
-    ax.set_title("Dice after each stage", fontsize=10)
-
-
-def _curves_figure(metrics: Mapping[str, Any]) -> str | None:
-    """PR and ROC curves and the Dice-per-stage plot, side by side; None when none was recorded."""
-    aggregate, curves = metrics["aggregate"], metrics.get("curves")
-    pr, roc = _curve(curves, "pr", "recall", "precision"), _curve(curves, "roc", "fpr", "tpr")
-    stage_dice = aggregate.get("dice_per_stage")
-    plots: list[Callable[[Axes], None]] = []
-    if pr is not None:
-        plots.append(lambda ax: _plot_pr(ax, pr, aggregate.get("ap")))
-    if roc is not None:
-        plots.append(lambda ax: _plot_roc(ax, roc, aggregate.get("auroc_pixel")))
-    if stage_dice:
-        plots.append(lambda ax: _plot_stage_dice(ax, stage_dice))
-    if not plots:
-        return None
-    figure = _new_figure(3.5 * len(plots), 3.2)
-    for ax, plot in zip(np.atleast_1d(figure.subplots(1, len(plots))), plots):
-        ax.grid(alpha=0.3)
-        ax.tick_params(labelsize=8)
-        plot(ax)
-    figure.tight_layout(w_pad=2.0)
-    return _to_data_uri(figure)
-
-
-def _case_figure(cases: Mapping[str, np.ndarray], index: int, map_max: float) -> str:
-    """Input, reconstruction, anomaly map and prediction/truth overlay of one case in one row."""
-    figure = _new_figure(4 * _CASE_PANEL, _CASE_PANEL + 0.25)
-    axes = figure.subplots(1, 4)
-    image, size = cases["image"][index], _CASE_PANEL
-    _show(axes[0], image, "input", size, cmap="gray", vmin=-1, vmax=1)
-    _show(axes[1], cases["reconstruction"][index], "reconstruction", size, cmap="gray", vmin=-1, vmax=1)
-    _show(axes[2], cases["anomaly_map"][index], "anomaly map", size, cmap=_MAP_CMAP, vmin=0, vmax=map_max)
-    overlay = _overlay(image, cases["mask"][index], cases["target"][index], size)
-    _show(axes[3], overlay, "prediction / truth", size)
-    figure.subplots_adjust(left=0.005, right=0.995, bottom=0.01, top=0.9, wspace=0.04)
-    return _to_data_uri(figure)
-
-
-def _stage_figure(cases: Mapping[str, np.ndarray], index: int, stages: int) -> str:
-    """Reconstruction (top) and prediction/truth overlay (bottom) after each stage that ran."""
-    image, target, size = cases["image"][index], cases["target"][index], _STRIP_PANEL
-    masks = cases["stage_masks"][index, :stages].astype(bool)
-    dice = _dice(masks, target[None])
-    figure = _new_figure(size * (stages + 1), 2 * size + 0.2)
-    axes = figure.subplots(2, stages + 1, squeeze=False)
-    _show(axes[0, 0], image, "input", size, cmap="gray", vmin=-1, vmax=1)
-    _show(axes[1, 0], _overlay(image, np.zeros_like(target), target, size), "truth", size)
-    for stage in range(stages):
-        recon = cases["stage_reconstructions"][index, stage]
-        _show(axes[0, stage + 1], recon, f"stage {stage + 1}", size, cmap="gray", vmin=-1, vmax=1)
-        overlay = _overlay(image, masks[stage], target, size)
-        _show(axes[1, stage + 1], overlay, f"Dice {_fmt(float(dice[stage]))}", size)
-    figure.subplots_adjust(left=0.005, right=0.995, bottom=0.01, top=0.93, wspace=0.04, hspace=0.16)
-    return _to_data_uri(figure)
 
 
 # ---------------------------------------------------------------- cases
@@ -517,7 +332,7 @@ def _caption(cases: Mapping[str, np.ndarray], index: int, row: Mapping[str, Any]
     """The lines under a case id: volume, Dice (or predicted area when healthy), stages run."""
     lines = [f"volume {row['group_id']}"] if row.get("group_id") is not None else []
     if cases["target"][index].any():
-        lines.append(f"Dice {_fmt(float(cases['dice'][index]))}")
+        lines.append(f"Dice {format_value(float(cases['dice'][index]))}")
     else:
         lines.append(f"healthy; {int(cases['mask'][index].sum())} px predicted")
     stages = _stages_run(cases, index)
@@ -532,7 +347,9 @@ def _case_entries(cases: Mapping[str, np.ndarray], indices: Iterable[int], per_c
     for index in indices:
         case_id = str(cases["case_id"][index])
         lines = _caption(cases, index, per_case.get(case_id, {}), max_stages)
-        entries.append({"case_id": case_id, "lines": lines, "figure": _case_figure(cases, index, map_max)})
+        figure = case_figure(cases["image"][index], cases["reconstruction"][index], cases["anomaly_map"][index],
+                             cases["mask"][index], cases["target"][index], map_max)
+        entries.append({"case_id": case_id, "lines": lines, "figure": figure})
     return entries
 
 
@@ -544,8 +361,11 @@ def _strip_entries(cases: Mapping[str, np.ndarray], candidates: Sequence[int]) -
     entries = []
     for index in chosen:
         stages = _stages_run(cases, index)
-        entries.append({"case_id": str(cases["case_id"][index]), "stages": stages,
-                        "figure": _stage_figure(cases, index, stages)})
+        image, target = cases["image"][index], cases["target"][index]
+        masks = cases["stage_masks"][index, :stages].astype(bool)
+        figure = stage_figure(image, target, cases["stage_reconstructions"][index, :stages], masks,
+                              _dice(masks, target[None]))
+        entries.append({"case_id": str(cases["case_id"][index]), "stages": stages, "figure": figure})
     return entries
 
 
@@ -561,7 +381,7 @@ def _cases_context(metrics: Mapping[str, Any], cases: Mapping[str, np.ndarray], 
         "case_sections": sections,
         "hidden_anomalous": selection["hidden_anomalous"],
         "hidden_healthy": selection["hidden_healthy"],
-        "map_max": _fmt(map_max),
+        "map_max": format_value(map_max),
         # Anomalous cases when there are any: their strips show the mask converging on the lesion.
         "strips": _strip_entries(cases, selection["worst"] + selection["best"] or selection["healthy"]),
         "has_stage_arrays": _has_stages(cases),
@@ -581,5 +401,5 @@ def _template() -> jinja2.Template:
 
 def _render(context: Mapping[str, Any]) -> str:
     colours = {"pred_css": "rgb({}, {}, {})".format(*PRED_COLOR),
-               "truth_css": "rgb({}, {}, {})".format(*TRUTH_COLOR), "map_cmap": _MAP_CMAP}
+               "truth_css": "rgb({}, {}, {})".format(*TRUTH_COLOR), "map_cmap": MAP_CMAP}
     return _template().render(**context, **colours)
