@@ -19,11 +19,13 @@ from typing import Any
 
 import jinja2
 import numpy as np
+import torch
 
 from synomaly import __version__
 from synomaly._atomic import write_text
 from synomaly.errors import ConfigError, InputError, OutputExistsError
 from synomaly.figures import MAP_CMAP, NOT_AVAILABLE, PRED_COLOR, TRUTH_COLOR, case_figure, curves_figure, format_value, overlay_rgb, stage_figure
+from synomaly.metrics import confusion_counts, dice
 
 __all__ = ["PRED_COLOR", "TRUTH_COLOR", "build_report", "overlay_rgb"]
 
@@ -185,10 +187,16 @@ def _check_cases(path: Path, cases: dict[str, np.ndarray]) -> None:
 
 
 def _dice(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """Dice over the last two axes; NaN where the target is empty (healthy), as in ``cases.npz``."""
-    overlap = (pred & target).sum(axis=(-2, -1))
-    total = pred.sum(axis=(-2, -1)) + target.sum(axis=(-2, -1))
-    return np.where(target.any(axis=(-2, -1)), 2.0 * overlap / np.maximum(total, 1), np.nan)
+    """Dice of bool masks ``[..., H, W]`` (broadcast against each other) with :func:`synomaly.metrics.dice`.
+
+    NaN where the target is empty (healthy), as in ``cases.npz``; ``metrics.dice`` would give 1.0 there
+    when the prediction is empty too, and 0.0 when it is not.
+    """
+    pred, target = np.broadcast_arrays(pred, target)
+    shape = pred.shape
+    flat = [torch.from_numpy(np.array(mask, dtype=bool).reshape(-1, 1, *shape[-2:])) for mask in (pred, target)]
+    values = dice(confusion_counts(*flat)).numpy().reshape(shape[:-2])
+    return np.where(target.any(axis=(-2, -1)), values, np.nan)
 
 
 # ---------------------------------------------------------------- text and tables
