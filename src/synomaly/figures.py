@@ -112,7 +112,7 @@ def write_png(path: Path, rgb: np.ndarray) -> None:
     from PIL import Image
 
     scale = max(1, 256 // rgb.shape[0])
-    image = Image.fromarray(rgb).resize((rgb.shape[1] * scale, rgb.shape[0] * scale), Image.NEAREST)
+    image = Image.fromarray(rgb).resize((rgb.shape[1] * scale, rgb.shape[0] * scale), Image.Resampling.NEAREST)
     with _atomic.atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
 

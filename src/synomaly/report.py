@@ -289,11 +289,12 @@ def _table(rows: Sequence[Mapping[str, Any]], preferred: Sequence[str]) -> dict[
 
 def _metrics_context(metrics: Mapping[str, Any]) -> dict[str, Any]:
     aggregate = metrics["aggregate"]
-    settings = metrics.get("settings") if isinstance(metrics.get("settings"), Mapping) else {}
+    settings = metrics.get("settings")
+    spacing = settings.get("spacing") if isinstance(settings, Mapping) else None
     per_volume = metrics.get("per_volume")
     return {
         "counts_line": _counts_line(aggregate),
-        "metric_rows": _metric_rows(aggregate, settings.get("spacing")),
+        "metric_rows": _metric_rows(aggregate, spacing),
         "curves_figure": curves_figure(metrics),
         "per_case_table": _table(metrics.get("per_case") or [], _CASE_COLUMNS),
         "per_volume_table": _table(per_volume, _VOLUME_COLUMNS) if per_volume else None,
@@ -326,10 +327,8 @@ def _has_stages(cases: Mapping[str, np.ndarray]) -> bool:
     return all(key in cases for key in (*_STAGE_ARRAYS, "stages"))
 
 
-def _stages_run(cases: Mapping[str, np.ndarray], index: int) -> int | None:
-    """Stages case ``index`` ran, at least 1 and at most the stored stages; None when not recorded."""
-    if "stages" not in cases:
-        return None
+def _stages_run(cases: Mapping[str, np.ndarray], index: int) -> int:
+    """Stages case ``index`` ran (``cases`` has ``stages``), at least 1 and at most the stored stages."""
     stages = int(cases["stages"][index])
     if "stage_masks" in cases:
         stages = min(stages, cases["stage_masks"].shape[1])
@@ -343,8 +342,8 @@ def _caption(cases: Mapping[str, np.ndarray], index: int, row: Mapping[str, Any]
         lines.append(f"Dice {format_value(float(cases['dice'][index]))}")
     else:
         lines.append(f"healthy; {int(cases['mask'][index].sum())} px predicted")
-    stages = _stages_run(cases, index)
-    if stages is not None:
+    if "stages" in cases:
+        stages = _stages_run(cases, index)
         lines.append(f"stages run: {stages}" + (f" of {max_stages}" if max_stages is not None else ""))
     return lines
 
@@ -379,10 +378,11 @@ def _strip_entries(cases: Mapping[str, np.ndarray], candidates: Sequence[int]) -
 
 def _cases_context(metrics: Mapping[str, Any], cases: Mapping[str, np.ndarray], max_cases: int) -> dict[str, Any]:
     per_case = {str(row.get("case_id")): row for row in metrics.get("per_case") or [] if isinstance(row, Mapping)}
-    detect = metrics.get("detect") if isinstance(metrics.get("detect"), Mapping) else {}
+    detect = metrics.get("detect")
+    max_stages = detect.get("max_stages") if isinstance(detect, Mapping) else None
     map_max = float(cases["anomaly_map"].max(initial=0.0)) or 1.0  # one scale so cases compare
     selection = _select(cases, max_cases)
-    sections = [(key, heading, _case_entries(cases, selection[key], per_case, detect.get("max_stages"), map_max))
+    sections = [(key, heading, _case_entries(cases, selection[key], per_case, max_stages, map_max))
                 for key, heading in (("worst", "Worst cases"), ("best", "Best cases"),
                                      ("healthy", "Healthy cases"))]
     return {
