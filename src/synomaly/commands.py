@@ -7,6 +7,7 @@ and writes every output atomically; existing outputs are kept unless ``overwrite
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import time
@@ -243,6 +244,7 @@ def run_detect(
     settings = pipe.detect_config(**overrides)
     pre = preprocessing_of(pipe)
     output = Path(output)
+    assert pipe.folder is not None  # from_pretrained records the folder it read
     # The model is identified by its files' digest, not its path: a moved or renamed folder is the same model.
     made_with = json_plain({"model_sha256": model_fingerprint(pipe.folder),
                             "detect": dataclasses.asdict(settings), "seed": seed, "slice_axis": slice_axis,
@@ -276,7 +278,7 @@ def model_fingerprint(folder: str | Path) -> str:
         if path.is_file():
             digest.update(name.encode())
             with path.open("rb") as f:
-                for block in iter(lambda f=f: f.read(1 << 20), b""):
+                for block in iter(functools.partial(f.read, 1 << 20), b""):
                     digest.update(block)
     return digest.hexdigest()
 
