@@ -7,6 +7,7 @@ and writes every output atomically; existing outputs are kept unless ``overwrite
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import time
@@ -182,8 +183,8 @@ def _batched_detect(pipe: SynomalyPipeline, images: torch.Tensor, foreground: to
 def _write_case_outputs(case_dir: Path, record: Any, images: np.ndarray,
                         outputs: dict[str, torch.Tensor]) -> tuple[dict[str, str], np.ndarray]:
     """Write maps back at the input's size and on its grid; returns the file names and each slice's mask area there (px)."""
+    from synomaly.figures import gray_rgb, heat_rgb, overlay_rgb, write_png
     from synomaly.io import write_image
-    from synomaly.report import overlay_rgb
 
     props = record.properties
     spatial = props.format in ("nifti", "dicom", "dicom-series") and props.affine is not None
@@ -203,32 +204,11 @@ def _write_case_outputs(case_dir: Path, record: Any, images: np.ndarray,
     image = images[best, 0]
     mask = outputs["mask"][best, 0].numpy()
     overlay = overlay_rgb(image, mask, np.zeros_like(mask))
-    strip = np.concatenate([_gray_rgb(image), _gray_rgb(outputs["reconstruction"][best, 0].numpy()),
-                            _heat_rgb(outputs["anomaly_map"][best, 0].numpy()), overlay], axis=1)
-    _write_png(case_dir / "overlay.png", strip)
+    strip = np.concatenate([gray_rgb(image), gray_rgb(outputs["reconstruction"][best, 0].numpy()),
+                            heat_rgb(outputs["anomaly_map"][best, 0].numpy()), overlay], axis=1)
+    write_png(case_dir / "overlay.png", strip)
     files["overlay"] = "overlay.png"
     return files, restored["mask"].reshape(len(restored["mask"]), -1).sum(1)
-
-
-def _gray_rgb(image: np.ndarray) -> np.ndarray:
-    gray = ((np.clip(image, -1, 1) + 1) * 127.5).round().astype(np.uint8)
-    return np.repeat(gray[..., None], 3, axis=-1)
-
-
-def _heat_rgb(amap: np.ndarray) -> np.ndarray:
-    from matplotlib import colormaps
-
-    scaled = np.clip(amap / 0.5, 0, 1)  # 0.5 on the [-1, 1] scale saturates the colour map
-    return (colormaps["inferno"](scaled)[..., :3] * 255).round().astype(np.uint8)
-
-
-def _write_png(path: Path, rgb: np.ndarray) -> None:
-    from PIL import Image
-
-    scale = max(1, 256 // rgb.shape[0])
-    image = Image.fromarray(rgb).resize((rgb.shape[1] * scale, rgb.shape[0] * scale), Image.NEAREST)
-    with _atomic.atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
 
 
 def run_detect(
@@ -264,6 +244,7 @@ def run_detect(
     settings = pipe.detect_config(**overrides)
     pre = preprocessing_of(pipe)
     output = Path(output)
+    assert pipe.folder is not None  # from_pretrained records the folder it read
     # The model is identified by its files' digest, not its path: a moved or renamed folder is the same model.
     made_with = json_plain({"model_sha256": model_fingerprint(pipe.folder),
                             "detect": dataclasses.asdict(settings), "seed": seed, "slice_axis": slice_axis,
@@ -297,7 +278,7 @@ def model_fingerprint(folder: str | Path) -> str:
         if path.is_file():
             digest.update(name.encode())
             with path.open("rb") as f:
-                for block in iter(lambda f=f: f.read(1 << 20), b""):
+                for block in iter(functools.partial(f.read, 1 << 20), b""):
                     digest.update(block)
     return digest.hexdigest()
 

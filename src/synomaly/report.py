@@ -1,49 +1,35 @@
 """Self-contained HTML report of an evaluation folder: metrics with their aggregation, curves, overlays.
 
-The report is one HTML file with inline CSS and inline base64 PNG figures, so it opens offline and can
-be attached to a CI run or mailed. Figures are drawn on matplotlib ``Figure`` objects with an explicit
-Agg canvas rather than through ``pyplot``: no global backend is switched in the caller's process and no
-figure is registered anywhere, so each one is freed as soon as its PNG is written.
+The report is one HTML file with inline CSS and inline base64 PNG figures (drawn by
+:mod:`synomaly.figures`), so it opens offline and can be attached to a CI run or mailed. The page is
+the jinja2 template ``templates/report.html.j2``.
 """
 
 from __future__ import annotations
 
-import base64
 import datetime
-import io
+import functools
 import json
 import math
 import string
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jinja2
 import numpy as np
-from scipy import ndimage
+import torch
 
 from synomaly import __version__
 from synomaly._atomic import write_text
 from synomaly.errors import ConfigError, InputError, OutputExistsError
-
-if TYPE_CHECKING:
-    from matplotlib.axes import Axes
-    from matplotlib.figure import Figure
+from synomaly.figures import MAP_CMAP, NOT_AVAILABLE, PRED_COLOR, TRUTH_COLOR, case_figure, curves_figure, format_value, overlay_rgb, stage_figure
+from synomaly.metrics import confusion_counts, dice
 
 __all__ = ["PRED_COLOR", "TRUTH_COLOR", "build_report", "overlay_rgb"]
 
-PRED_COLOR: tuple[int, int, int] = (230, 60, 40)
-"""Fill colour of the predicted mask in overlays (red)."""
-TRUTH_COLOR: tuple[int, int, int] = (0, 220, 255)
-"""Outline colour of the ground truth in overlays (cyan: distinct from the red fill and from gray)."""
-
-_DPI = 90
-_CASE_PANEL = 2.0  # inches per image panel in a case row (180 px at 90 dpi)
-_STRIP_PANEL = 1.75  # smaller in stage strips, so six panels fit the page width
-_MAP_CMAP = "inferno"
 _STRIP_CASES = 3
-_NOT_AVAILABLE = "n/a"
 _FOLDER_HINT = "pass a folder written by 'synomaly evaluate'"
 _IMAGE_ARRAYS = ("image", "reconstruction", "anomaly_map", "mask", "target")
 _STAGE_ARRAYS = ("stage_reconstructions", "stage_masks")
@@ -110,46 +96,6 @@ _METRICS = (
     _Metric("nfe_max", "Network evaluations", _COST, "per image, maximum over all {n_cases} slices"),
     _Metric("ms_per_image", "Time", _COST, "milliseconds of detection wall time per image"),
 )
-
-
-def overlay_rgb(
-    image: np.ndarray,
-    mask: np.ndarray,
-    target: np.ndarray,
-    *,
-    alpha: float = 0.45,
-    value_range: tuple[float, float] = (-1.0, 1.0),
-    outline_width: int = 1,
-) -> np.ndarray:
-    """Render a predicted mask (filled, semi-transparent) and the ground-truth outline over a gray image.
-
-    The outline is the set of target pixels removed by ``outline_width`` binary erosions (pixels on
-    the image border count as outline), drawn opaque on top of the fill so both stay visible where
-    they overlap.
-
-    Args:
-        image: Gray image ``[H, W]``.
-        mask: Predicted mask ``[H, W]`` (bool or 0/1).
-        target: Ground-truth mask ``[H, W]``.
-        alpha: Opacity of the prediction fill.
-        value_range: Image values shown as black and white; values outside are clipped.
-        outline_width: Outline thickness in pixels, inside the target.
-
-    Returns:
-        ``uint8 [H, W, 3]`` RGB image.
-    """
-    image = np.asarray(image, dtype=np.float64)
-    mask, target = np.asarray(mask, dtype=bool), np.asarray(target, dtype=bool)
-    if image.ndim != 2 or mask.shape != image.shape or target.shape != image.shape:
-        raise ValueError(f"image, mask and target must share one 2-D shape, got {image.shape}, {mask.shape}, "
-                         f"{target.shape}")
-    low, high = value_range
-    gray = np.clip((image - low) / (high - low), 0.0, 1.0) * 255.0
-    rgb = np.repeat(gray[..., None], 3, axis=-1)
-    rgb[mask] = (1.0 - alpha) * rgb[mask] + alpha * np.asarray(PRED_COLOR, dtype=np.float64)
-    outline = target & ~ndimage.binary_erosion(target, iterations=outline_width, border_value=0)
-    rgb[outline] = TRUTH_COLOR
-    return np.rint(rgb).astype(np.uint8)
 
 
 def build_report(
@@ -241,28 +187,25 @@ def _check_cases(path: Path, cases: dict[str, np.ndarray]) -> None:
 
 
 def _dice(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """Dice over the last two axes; NaN where the target is empty (healthy), as in ``cases.npz``."""
-    overlap = (pred & target).sum(axis=(-2, -1))
-    total = pred.sum(axis=(-2, -1)) + target.sum(axis=(-2, -1))
-    return np.where(target.any(axis=(-2, -1)), 2.0 * overlap / np.maximum(total, 1), np.nan)
+    """Dice of bool masks ``[..., H, W]`` (broadcast against each other) with :func:`synomaly.metrics.dice`.
+
+    NaN where the target is empty (healthy), as in ``cases.npz``; ``metrics.dice`` would give 1.0 there
+    when the prediction is empty too, and 0.0 when it is not.
+    """
+    pred, target = np.broadcast_arrays(pred, target)
+    shape = pred.shape
+    flat = [torch.from_numpy(np.array(mask, dtype=bool).reshape(-1, 1, *shape[-2:])) for mask in (pred, target)]
+    values = dice(confusion_counts(*flat)).numpy().reshape(shape[:-2])
+    return np.where(target.any(axis=(-2, -1)), values, np.nan)
 
 
 # ---------------------------------------------------------------- text and tables
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
-    """A metric for display: floats to ``digits`` decimals, missing or undefined (None, NaN) as n/a."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return _NOT_AVAILABLE
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
 def _fmt_setting(value: Any) -> str:
     """A setting for display: numbers unrounded beyond 6 significant digits, sequences comma-joined."""
     if value is None:
-        return _NOT_AVAILABLE
+        return NOT_AVAILABLE
     if isinstance(value, float):
         return f"{value:g}"
     if isinstance(value, (list, tuple)):
@@ -296,12 +239,13 @@ class _Defaults(dict):
     """Template values; a count the evaluation did not report reads n/a rather than raising."""
 
     def __missing__(self, key: str) -> str:
-        return _NOT_AVAILABLE
+        return NOT_AVAILABLE
 
 
 def _metric_rows(aggregate: Mapping[str, Any], spacing: Any) -> list[dict[str, str]]:
     """The metrics table: each value with its aggregation in words, and anything else reported."""
-    words = _Defaults({key: _fmt(value) for key, value in aggregate.items() if not isinstance(value, (list, dict))})
+    words = _Defaults({key: format_value(value) for key, value in aggregate.items()
+                       if not isinstance(value, (list, dict))})
     words["hd95_unit"] = "in pixels" if spacing is None else "in the units of the pixel spacing"
     rows = [_metric_row(m, m.aggregation.format_map(words), aggregate.get(m.key))
             for m in _METRICS if not m.optional or m.key in aggregate]
@@ -314,7 +258,7 @@ def _metric_rows(aggregate: Mapping[str, Any], spacing: Any) -> list[dict[str, s
 
 def _metric_row(metric: _Metric, aggregation: str, value: Any) -> dict[str, str]:
     return {"key": metric.key, "name": metric.name, "group": metric.group, "aggregation": aggregation,
-            "value": _fmt(value), "exact": json.dumps(value)}
+            "value": format_value(value), "exact": json.dumps(value)}
 
 
 def _is_count(key: str) -> bool:
@@ -327,10 +271,11 @@ def _is_number(value: Any) -> bool:
 
 
 def _counts_line(aggregate: Mapping[str, Any]) -> str:
-    line = (f"{_fmt(aggregate.get('n_cases'))} test slices: {_fmt(aggregate.get('n_anomalous'))} anomalous, "
-            f"{_fmt(aggregate.get('n_healthy'))} healthy")
+    line = (f"{format_value(aggregate.get('n_cases'))} test slices: {format_value(aggregate.get('n_anomalous'))} "
+            f"anomalous, {format_value(aggregate.get('n_healthy'))} healthy")
     if "n_volumes" in aggregate:
-        line += f"; {_fmt(aggregate['n_volumes'])} volumes ({_fmt(aggregate.get('n_volumes_anomalous'))} anomalous)"
+        line += (f"; {format_value(aggregate['n_volumes'])} volumes "
+                 f"({format_value(aggregate.get('n_volumes_anomalous'))} anomalous)")
     return line + "."
 
 
@@ -338,141 +283,22 @@ def _table(rows: Sequence[Mapping[str, Any]], preferred: Sequence[str]) -> dict[
     """Columns of ``preferred`` that some row reports, with every cell formatted for display."""
     columns = [c for c in preferred if any(row.get(c) is not None for row in rows)]
     numeric = [all(_is_number(row.get(c)) for row in rows) for c in columns]  # right-aligned
-    return {"columns": columns, "numeric": numeric, "rows": [[_fmt(row.get(c)) for c in columns] for row in rows]}
+    cells = [[format_value(row.get(c)) for c in columns] for row in rows]
+    return {"columns": columns, "numeric": numeric, "rows": cells}
 
 
 def _metrics_context(metrics: Mapping[str, Any]) -> dict[str, Any]:
     aggregate = metrics["aggregate"]
-    settings = metrics.get("settings") if isinstance(metrics.get("settings"), Mapping) else {}
+    settings = metrics.get("settings")
+    spacing = settings.get("spacing") if isinstance(settings, Mapping) else None
     per_volume = metrics.get("per_volume")
     return {
         "counts_line": _counts_line(aggregate),
-        "metric_rows": _metric_rows(aggregate, settings.get("spacing")),
-        "curves_figure": _curves_figure(metrics),
+        "metric_rows": _metric_rows(aggregate, spacing),
+        "curves_figure": curves_figure(metrics),
         "per_case_table": _table(metrics.get("per_case") or [], _CASE_COLUMNS),
         "per_volume_table": _table(per_volume, _VOLUME_COLUMNS) if per_volume else None,
     }
-
-
-# ---------------------------------------------------------------- figures
-
-
-def _new_figure(width: float, height: float) -> Figure:
-    """A figure on its own Agg canvas (matplotlib is imported here because importing it is slow)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height), dpi=_DPI)
-    FigureCanvasAgg(figure)
-    return figure
-
-
-def _to_data_uri(figure: Figure) -> str:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=_DPI, metadata={"Software": None})
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def _overlay(image: np.ndarray, mask: np.ndarray, target: np.ndarray, panel_inches: float) -> np.ndarray:
-    """:func:`overlay_rgb` with an outline at least one screen pixel wide when the panel shrinks the image."""
-    width = math.ceil(max(image.shape) / (panel_inches * _DPI))
-    return overlay_rgb(image, mask, target, outline_width=width)
-
-
-def _show(ax: Axes, picture: np.ndarray, title: str, panel_inches: float, **imshow: Any) -> None:
-    # Sharp pixels when enlarging; a smoothing filter when shrinking, where nearest-neighbour aliases.
-    shrinks = max(picture.shape[:2]) > panel_inches * _DPI
-    ax.imshow(picture, interpolation="antialiased" if shrinks else "nearest", **imshow)
-    ax.set_title(title, fontsize=9, pad=3)
-    ax.set_axis_off()
-
-
-def _curve(curves: Any, name: str, x: str, y: str) -> tuple[np.ndarray, np.ndarray] | None:
-    curve = curves.get(name) if isinstance(curves, Mapping) else None
-    if not isinstance(curve, Mapping) or not curve.get(x) or not curve.get(y):
-        return None
-    return np.asarray(curve[x], dtype=float), np.asarray(curve[y], dtype=float)
-
-
-def _plot_pr(ax: Axes, curve: tuple[np.ndarray, np.ndarray], ap: Any) -> None:
-    ax.plot(*curve, color="#0b5cad", lw=1.6, label=f"AP = {_fmt(ap)}")
-    ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="recall", ylabel="precision")
-    ax.set_title("Precision-recall, pixels pooled", fontsize=10)
-    ax.legend(loc="upper right", fontsize=9)
-
-
-def _plot_roc(ax: Axes, curve: tuple[np.ndarray, np.ndarray], auroc: Any) -> None:
-    ax.plot([0, 1], [0, 1], color="#999999", lw=0.8, ls="--")
-    ax.plot(*curve, color="#0b5cad", lw=1.6, label=f"AUROC = {_fmt(auroc)}")
-    ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="false-positive rate", ylabel="true-positive rate")
-    ax.set_title("ROC, pixels pooled", fontsize=10)
-    ax.legend(loc="lower right", fontsize=9)
-
-
-def _plot_stage_dice(ax: Axes, values: Sequence[Any]) -> None:
-    dice = np.asarray(values, dtype=float)  # None (undefined) becomes NaN and leaves a gap
-    stages = np.arange(1, len(dice) + 1)
-    ax.plot(stages, dice, color="#0b5cad", lw=1.6, marker="o", ms=4)
-    for stage, value in zip(stages, dice):
-        ax.annotate(_fmt(float(value)), (stage, value), textcoords="offset points", xytext=(0, 6),
-                    ha="center", fontsize=8)
-    ax.set(xticks=stages, ylim=(0, 1.05), xlabel="stage", ylabel="mean Dice, anomalous slices")
-    ax.set_title("Dice after each stage", fontsize=10)
-
-
-def _curves_figure(metrics: Mapping[str, Any]) -> str | None:
-    """PR and ROC curves and the Dice-per-stage plot, side by side; None when none was recorded."""
-    aggregate, curves = metrics["aggregate"], metrics.get("curves")
-    pr, roc = _curve(curves, "pr", "recall", "precision"), _curve(curves, "roc", "fpr", "tpr")
-    stage_dice = aggregate.get("dice_per_stage")
-    plots: list[Callable[[Axes], None]] = []
-    if pr is not None:
-        plots.append(lambda ax: _plot_pr(ax, pr, aggregate.get("ap")))
-    if roc is not None:
-        plots.append(lambda ax: _plot_roc(ax, roc, aggregate.get("auroc_pixel")))
-    if stage_dice:
-        plots.append(lambda ax: _plot_stage_dice(ax, stage_dice))
-    if not plots:
-        return None
-    figure = _new_figure(3.5 * len(plots), 3.2)
-    for ax, plot in zip(np.atleast_1d(figure.subplots(1, len(plots))), plots):
-        ax.grid(alpha=0.3)
-        ax.tick_params(labelsize=8)
-        plot(ax)
-    figure.tight_layout(w_pad=2.0)
-    return _to_data_uri(figure)
-
-
-def _case_figure(cases: Mapping[str, np.ndarray], index: int, map_max: float) -> str:
-    """Input, reconstruction, anomaly map and prediction/truth overlay of one case in one row."""
-    figure = _new_figure(4 * _CASE_PANEL, _CASE_PANEL + 0.25)
-    axes = figure.subplots(1, 4)
-    image, size = cases["image"][index], _CASE_PANEL
-    _show(axes[0], image, "input", size, cmap="gray", vmin=-1, vmax=1)
-    _show(axes[1], cases["reconstruction"][index], "reconstruction", size, cmap="gray", vmin=-1, vmax=1)
-    _show(axes[2], cases["anomaly_map"][index], "anomaly map", size, cmap=_MAP_CMAP, vmin=0, vmax=map_max)
-    overlay = _overlay(image, cases["mask"][index], cases["target"][index], size)
-    _show(axes[3], overlay, "prediction / truth", size)
-    figure.subplots_adjust(left=0.005, right=0.995, bottom=0.01, top=0.9, wspace=0.04)
-    return _to_data_uri(figure)
-
-
-def _stage_figure(cases: Mapping[str, np.ndarray], index: int, stages: int) -> str:
-    """Reconstruction (top) and prediction/truth overlay (bottom) after each stage that ran."""
-    image, target, size = cases["image"][index], cases["target"][index], _STRIP_PANEL
-    masks = cases["stage_masks"][index, :stages].astype(bool)
-    dice = _dice(masks, target[None])
-    figure = _new_figure(size * (stages + 1), 2 * size + 0.2)
-    axes = figure.subplots(2, stages + 1, squeeze=False)
-    _show(axes[0, 0], image, "input", size, cmap="gray", vmin=-1, vmax=1)
-    _show(axes[1, 0], _overlay(image, np.zeros_like(target), target, size), "truth", size)
-    for stage in range(stages):
-        recon = cases["stage_reconstructions"][index, stage]
-        _show(axes[0, stage + 1], recon, f"stage {stage + 1}", size, cmap="gray", vmin=-1, vmax=1)
-        overlay = _overlay(image, masks[stage], target, size)
-        _show(axes[1, stage + 1], overlay, f"Dice {_fmt(float(dice[stage]))}", size)
-    figure.subplots_adjust(left=0.005, right=0.995, bottom=0.01, top=0.93, wspace=0.04, hspace=0.16)
-    return _to_data_uri(figure)
 
 
 # ---------------------------------------------------------------- cases
@@ -501,10 +327,8 @@ def _has_stages(cases: Mapping[str, np.ndarray]) -> bool:
     return all(key in cases for key in (*_STAGE_ARRAYS, "stages"))
 
 
-def _stages_run(cases: Mapping[str, np.ndarray], index: int) -> int | None:
-    """Stages case ``index`` ran, at least 1 and at most the stored stages; None when not recorded."""
-    if "stages" not in cases:
-        return None
+def _stages_run(cases: Mapping[str, np.ndarray], index: int) -> int:
+    """Stages case ``index`` ran (``cases`` has ``stages``), at least 1 and at most the stored stages."""
     stages = int(cases["stages"][index])
     if "stage_masks" in cases:
         stages = min(stages, cases["stage_masks"].shape[1])
@@ -515,11 +339,11 @@ def _caption(cases: Mapping[str, np.ndarray], index: int, row: Mapping[str, Any]
     """The lines under a case id: volume, Dice (or predicted area when healthy), stages run."""
     lines = [f"volume {row['group_id']}"] if row.get("group_id") is not None else []
     if cases["target"][index].any():
-        lines.append(f"Dice {_fmt(float(cases['dice'][index]))}")
+        lines.append(f"Dice {format_value(float(cases['dice'][index]))}")
     else:
         lines.append(f"healthy; {int(cases['mask'][index].sum())} px predicted")
-    stages = _stages_run(cases, index)
-    if stages is not None:
+    if "stages" in cases:
+        stages = _stages_run(cases, index)
         lines.append(f"stages run: {stages}" + (f" of {max_stages}" if max_stages is not None else ""))
     return lines
 
@@ -530,7 +354,9 @@ def _case_entries(cases: Mapping[str, np.ndarray], indices: Iterable[int], per_c
     for index in indices:
         case_id = str(cases["case_id"][index])
         lines = _caption(cases, index, per_case.get(case_id, {}), max_stages)
-        entries.append({"case_id": case_id, "lines": lines, "figure": _case_figure(cases, index, map_max)})
+        figure = case_figure(cases["image"][index], cases["reconstruction"][index], cases["anomaly_map"][index],
+                             cases["mask"][index], cases["target"][index], map_max)
+        entries.append({"case_id": case_id, "lines": lines, "figure": figure})
     return entries
 
 
@@ -542,24 +368,28 @@ def _strip_entries(cases: Mapping[str, np.ndarray], candidates: Sequence[int]) -
     entries = []
     for index in chosen:
         stages = _stages_run(cases, index)
-        entries.append({"case_id": str(cases["case_id"][index]), "stages": stages,
-                        "figure": _stage_figure(cases, index, stages)})
+        image, target = cases["image"][index], cases["target"][index]
+        masks = cases["stage_masks"][index, :stages].astype(bool)
+        figure = stage_figure(image, target, cases["stage_reconstructions"][index, :stages], masks,
+                              _dice(masks, target[None]))
+        entries.append({"case_id": str(cases["case_id"][index]), "stages": stages, "figure": figure})
     return entries
 
 
 def _cases_context(metrics: Mapping[str, Any], cases: Mapping[str, np.ndarray], max_cases: int) -> dict[str, Any]:
     per_case = {str(row.get("case_id")): row for row in metrics.get("per_case") or [] if isinstance(row, Mapping)}
-    detect = metrics.get("detect") if isinstance(metrics.get("detect"), Mapping) else {}
+    detect = metrics.get("detect")
+    max_stages = detect.get("max_stages") if isinstance(detect, Mapping) else None
     map_max = float(cases["anomaly_map"].max(initial=0.0)) or 1.0  # one scale so cases compare
     selection = _select(cases, max_cases)
-    sections = [(key, heading, _case_entries(cases, selection[key], per_case, detect.get("max_stages"), map_max))
+    sections = [(key, heading, _case_entries(cases, selection[key], per_case, max_stages, map_max))
                 for key, heading in (("worst", "Worst cases"), ("best", "Best cases"),
                                      ("healthy", "Healthy cases"))]
     return {
         "case_sections": sections,
         "hidden_anomalous": selection["hidden_anomalous"],
         "hidden_healthy": selection["hidden_healthy"],
-        "map_max": _fmt(map_max),
+        "map_max": format_value(map_max),
         # Anomalous cases when there are any: their strips show the mask converging on the lesion.
         "strips": _strip_entries(cases, selection["worst"] + selection["best"] or selection["healthy"]),
         "has_stage_arrays": _has_stages(cases),
@@ -569,174 +399,15 @@ def _cases_context(metrics: Mapping[str, Any], cases: Mapping[str, np.ndarray], 
 # ---------------------------------------------------------------- HTML
 
 
+@functools.cache
+def _template() -> jinja2.Template:
+    """``templates/report.html.j2``, every value HTML-escaped."""
+    environment = jinja2.Environment(loader=jinja2.PackageLoader("synomaly", "templates"), autoescape=True,
+                                     undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    return environment.get_template("report.html.j2")
+
+
 def _render(context: Mapping[str, Any]) -> str:
-    environment = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True,
-                                     lstrip_blocks=True)
     colours = {"pred_css": "rgb({}, {}, {})".format(*PRED_COLOR),
-               "truth_css": "rgb({}, {}, {})".format(*TRUTH_COLOR), "map_cmap": _MAP_CMAP}
-    return environment.from_string(_TEMPLATE).render(**context, **colours)
-
-
-_TEMPLATE = """\
-{% macro data_table(table) %}
-<table><thead><tr>{% for column in table.columns %}<th>{{ column }}</th>{% endfor %}</tr></thead>
-<tbody>
-{% for row in table.rows %}
-<tr>{% for cell in row %}<td{% if table.numeric[loop.index0] %} class="num"{% endif %}>{{ cell }}</td>{% endfor %}</tr>
-{% endfor %}
-</tbody></table>
-{% endmacro %}
-<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="generator" content="synomaly {{ version }}">
-<title>{{ title }}</title>
-<style>
-:root { --fg: #1f2328; --muted: #59636e; --line: #d8dee4; --alt: #f6f8fa; --accent: #0b5cad; }
-* { box-sizing: border-box; }
-body { margin: 0; background: #fff; color: var(--fg);
-       font: 14px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; }
-main { max-width: 1040px; margin: 0 auto; padding: 28px 36px 64px; }
-header { border-bottom: 3px solid var(--accent); padding-bottom: 10px; margin-bottom: 14px; }
-h1 { font-size: 26px; margin: 0 0 2px; }
-h2 { font-size: 19px; margin: 34px 0 10px; padding-bottom: 4px; border-bottom: 1px solid var(--line); }
-h3 { font-size: 14px; margin: 0 0 6px; }
-code { font: 12px ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
-nav { display: flex; gap: 16px; font-size: 13px; margin-top: 6px; }
-nav a { color: var(--accent); text-decoration: none; }
-.muted { color: var(--muted); font-size: 13px; }
-.notes { background: #fff8e5; border-left: 4px solid #d4a017; padding: 8px 14px; margin: 12px 0; }
-.notes p { margin: 4px 0; }
-.setup { display: flex; flex-wrap: wrap; gap: 28px; align-items: flex-start; }
-table { border-collapse: collapse; font-size: 13px; }
-th, td { padding: 4px 10px; border-bottom: 1px solid var(--line); text-align: left; vertical-align: top; }
-thead th { background: var(--alt); font-weight: 600; border-bottom: 2px solid var(--line); }
-tbody tr:nth-child(even) { background: #fafbfc; }
-td.num { text-align: right; white-space: nowrap; font-variant-numeric: tabular-nums;
-         font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
-table.kv td:first-child { color: var(--muted); }
-table.metrics { width: 100%; }
-table.metrics td:first-child { white-space: nowrap; font-weight: 600; }
-table.metrics td.agg { color: var(--muted); }
-table.metrics tr.group th { background: #fff; color: var(--accent); padding-top: 14px; }
-figure { margin: 0; }
-img { display: block; max-width: 100%; height: auto; }
-.legend .key { white-space: nowrap; }
-.legend i { display: inline-block; width: 12px; height: 12px; vertical-align: -1px; margin-right: 4px; }
-.case { display: flex; align-items: center; gap: 18px; padding: 6px 0; border-bottom: 1px solid var(--line); }
-.case .caption { flex: none; width: 170px; font-size: 13px; color: var(--muted); }
-.case .caption b { display: block; color: var(--fg); font: 600 13px ui-monospace, SFMono-Regular, Menlo,
-                   Consolas, monospace; word-break: break-all; }
-.strip { margin: 10px 0 18px; }
-details { margin: 10px 0; }
-summary { cursor: pointer; font-weight: 600; }
-details table { margin-top: 8px; }
-footer { margin-top: 48px; color: var(--muted); font-size: 12px; border-top: 1px solid var(--line);
-         padding-top: 8px; }
-</style>
-</head>
-<body>
-<main>
-<header>
-<h1>{{ title }}</h1>
-<div class="muted">Generated {{ generated }} by synomaly {{ version }} from <code>{{ source }}</code></div>
-<nav>
-{% for anchor, label in (("setup", "Setup"), ("metrics", "Metrics"), ("curves", "Curves"), ("worst", "Worst"),
-                         ("best", "Best"), ("healthy", "Healthy"), ("stages", "Stages"), ("tables", "Tables")) %}
-<a href="#{{ anchor }}">{{ label }}</a>
-{% endfor %}
-</nav>
-</header>
-{% if notes %}
-<div class="notes">{% for paragraph in notes %}<p>{{ paragraph }}</p>{% endfor %}</div>
-{% endif %}
-
-<h2 id="setup">Setup</h2>
-{% if setup %}
-<div class="setup">
-{% for table in setup %}
-<div><h3>{{ table.caption }}</h3>
-<table class="kv"><tbody>
-{% for key, value in table.rows %}<tr><td>{{ key }}</td><td>{{ value }}</td></tr>
-{% endfor %}
-</tbody></table></div>
-{% endfor %}
-</div>
-{% else %}<p class="muted">No settings recorded.</p>
-{% endif %}
-
-<h2 id="metrics">Metrics</h2>
-<p>{{ counts_line }} Values are shown to 3 decimals (hover for the exact value); n/a means not reported
-or undefined.</p>
-<table class="metrics">
-<thead><tr><th>Metric</th><th>Value</th><th>Aggregation</th></tr></thead>
-<tbody>
-{% for row in metric_rows %}
-{% if loop.changed(row.group) %}<tr class="group"><th colspan="3">{{ row.group }}</th></tr>
-{% endif %}
-<tr id="metric-{{ row.key }}"><td>{{ row.name }}</td><td class="num" title="{{ row.exact }}">{{ row.value }}</td>
-<td class="agg">{{ row.aggregation }}</td></tr>
-{% endfor %}
-</tbody>
-</table>
-
-<h2 id="curves">Curves</h2>
-{% if curves_figure %}
-<figure><img src="{{ curves_figure }}" alt="Precision-recall and ROC curves, Dice per stage"></figure>
-{% else %}<p class="muted">No curves recorded in metrics.json (pixel curves are empty when the targets hold one
-class).</p>
-{% endif %}
-
-{% for key, heading, entries in case_sections %}
-<h2 id="{{ key }}">{{ heading }}</h2>
-{% if loop.first %}
-<p class="muted legend">Each row: input, reconstruction, anomaly map ({{ map_cmap }}, 0 to {{ map_max }}, one
-scale for all cases) and the input with the <span class="key"><i style="background: {{ pred_css }}"></i>predicted
-mask</span> (filled) and the <span class="key"><i style="border: 2px solid {{ truth_css }}"></i>ground-truth
-outline</span>.{% if key == "worst" %} Anomalous cases sorted by Dice, lowest first.{% endif %}</p>
-{% elif key == "best" %}
-<p class="muted">Highest Dice first.{% if hidden_anomalous %} {{ hidden_anomalous }} anomalous cases with
-intermediate Dice are not shown.{% endif %}</p>
-{% elif key == "healthy" %}
-<p class="muted">Largest predicted area (false positives) first.{% if hidden_healthy %} {{ hidden_healthy }}
-further healthy cases are not shown.{% endif %}</p>
-{% endif %}
-{% for entry in entries %}
-<div class="case"><div class="caption"><b>{{ entry.case_id }}</b>{% for line in entry.lines %}{{ line }}<br>
-{% endfor %}</div><figure><img src="{{ entry.figure }}" alt="case {{ entry.case_id }}"></figure></div>
-{% else %}
-<p class="muted">None in cases.npz.</p>
-{% endfor %}
-{% endfor %}
-
-<h2 id="stages">Stage by stage</h2>
-{% if strips %}
-<p class="muted">Top: the reconstruction after each stage that ran. Bottom: that stage's mask (fill) against
-the ground truth (outline), with its Dice. The cases shown ran the most stages.</p>
-{% for strip in strips %}
-<div class="strip"><h3><code>{{ strip.case_id }}</code>, {{ strip.stages }} stage{{ "s" if strip.stages != 1 }}</h3>
-<figure><img src="{{ strip.figure }}" alt="stages of case {{ strip.case_id }}"></figure></div>
-{% endfor %}
-{% elif has_stage_arrays %}<p class="muted">No cases to show.</p>
-{% else %}<p class="muted">cases.npz holds no per-stage reconstructions and masks.</p>
-{% endif %}
-
-<h2 id="tables">Tables</h2>
-<details><summary>All cases ({{ per_case_table.rows | length }})</summary>
-{% if per_case_table.rows %}{{ data_table(per_case_table) }}
-{% else %}<p class="muted">metrics.json has no per-case rows.</p>
-{% endif %}
-</details>
-{% if per_volume_table %}
-<details><summary>Volumes ({{ per_volume_table.rows | length }}), pixels pooled per volume</summary>
-{{ data_table(per_volume_table) }}
-</details>
-{% endif %}
-<footer>synomaly {{ version }}: Synomaly noise and multi-stage diffusion (Bi et al., Medical Image Analysis
-2025). This file is self-contained: figures are embedded, nothing is loaded from elsewhere.</footer>
-</main>
-</body>
-</html>
-"""
+               "truth_css": "rgb({}, {}, {})".format(*TRUTH_COLOR), "map_cmap": MAP_CMAP}
+    return _template().render(**context, **colours)

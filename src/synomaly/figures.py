@@ -1,0 +1,244 @@
+"""Pictures of detection results: mask overlays, PNG files and the HTML report's matplotlib figures.
+
+Report figures are drawn on matplotlib ``Figure`` objects with an explicit Agg canvas rather than
+through ``pyplot``: no global backend is switched in the caller's process and no figure is registered
+anywhere, so each one is freed as soon as its PNG is written. Each is returned as a ``data:`` URI to
+embed in the page.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from scipy import ndimage
+
+from synomaly import _atomic
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+__all__ = ["MAP_CMAP", "NOT_AVAILABLE", "PRED_COLOR", "TRUTH_COLOR", "case_figure", "curves_figure", "format_value",
+           "gray_rgb", "heat_rgb", "overlay_rgb", "stage_figure", "write_png"]
+
+PRED_COLOR: tuple[int, int, int] = (230, 60, 40)
+"""Fill colour of the predicted mask in overlays (red)."""
+TRUTH_COLOR: tuple[int, int, int] = (0, 220, 255)
+"""Outline colour of the ground truth in overlays (cyan: distinct from the red fill and from gray)."""
+MAP_CMAP = "inferno"
+"""Colour map of anomaly maps."""
+NOT_AVAILABLE = "n/a"
+"""Shown for a missing or undefined value."""
+
+_DPI = 90
+_CASE_PANEL = 2.0  # inches per image panel in a case row (180 px at 90 dpi)
+_STRIP_PANEL = 1.75  # smaller in stage strips, so six panels fit the page width
+
+
+def format_value(value: Any, digits: int = 3) -> str:
+    """A metric for display: floats to ``digits`` decimals, missing or undefined (None, NaN) as n/a."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return NOT_AVAILABLE
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+# ---------------------------------------------------------------- RGB arrays and PNG files
+
+
+def overlay_rgb(
+    image: np.ndarray,
+    mask: np.ndarray,
+    target: np.ndarray,
+    *,
+    alpha: float = 0.45,
+    value_range: tuple[float, float] = (-1.0, 1.0),
+    outline_width: int = 1,
+) -> np.ndarray:
+    """Render a predicted mask (filled, semi-transparent) and the ground-truth outline over a gray image.
+
+    The outline is the set of target pixels removed by ``outline_width`` binary erosions (pixels on
+    the image border count as outline), drawn opaque on top of the fill so both stay visible where
+    they overlap.
+
+    Args:
+        image: Gray image ``[H, W]``.
+        mask: Predicted mask ``[H, W]`` (bool or 0/1).
+        target: Ground-truth mask ``[H, W]``.
+        alpha: Opacity of the prediction fill.
+        value_range: Image values shown as black and white; values outside are clipped.
+        outline_width: Outline thickness in pixels, inside the target.
+
+    Returns:
+        ``uint8 [H, W, 3]`` RGB image.
+    """
+    image = np.asarray(image, dtype=np.float64)
+    mask, target = np.asarray(mask, dtype=bool), np.asarray(target, dtype=bool)
+    if image.ndim != 2 or mask.shape != image.shape or target.shape != image.shape:
+        raise ValueError(f"image, mask and target must share one 2-D shape, got {image.shape}, {mask.shape}, "
+                         f"{target.shape}")
+    low, high = value_range
+    gray = np.clip((image - low) / (high - low), 0.0, 1.0) * 255.0
+    rgb = np.repeat(gray[..., None], 3, axis=-1)
+    rgb[mask] = (1.0 - alpha) * rgb[mask] + alpha * np.asarray(PRED_COLOR, dtype=np.float64)
+    outline = target & ~ndimage.binary_erosion(target, iterations=outline_width, border_value=0)
+    rgb[outline] = TRUTH_COLOR
+    return np.rint(rgb).astype(np.uint8)
+
+
+def gray_rgb(image: np.ndarray) -> np.ndarray:
+    """An image on the ``[-1, 1]`` scale as ``uint8 [H, W, 3]`` gray, clipped outside it."""
+    gray = ((np.clip(image, -1, 1) + 1) * 127.5).round().astype(np.uint8)
+    return np.repeat(gray[..., None], 3, axis=-1)
+
+
+def heat_rgb(amap: np.ndarray) -> np.ndarray:
+    """An anomaly map as ``uint8 [H, W, 3]`` in :data:`MAP_CMAP`; 0.5 and above take the top colour."""
+    from matplotlib import colormaps
+
+    scaled = np.clip(amap / 0.5, 0, 1)  # 0.5 on the [-1, 1] scale saturates the colour map
+    return (colormaps[MAP_CMAP](scaled)[..., :3] * 255).round().astype(np.uint8)
+
+
+def write_png(path: Path, rgb: np.ndarray) -> None:
+    """Write ``uint8 [H, W, 3]`` as a PNG, enlarged by a whole factor (nearest neighbour) towards 256 rows."""
+    from PIL import Image
+
+    scale = max(1, 256 // rgb.shape[0])
+    image = Image.fromarray(rgb).resize((rgb.shape[1] * scale, rgb.shape[0] * scale), Image.Resampling.NEAREST)
+    with _atomic.atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
+# ---------------------------------------------------------------- matplotlib figures
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    """A figure on its own Agg canvas (matplotlib is imported here because importing it is slow)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=_DPI)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _to_data_uri(figure: Figure) -> str:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=_DPI, metadata={"Software": None})
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _overlay(image: np.ndarray, mask: np.ndarray, target: np.ndarray, panel_inches: float) -> np.ndarray:
+    """:func:`overlay_rgb` with an outline at least one screen pixel wide when the panel shrinks the image."""
+    width = math.ceil(max(image.shape) / (panel_inches * _DPI))
+    return overlay_rgb(image, mask, target, outline_width=width)
+
+
+def _show(ax: Axes, picture: np.ndarray, title: str, panel_inches: float, **imshow: Any) -> None:
+    # Sharp pixels when enlarging; a smoothing filter when shrinking, where nearest-neighbour aliases.
+    shrinks = max(picture.shape[:2]) > panel_inches * _DPI
+    ax.imshow(picture, interpolation="antialiased" if shrinks else "nearest", **imshow)
+    ax.set_title(title, fontsize=9, pad=3)
+    ax.set_axis_off()
+
+
+def _curve(curves: Any, name: str, x: str, y: str) -> tuple[np.ndarray, np.ndarray] | None:
+    curve = curves.get(name) if isinstance(curves, Mapping) else None
+    if not isinstance(curve, Mapping) or not curve.get(x) or not curve.get(y):
+        return None
+    return np.asarray(curve[x], dtype=float), np.asarray(curve[y], dtype=float)
+
+
+def _plot_pr(ax: Axes, curve: tuple[np.ndarray, np.ndarray], ap: Any) -> None:
+    ax.plot(*curve, color="#0b5cad", lw=1.6, label=f"AP = {format_value(ap)}")
+    ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="recall", ylabel="precision")
+    ax.set_title("Precision-recall, pixels pooled", fontsize=10)
+    ax.legend(loc="upper right", fontsize=9)
+
+
+def _plot_roc(ax: Axes, curve: tuple[np.ndarray, np.ndarray], auroc: Any) -> None:
+    ax.plot([0, 1], [0, 1], color="#999999", lw=0.8, ls="--")
+    ax.plot(*curve, color="#0b5cad", lw=1.6, label=f"AUROC = {format_value(auroc)}")
+    ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="false-positive rate", ylabel="true-positive rate")
+    ax.set_title("ROC, pixels pooled", fontsize=10)
+    ax.legend(loc="lower right", fontsize=9)
+
+
+def _plot_stage_dice(ax: Axes, values: Sequence[Any]) -> None:
+    dice = np.asarray(values, dtype=float)  # None (undefined) becomes NaN and leaves a gap
+    stages = np.arange(1, len(dice) + 1)
+    ax.plot(stages, dice, color="#0b5cad", lw=1.6, marker="o", ms=4)
+    for stage, value in zip(stages, dice):
+        ax.annotate(format_value(float(value)), (stage, value), textcoords="offset points", xytext=(0, 6),
+                    ha="center", fontsize=8)
+    ax.set(xticks=stages, ylim=(0, 1.05), xlabel="stage", ylabel="mean Dice, anomalous slices")
+    ax.set_title("Dice after each stage", fontsize=10)
+
+
+def curves_figure(metrics: Mapping[str, Any]) -> str | None:
+    """PR and ROC curves and the Dice-per-stage plot of ``metrics.json``, side by side; None when none was recorded."""
+    aggregate, curves = metrics["aggregate"], metrics.get("curves")
+    pr, roc = _curve(curves, "pr", "recall", "precision"), _curve(curves, "roc", "fpr", "tpr")
+    stage_dice = aggregate.get("dice_per_stage")
+    plots: list[Callable[[Axes], None]] = []
+    if pr is not None:
+        plots.append(lambda ax: _plot_pr(ax, pr, aggregate.get("ap")))
+    if roc is not None:
+        plots.append(lambda ax: _plot_roc(ax, roc, aggregate.get("auroc_pixel")))
+    if stage_dice:
+        plots.append(lambda ax: _plot_stage_dice(ax, stage_dice))
+    if not plots:
+        return None
+    figure = _new_figure(3.5 * len(plots), 3.2)
+    for ax, plot in zip(np.atleast_1d(figure.subplots(1, len(plots))), plots):
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=8)
+        plot(ax)
+    figure.tight_layout(w_pad=2.0)
+    return _to_data_uri(figure)
+
+
+def case_figure(image: np.ndarray, reconstruction: np.ndarray, anomaly_map: np.ndarray, mask: np.ndarray,
+                target: np.ndarray, map_max: float) -> str:
+    """Input, reconstruction, anomaly map (0 to ``map_max``) and prediction/truth overlay of one case in one row."""
+    figure = _new_figure(4 * _CASE_PANEL, _CASE_PANEL + 0.25)
+    axes = figure.subplots(1, 4)
+    size = _CASE_PANEL
+    _show(axes[0], image, "input", size, cmap="gray", vmin=-1, vmax=1)
+    _show(axes[1], reconstruction, "reconstruction", size, cmap="gray", vmin=-1, vmax=1)
+    _show(axes[2], anomaly_map, "anomaly map", size, cmap=MAP_CMAP, vmin=0, vmax=map_max)
+    _show(axes[3], _overlay(image, mask, target, size), "prediction / truth", size)
+    figure.subplots_adjust(left=0.005, right=0.995, bottom=0.01, top=0.9, wspace=0.04)
+    return _to_data_uri(figure)
+
+
+def stage_figure(image: np.ndarray, target: np.ndarray, reconstructions: np.ndarray, masks: np.ndarray,
+                 dice: np.ndarray) -> str:
+    """Reconstruction (top) and prediction/truth overlay (bottom) after each stage, with that stage's Dice.
+
+    Args:
+        image: Input ``[H, W]``.
+        target: Ground-truth mask ``[H, W]``.
+        reconstructions: Reconstruction after each stage ``[S, H, W]``.
+        masks: Predicted mask after each stage, bool ``[S, H, W]``.
+        dice: Dice of each stage's mask ``[S]``.
+    """
+    stages, size = len(masks), _STRIP_PANEL
+    figure = _new_figure(size * (stages + 1), 2 * size + 0.2)
+    axes = figure.subplots(2, stages + 1, squeeze=False)
+    _show(axes[0, 0], image, "input", size, cmap="gray", vmin=-1, vmax=1)
+    _show(axes[1, 0], _overlay(image, np.zeros_like(target), target, size), "truth", size)
+    for stage in range(stages):
+        _show(axes[0, stage + 1], reconstructions[stage], f"stage {stage + 1}", size, cmap="gray", vmin=-1, vmax=1)
+        overlay = _overlay(image, masks[stage], target, size)
+        _show(axes[1, stage + 1], overlay, f"Dice {format_value(float(dice[stage]))}", size)
+    figure.subplots_adjust(left=0.005, right=0.995, bottom=0.01, top=0.93, wspace=0.04, hspace=0.16)
+    return _to_data_uri(figure)
