@@ -40,6 +40,22 @@ def tiny_model_dir(tmp_path_factory, phantom_train) -> Path:
     return train(phantom_train, out, model=model_preset("tiny"), noise=TINY_NOISE, train_config=config, detect=detect)
 
 
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir):
+    """The session's tiny trained model, loaded once per test module."""
+    from synomaly import SynomalyPipeline
+
+    return SynomalyPipeline.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture
+def random_pipeline():
+    """An untrained tiny pipeline with seeded weights."""
+    from helpers import random_tiny_pipeline
+
+    return random_tiny_pipeline()
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

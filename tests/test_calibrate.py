@@ -8,20 +8,14 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from helpers import per_slice_dice
 
 from synomaly import SynomalyPipeline
 from synomaly.calibrate import CalibrationGrid, UpperPercentile, calibrate, write_thresholds
-from synomaly.config import PipelineConfig, model_preset
 from synomaly.errors import ConfigError, InputError, OutputExistsError
-from synomaly.model import build_unet
 
 SMALL_GRID = CalibrationGrid(t=(100, 200), kernel=(3, 5), threshold=(0.1, 0.2, 1.5), max_stages=(1, 2, 3))
 N_HEALTHY = 16
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_model_dir):
-    return SynomalyPipeline.from_pretrained(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -31,18 +25,6 @@ def calibrated(trained, phantom_test):
     images = torch.cat([healthy[:N_HEALTHY], lesioned])
     targets = torch.cat([torch.zeros_like(masks[:N_HEALTHY]), masks])
     return calibrate(trained, images, targets, grid=SMALL_GRID, batch_size=64, progress=False)
-
-
-@pytest.fixture
-def random_pipeline():
-    torch.manual_seed(0)
-    return SynomalyPipeline(build_unet(model_preset("tiny")), PipelineConfig(model=model_preset("tiny")))
-
-
-def mean_dice(pred: torch.Tensor, target: torch.Tensor) -> float:
-    """Independent per-slice Dice (both masks non-empty in its uses, or pred empty -> 0)."""
-    inter = (pred & target).flatten(1).sum(1).double()
-    return (2 * inter / (pred.flatten(1).sum(1) + target.flatten(1).sum(1))).mean().item()
 
 
 @pytest.mark.parametrize(
@@ -88,7 +70,7 @@ def test_table_rows_equal_pipeline_detect_with_the_same_seed(calibrated, trained
             r for r in calibrated.table if r["max_stages"] == max_stages and {k: r[k] for k in settings} == settings
         )
         out = trained.detect(lesioned, generator=torch.Generator().manual_seed(0), max_stages=max_stages, **settings)
-        assert row["dice"] == pytest.approx(mean_dice(out.mask, masks), abs=1e-12)
+        assert row["dice"] == pytest.approx(float(per_slice_dice(out.mask, masks).mean()), abs=1e-12)
         assert row["nfe"] == pytest.approx(out.stages.double().mean().item(), abs=1e-12)
 
 

@@ -8,15 +8,9 @@ import pytest
 import torch
 
 from synomaly import SynomalyPipeline
-from synomaly.config import PipelineConfig, model_preset
+from synomaly.config import model_preset
 from synomaly.errors import ConfigError, InputError, OutputExistsError
 from synomaly.model import build_unet
-
-
-@pytest.fixture
-def random_pipeline():
-    torch.manual_seed(0)
-    return SynomalyPipeline(build_unet(model_preset("tiny")), PipelineConfig(model=model_preset("tiny")))
 
 
 def test_save_and_load_give_identical_detections(random_pipeline, tmp_path):

@@ -251,12 +251,12 @@ def test_skip_mode_reports_every_bad_file_and_keeps_the_good_ones(files, tiny_mo
 
 KILL_DETECT = """
 import sys, time
-import synomaly.commands as commands
-original = commands._write_case_outputs
+import synomaly.detect_files as detect_files
+original = detect_files._write_case_outputs
 def slow(*args, **kwargs):
     time.sleep(0.3)
     return original(*args, **kwargs)
-commands._write_case_outputs = slow
+detect_files._write_case_outputs = slow
 from synomaly.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -179,6 +179,7 @@ class SynomalyPipeline:
         images: Tensor,
         generator: torch.Generator | None = None,
         foreground: Tensor | None = None,
+        config: DetectConfig | None = None,
         **overrides: Any,
     ) -> DetectionOutput:
         """Detect anomalies in ``[B, 1, H, W]`` images scaled to [-1, 1].
@@ -187,10 +188,15 @@ class SynomalyPipeline:
             images: The batch; moved to the pipeline's device.
             generator: Source of the inference noise, on the pipeline's device.
             foreground: Optional ``[B, 1, H, W]`` mask; nothing is flagged outside it.
+            config: The detection settings, validated once by :meth:`detect_config` (e.g. for a
+                loop over batches); ``None``: the model folder's, with ``overrides``.
             **overrides: Any ``DetectConfig`` field (``t``, ``max_stages``, ``kernel``,
                 ``threshold``, ``min_size``, ``fusion``, ...) for this call.
         """
-        config = self.detect_config(**overrides)
+        if config is None:
+            config = self.detect_config(**overrides)
+        elif overrides:
+            raise TypeError("pass either config or DetectConfig fields, not both")
         images = self.check_images(images)
         if foreground is not None:
             foreground = foreground.to(self.device).bool()
