@@ -36,10 +36,10 @@ def test_every_registered_method_implements_the_interface():
 
 
 def test_unknown_method_lists_the_registered_ones():
-    with pytest.raises(ConfigError, match="diffusion, dae, supervised, intensity"):
-        get_method("vae")
+    with pytest.raises(ConfigError, match="diffusion, dae, supervised, intensity, vae"):
+        get_method("no-such-method")
     with pytest.raises(ConfigError, match="method"):
-        PipelineConfig(method="vae")
+        PipelineConfig(method="no-such-method")
 
 
 @pytest.mark.parametrize("direction, value", [(1, 0.9), (-1, -0.9)])
@@ -87,6 +87,41 @@ def test_intensity_model_folder_has_no_weights_and_round_trips(tmp_path):
     pipe = SynomalyPipeline.from_pretrained(folder)
     out = pipe.detect(torch.rand(3, 1, 32, 32) * 2 - 1)
     assert out.mask.shape == (3, 1, 32, 32) and out.nfe.sum() == 0
+
+
+def test_vae_kl_term_matches_the_closed_form_of_known_gaussians():
+    from synomaly.methods.vae import gaussian_kl
+
+    d = 7
+    zero = torch.zeros(3, d)
+    assert torch.equal(gaussian_kl(zero, zero), torch.zeros(3))  # the prior itself
+    assert torch.allclose(gaussian_kl(torch.ones(1, d), zero), torch.tensor([d / 2]))  # a unit shift: |mu|^2 / 2
+    var = 4.0  # KL(N(0, s^2) || N(0, 1)) = (s^2 - 1 - ln s^2) / 2 per dimension
+    expected = d * (var - 1 - np.log(var)) / 2
+    assert torch.allclose(gaussian_kl(zero[:1], torch.full((1, d), np.log(var))), torch.tensor([expected], dtype=torch.float32))
+
+
+def test_vae_reconstructs_deterministically_at_the_models_size_and_trains(tmp_path, phantom_train):
+    from synomaly.methods.vae import VAENet
+    from synomaly.model import count_parameters
+    from synomaly.train import train
+
+    config = PipelineConfig(model=model_preset("tiny"), method="vae")
+    net = get_method("vae").build(config)
+    assert isinstance(net, VAENet) and count_parameters(net) <= 300_000
+    x = phantom_train[:4]
+    recon = get_method("vae").reconstruct(net.eval(), SCHED, x, DetectConfig(t=0), make_noise("gaussian"))
+    assert recon.shape == x.shape and recon.abs().max() <= 1
+    assert torch.equal(recon, get_method("vae").reconstruct(net, SCHED, x, DetectConfig(t=0), make_noise("gaussian")))
+    folder = train(phantom_train[:128], tmp_path / "vae", model=model_preset("tiny"), noise={"name": "gaussian"},
+                   method="vae", train_config=TrainConfig(steps=60, batch_size=16, lr=2e-3, ema_decay=0.0,
+                                                          progress=False, preview_every=0, accelerator="cpu"))
+    trained = SynomalyPipeline.from_pretrained(folder)
+    before = (get_method("vae").reconstruct(net, SCHED, x, DetectConfig(t=0), make_noise("gaussian")) - x).abs().mean()
+    after = (trained.reconstruct(x, t=0) - x).abs().mean()
+    assert after < 0.5 * before  # 60 steps already learn the phantoms' intensity layout
+    out = trained.detect(x, max_stages=1)
+    assert out.mask.shape == x.shape and out.nfe.tolist() == [1, 1, 1, 1]  # one forward pass each
 
 
 def test_erosion_shrinks_each_mask_but_never_empties_it():

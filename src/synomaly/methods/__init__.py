@@ -16,12 +16,14 @@ from synomaly.methods.dae import DAE
 from synomaly.methods.diffusion import Diffusion
 from synomaly.methods.intensity import Intensity
 from synomaly.methods.supervised import Supervised
+from synomaly.methods.vae import VAE
 
 METHODS: dict[str, Method] = {
     "diffusion": Diffusion(),
     "dae": DAE(),
     "supervised": Supervised(),
     "intensity": Intensity(),
+    "vae": VAE(),
 }
 
 __all__ = ["METHODS", "Method", "get_method"]
