@@ -114,6 +114,8 @@ METHODS = {
     "supervised-unet": Method({"method": "supervised"}, t=(0,), kernel=(1, 3, 5), threshold=(0.3, 0.4, 0.5, 0.6, 0.7),
                               note="upper bound: trained on the train tumour slices and masks"),
     "ddpm-gaussian-multistage": Method({}, shares="ddpm-gaussian", stages=MULTI, note="ablation: multi-stage"),
+    "vae": Method({"method": "vae"}, t=(0,), note="variational autoencoder (latent 128, MSE + 1e-3 KL): the decoded "
+                  "posterior mean"),
 }
 
 # The floor every method is compared with: an intensity threshold inside the foreground (Meissen et al. 2021).
