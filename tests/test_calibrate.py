@@ -207,3 +207,44 @@ def test_write_thresholds_refuses_to_overwrite(random_pipeline, tmp_path):
     assert SynomalyPipeline.from_pretrained(tmp_path).config.detect.threshold == 0.37
     with pytest.raises(InputError, match="model folder not found"):
         write_thresholds(tmp_path / "missing", result)
+
+
+def test_an_interrupted_calibration_resumes_where_it_stopped(trained, phantom_test, tmp_path, monkeypatch):
+    healthy, lesioned, masks = phantom_test
+    images = torch.cat([healthy[:4], lesioned[:8]])
+    targets = torch.cat([torch.zeros_like(masks[:4]), masks[:8]])
+    grid = CalibrationGrid(t=(100, 200), kernel=(3,), threshold=(0.2, 0.3), max_stages=(1, 2))
+    options = {"grid": grid, "batch_size": 4, "progress": False}
+    uninterrupted = calibrate(trained, images, targets, **options)
+    progress = tmp_path / "calibration-progress.json"
+    detect, calls = type(trained).detect, []
+
+    def detect_then_stop(self, *args, **kwargs):
+        calls.append(kwargs.get("threshold"))
+        if len(calls) == 3:  # the second multi-stage pass (two batches of lesioned slices each) is cut short
+            raise KeyboardInterrupt
+        return detect(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(trained), "detect", detect_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(trained, images, targets, resume_file=progress, **options)
+    assert len(json.loads(progress.read_text())["passes"]) == 3  # two one-stage passes (t = 100, 200), one multi-stage
+    calls.clear()
+    monkeypatch.setattr(type(trained), "detect", lambda self, *a, **k: calls.append(1) or detect(self, *a, **k))
+    resumed = calibrate(trained, images, targets, resume_file=progress, **options)
+    assert len(calls) == 2 * 3  # only the three unscored multi-stage passes ran, two batches each
+    assert resumed.table == uninterrupted.table and resumed.detect == uninterrupted.detect
+    assert not progress.exists()
+
+
+def test_calibration_progress_of_other_settings_is_not_reused(trained, phantom_test, tmp_path):
+    healthy, lesioned, masks = phantom_test
+    grid = CalibrationGrid(t=(100,), kernel=(3,), threshold=(0.2, 0.3), max_stages=(1,))
+    progress = tmp_path / "calibration-progress.json"
+    fresh = calibrate(trained, lesioned[:8], masks[:8], grid=grid, batch_size=4, progress=False, seed=1)
+    row = fresh.table[0]
+    key = json.dumps(["one stage", 100, [3], [0.2, 0.3]])
+    progress.write_text(json.dumps({"fingerprint": "another model", "passes": {key: [{**row, "dice": 1.0}] * 2}}))
+    again = calibrate(trained, lesioned[:8], masks[:8], grid=grid, batch_size=4, progress=False, seed=1,
+                      resume_file=progress)
+    assert again.table == fresh.table and not progress.exists()

@@ -20,16 +20,20 @@ Every fallback is logged as a warning and listed in :attr:`CalibrationResult.war
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
+import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from synomaly import _atomic
 from synomaly.calibration_rules import (
     TUNED_FIELDS,
     CalibrationGrid,
@@ -51,9 +55,56 @@ log = logging.getLogger(__name__)
 
 __all__ = ["CalibrationGrid", "CalibrationResult", "UpperPercentile", "calibrate", "write_thresholds"]
 
+class _FinishedPasses:
+    """Scored grid passes kept on disk (atomically, after each pass), so an interrupted calibration resumes.
+
+    The file holds a fingerprint of everything that decides the scores (weights, config, data, seed,
+    batch size); a file made with anything else is ignored and replaced.
+    """
+
+    def __init__(self, path: Path | None, fingerprint: str) -> None:
+        self.path, self.fingerprint = path, fingerprint
+        self.passes: dict[str, list[dict[str, Any]]] = {}
+        if path is None or not path.is_file():
+            return
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            data = None
+        if isinstance(data, dict) and data.get("fingerprint") == fingerprint and isinstance(data.get("passes"), dict):
+            self.passes = data["passes"]
+            log.info("resuming calibration: %d grid passes already scored (%s)", len(self.passes), path)
+        else:
+            log.info("%s holds passes of other data, settings or weights: starting afresh", path)
+
+    def get(self, key: str) -> list[dict[str, Any]] | None:
+        return self.passes.get(key)
+
+    def put(self, key: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        self.passes[key] = rows
+        if self.path is not None:
+            _atomic.write_json(self.path, {"fingerprint": self.fingerprint, "passes": self.passes})
+        return rows
+
+    def finish(self) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
+def _fingerprint(pipeline: SynomalyPipeline, tensors: tuple[Tensor | None, ...], seed: int, batch_size: int) -> str:
+    """SHA-256 over the weights, the config, the data, the seed and the batch size."""
+    digest = hashlib.sha256(json.dumps([pipeline.config.to_dict(), seed, batch_size], sort_keys=True).encode())
+    for name, value in sorted(pipeline.unet.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    for tensor in tensors:
+        digest.update(b"-" if tensor is None else tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 @dataclass
 class _Runner:
-    """What every pass shares: the data, the pipeline, batching, the noise seed and one progress bar."""
+    """What every pass shares: the data, the pipeline, batching, the noise seed, one progress bar and the finished passes."""
 
     pipeline: SynomalyPipeline
     images: Tensor
@@ -62,6 +113,7 @@ class _Runner:
     batch_size: int
     seed: int
     bar: Any
+    finished: _FinishedPasses
 
     def generator(self) -> torch.Generator:
         """A fresh generator, so every grid point sees the same noise."""
@@ -77,6 +129,10 @@ class _Runner:
             foreground = None if self.foreground is None else self.foreground[batch].to(device, torch.bool)
             yield images, masks, foreground
             self.bar.update(1)
+
+    def skip(self, index: Tensor) -> None:
+        """Move the progress bar past a pass scored in an earlier run."""
+        self.bar.update(_count_batches(len(index), self.batch_size))
 
     def reconstruct(self, images: Tensor, t: int, generator: torch.Generator) -> Tensor:
         """The first stage's reconstruction, exactly as ``pipeline.detect`` computes it."""
@@ -94,6 +150,7 @@ def calibrate(
     batch_size: int = 32,
     seed: int = 0,
     progress: bool = True,
+    resume_file: str | Path | None = None,
 ) -> CalibrationResult:
     """Choose detection settings on preprocessed validation slices.
 
@@ -108,6 +165,8 @@ def calibrate(
         batch_size: Slices per network call.
         seed: Seed of the inference noise; every grid point sees the same noise.
         progress: Show a progress bar.
+        resume_file: Where scored grid passes are kept as they finish, so a rerun after an interruption
+            skips them (when weights, config, data, seed and batch size are the same); removed at the end.
 
     Returns:
         The chosen settings, how they were chosen, and the whole grid table.
@@ -125,13 +184,16 @@ def calibrate(
     total = _count_batches(len(lesioned), batch_size) * _passes(grid) + _count_batches(len(healthy), batch_size)
     _announce(pipeline, images, grid, len(lesioned), len(healthy), batch_size, seed)
     with tqdm(total=total, desc="calibrate", unit="batch", disable=not progress) as bar:
-        run = _Runner(pipeline, images, masks, foreground, batch_size, seed, bar)
+        path = None if resume_file is None else Path(resume_file)
+        finished = _FinishedPasses(path, _fingerprint(pipeline, (images, masks, foreground), seed, batch_size) if path else "")
+        run = _Runner(pipeline, images, masks, foreground, batch_size, seed, bar, finished)
         result = _choose(run, grid, lesioned, percentile)
         if len(healthy):
             result.healthy_percentile_threshold = _healthy_percentile(
                 run, healthy, result.detect["t"], result.detect["kernel"], percentile
             )
     result.n_anomalous, result.n_healthy = len(lesioned), len(healthy)
+    finished.finish()
     apply_fallbacks(result)
     log.info("calibration (%s): %s, validation Dice %s", result.method, result.detect, result.score)
     return result
@@ -212,23 +274,28 @@ def _single_stage_rows(run: _Runner, grid: CalibrationGrid, index: Tensor) -> li
     """
     if 1 not in grid.max_stages:
         return []
-    base = run.pipeline.config.detect
-    sums = torch.zeros(len(grid.t), len(grid.kernel), len(grid.threshold), dtype=torch.float64)
-    for i, t in enumerate(grid.t):
-        generator = run.generator()
-        for images, target, fg in run.batches(index):
-            assert target is not None  # the lesioned slices have masks
-            recon = run.reconstruct(images, t, generator)
-            for j, kernel in enumerate(grid.kernel):
-                sums[i, j] += _threshold_dice(images, recon, target, fg, kernel, grid.threshold, base).sum(1).cpu()
-    pipe = run.pipeline
-    return [
-        grid_row((t, kernel, threshold, 1, base.fusion), float(sums[i, j, m]),
-             len(index) * stage_cost(pipe.detect_config(t=t), pipe.config.method), len(index))
-        for (i, t), (j, kernel), (m, threshold) in itertools.product(
-            enumerate(grid.t), enumerate(grid.kernel), enumerate(grid.threshold)
-        )
-    ]
+    base, pipe = run.pipeline.config.detect, run.pipeline
+    rows: list[dict[str, Any]] = []
+    for t in grid.t:
+        key = json.dumps(["one stage", t, grid.kernel, grid.threshold])
+        done = run.finished.get(key)
+        if done is None:
+            sums = torch.zeros(len(grid.kernel), len(grid.threshold), dtype=torch.float64)
+            generator = run.generator()
+            for images, target, fg in run.batches(index):
+                assert target is not None  # the lesioned slices have masks
+                recon = run.reconstruct(images, t, generator)
+                for j, kernel in enumerate(grid.kernel):
+                    sums[j] += _threshold_dice(images, recon, target, fg, kernel, grid.threshold, base).sum(1).cpu()
+            nfe = len(index) * stage_cost(pipe.detect_config(t=t), pipe.config.method)
+            done = run.finished.put(key, [
+                grid_row((t, kernel, threshold, 1, base.fusion), float(sums[j, m]), nfe, len(index))
+                for (j, kernel), (m, threshold) in itertools.product(enumerate(grid.kernel), enumerate(grid.threshold))
+            ])
+        else:
+            run.skip(index)
+        rows += done
+    return rows
 
 
 def _threshold_dice(
@@ -254,6 +321,12 @@ def _multistage_rows(run: _Runner, grid: CalibrationGrid, index: Tensor) -> list
     if not stages:
         return rows
     for t, kernel, threshold, fusion in itertools.product(grid.t, grid.kernel, grid.threshold, grid.fusion):
+        key = json.dumps(["stages", t, kernel, threshold, fusion, stages])
+        done = run.finished.get(key)
+        if done is not None:
+            run.skip(index)
+            rows += done
+            continue
         generator = run.generator()
         dice_sums, nfe_sums = torch.zeros(len(stages), dtype=torch.float64), torch.zeros(len(stages))
         settings = {"t": t, "kernel": kernel, "threshold": threshold, "max_stages": max(stages), "fusion": fusion}
@@ -265,10 +338,10 @@ def _multistage_rows(run: _Runner, grid: CalibrationGrid, index: Tensor) -> list
                 mask = out.stage_masks[:, min(limit, out.stage_masks.shape[1]) - 1]
                 dice_sums[i] += dice(confusion_counts(mask, target)).sum().cpu()
                 nfe_sums[i] += out.stages.clamp(max=limit).sum().cpu() * cost
-        rows += [
+        rows += run.finished.put(key, [
             grid_row((t, kernel, threshold, limit, fusion), float(dice_sums[i]), float(nfe_sums[i]), len(index))
             for i, limit in enumerate(stages)
-        ]
+        ])
     return rows
 
 

@@ -23,6 +23,8 @@ from synomaly.preprocess import MODALITY_PRESETS, Preprocessing, noise_params_fo
 
 log = logging.getLogger(__name__)
 
+CALIBRATION_PROGRESS = "calibration-progress.json"  # scored grid passes of an unfinished calibrate
+
 __all__ = ["DEVICES", "lightning_accelerator", "resolve_device", "run_calibrate", "run_detect", "run_evaluate",
            "run_report", "run_train", "show_progress"]
 
@@ -134,6 +136,9 @@ def run_calibrate(
 ) -> dict[str, Any]:
     """Choose detection settings on validation data and write ``thresholds.json`` into the model folder.
 
+    Scored grid passes are kept in ``calibration-progress.json`` beside it until the end, so the same command
+    after an interruption (Ctrl-C, a killed job) continues where it stopped.
+
     ``detect`` sets fixed detection settings (e.g. ``sampler``) under which the grid is searched;
     they are written into ``thresholds.json`` beside the chosen values.
     """
@@ -146,7 +151,8 @@ def run_calibrate(
     pipe.config = dataclasses.replace(pipe.config, detect=pipe.detect_config(**fixed))
     cases = load_labelled(pipe, data, masks, slice_axis, slice_range, foreground_masks)
     result = calibrate(pipe, cases.images, cases.masks, foreground=cases.foreground, grid=grid or CalibrationGrid(),
-                       percentile=percentile, batch_size=batch_size, seed=seed, progress=show_progress())
+                       percentile=percentile, batch_size=batch_size, seed=seed, progress=show_progress(),
+                       resume_file=Path(model) / CALIBRATION_PROGRESS)
     result.detect = {**fixed, **result.detect}
     path = write_thresholds(model, result, overwrite=overwrite)
     log.info("chose %s by %s (validation Dice %s); written to %s", result.detect, result.method, result.score, path)
