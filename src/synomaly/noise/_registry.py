@@ -76,7 +76,7 @@ def make_noise(name: str, **params: Any) -> Noise:
 def noise_to_dict(noise: Noise) -> dict[str, Any]:
     """``{"name": <registry name>, **parameters}``, JSON-serialisable (tuples become lists)."""
     name = _registered_name(type(noise))
-    if name is None:
+    if name is None or not dataclasses.is_dataclass(noise):  # registered classes are dataclasses
         raise ValueError(f"{type(noise).__name__} is not a registered noise")
     params = {field.name: getattr(noise, field.name) for field in dataclasses.fields(noise)}
     return {"name": name, **{key: list(v) if isinstance(v, tuple) else v for key, v in params.items()}}
@@ -114,10 +114,16 @@ def _set_param(
     """
     value = getattr(noise, param)
     label = f"{_registered_name(type(noise)) or type(noise).__name__} noise"
-    kind, wanted = (numbers.Integral, "an integer") if integer else (numbers.Real, "a finite number")
-    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
+    wanted = "an integer" if integer else "a finite number"
+    number: float
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ConfigError(label, f"{param} must be {wanted}, got {value!r}")
-    number = int(value) if integer else float(value)
+    if not integer:
+        number = float(value)
+    elif isinstance(value, numbers.Integral):
+        number = int(value)
+    else:
+        raise ConfigError(label, f"{param} must be {wanted}, got {value!r}")
     if positive and number <= 0:
         raise ConfigError(label, f"{param} must be > 0, got {value!r}")
     if minimum is not None and number < minimum:
