@@ -171,7 +171,7 @@ class SegmentationEvaluator:
         table["anomalous"] = (counts.tp + counts.fn > 0).tolist()
         for name in ("ssim", "score"):  # not provided -> None, as opposed to undefined -> NaN
             table[name] = [None if math.isnan(v) else v for v in table[name]]
-        group_ids: list[str | None] = list(self._group_ids or [None] * len(self._case_ids))
+        group_ids: list[str | None] = [None] * len(self._case_ids) if self._group_ids is None else list(self._group_ids)
         return [
             {"case_id": case, "group_id": group, **{key: values[i] for key, values in table.items()}}
             for i, (case, group) in enumerate(zip(self._case_ids, group_ids))

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from synomaly.errors import ConfigError
+
+if TYPE_CHECKING:
+    from torchmetrics import MetricCollection
 
 logger = logging.getLogger("synomaly.metrics")  # warnings carry the package's name
 
@@ -151,18 +155,20 @@ class PixelRankingMetrics:
         self._n_positive = 0
         self._n_pixels = 0
         self._n_clipped = 0
-        self._binned = None
-        if self.thresholds is not None:
+        # Binned mode: the torchmetrics collection and the map_max that scales its scores.
+        self._binned: tuple[MetricCollection, float] | None = None
+        if self.thresholds is not None and self.map_max is not None:  # __init__ requires map_max with thresholds
             from torchmetrics import MetricCollection
             from torchmetrics.classification import BinaryAUROC, BinaryAveragePrecision
 
             # Both metrics hold the same confusion table; the collection updates it once per batch.
-            self._binned = MetricCollection(
+            collection = MetricCollection(
                 {
                     "ap": BinaryAveragePrecision(thresholds=self.thresholds, validate_args=False),
                     "auroc": BinaryAUROC(thresholds=self.thresholds, validate_args=False),
                 }
             )
+            self._binned = (collection, self.map_max)
 
     def update(self, anomaly_map: Tensor, target: Tensor) -> None:
         """Add a batch: non-negative float map and bool target, both ``[B, 1, H, W]``."""
@@ -174,24 +180,26 @@ class PixelRankingMetrics:
             self._maps.append(anomaly_map.detach().to("cpu", torch.float32, copy=True).flatten())
             self._targets.append(target.to("cpu", copy=True).flatten())
             return
-        self._n_clipped += int((anomaly_map > self.map_max).sum())
-        scores = (anomaly_map.detach().float() / self.map_max).clamp(max=1.0).flatten()
-        self._binned.to(scores.device)
-        self._binned.update(scores, target.flatten().long())
+        collection, map_max = self._binned
+        self._n_clipped += int((anomaly_map > map_max).sum())
+        scores = (anomaly_map.detach().float() / map_max).clamp(max=1.0).flatten()
+        collection.to(scores.device)
+        collection.update(scores, target.flatten().long())
 
     def compute(self) -> dict[str, float]:
         """Pooled ``{"ap", "auroc"}``; both NaN (with a warning) when one class is missing."""
         if _single_class(self._n_positive, self._n_pixels, "pixel-level AP/AUROC"):
             return {"ap": math.nan, "auroc": math.nan}
         if self._binned is not None:
+            collection, map_max = self._binned
             if self._n_clipped:
                 logger.warning(
                     "%d of %d pixels exceed map_max=%g and share the top bin of binned AP/AUROC",
                     self._n_clipped,
                     self._n_pixels,
-                    self.map_max,
+                    map_max,
                 )
-            return {name: float(value) for name, value in self._binned.compute().items()}
+            return {name: float(value) for name, value in collection.compute().items()}
         from torchmetrics.functional.classification import binary_auroc, binary_average_precision
 
         preds, labels = _unit_scale(torch.cat(self._maps)), torch.cat(self._targets)
