@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import logging
 import math
 import time
 import zipfile
@@ -33,10 +32,8 @@ from synomaly import _atomic
 from synomaly._json import json_safe, read_json
 from synomaly.detect import DetectionOutput, check_inputs
 from synomaly.errors import ConfigError, InputError, OutputExistsError
-from synomaly.metrics import Counts, SegmentationEvaluator, confusion_counts, dice
+from synomaly.metrics import Counts, PixelRankingMetrics, SegmentationEvaluator, confusion_counts, dice
 from synomaly.pipeline import SynomalyPipeline
-
-log = logging.getLogger(__name__)
 
 __all__ = ["EvaluationResult", "evaluate", "read_evaluation", "write_evaluation"]
 
@@ -111,7 +108,7 @@ def evaluate(
     anomalous = masks.flatten(1).any(1) if masks is not None else torch.zeros(len(images), dtype=torch.bool)
     state = _State(
         evaluator=SegmentationEvaluator(ap_thresholds=ap_thresholds, map_max=MAP_MAX),
-        curves=_PixelCurves(),
+        curves=PixelRankingMetrics(CURVE_THRESHOLDS, MAP_MAX, curves=True),
         stages=_StageDice(config.max_stages),
         keeper=_CaseKeeper(keep_cases, int(anomalous.sum()), int((~anomalous).sum())),
     )
@@ -199,7 +196,7 @@ class _State:
     """Everything accumulated over the batches."""
 
     evaluator: SegmentationEvaluator
-    curves: _PixelCurves
+    curves: PixelRankingMetrics  # binned, for the pooled PR and ROC curves
     stages: _StageDice
     keeper: _CaseKeeper
     oracle: _OracleDice = dataclasses.field(default_factory=_OracleDice)
@@ -246,58 +243,13 @@ class _State:
             dice_per_stage=self.stages.compute(),
             **self.oracle.compute(),
         )
-        metrics["curves"] = self.curves.compute()
+        metrics["curves"] = self.curves.curves()
         return metrics
 
 
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-class _PixelCurves:
-    """Pooled pixel PR and ROC curves on ``clip(map / MAP_MAX, 0, 1)`` with fixed thresholds.
-
-    torchmetrics' binned curves keep one ``[T, 2, 2]`` confusion table (shared by both curves),
-    so memory does not grow with the test set.
-    """
-
-    def __init__(self) -> None:
-        from torchmetrics import MetricCollection
-        from torchmetrics.classification import BinaryPrecisionRecallCurve, BinaryROC
-
-        self._metrics = MetricCollection(
-            {
-                "pr": BinaryPrecisionRecallCurve(thresholds=CURVE_THRESHOLDS, validate_args=False),
-                "roc": BinaryROC(thresholds=CURVE_THRESHOLDS, validate_args=False),
-            }
-        )
-        self._n_positive = self._n_pixels = 0
-
-    def update(self, anomaly_map: Tensor, target: Tensor) -> None:
-        """Add a batch of raw maps and bool targets."""
-        scores = (anomaly_map.detach().float() / MAP_MAX).clamp(0.0, 1.0).flatten()
-        self._metrics.to(scores.device)
-        self._metrics.update(scores, target.flatten().long())
-        self._n_positive += int(target.sum())
-        self._n_pixels += target.numel()
-
-    def compute(self) -> dict[str, dict[str, list[float]]]:
-        """``{"pr": {"precision", "recall"}, "roc": {"fpr", "tpr"}}``; empty lists with one class only."""
-        if not 0 < self._n_positive < self._n_pixels:
-            log.warning("pixel curves: the pooled target holds a single class, so they are empty")
-            return {"pr": {"precision": [], "recall": []}, "roc": {"fpr": [], "tpr": []}}
-        values = self._metrics.compute()
-        precision, recall, _ = values["pr"]
-        # Thresholds above every map value predict nothing: their precision is undefined (NaN) and
-        # they add no point to the curve.
-        defined = ~precision.isnan()
-        precision, recall = precision[defined], recall[defined]
-        fpr, tpr, _ = values["roc"]
-        return {
-            "pr": {"precision": precision.tolist(), "recall": recall.tolist()},
-            "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()},
-        }
 
 
 class _StageDice:

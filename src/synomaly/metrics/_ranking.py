@@ -12,7 +12,7 @@ from torch import Tensor
 from synomaly.errors import ConfigError
 
 if TYPE_CHECKING:
-    from torchmetrics import MetricCollection
+    from torchmetrics import Metric, MetricCollection
 
 logger = logging.getLogger("synomaly.metrics")  # warnings carry the package's name
 
@@ -136,16 +136,21 @@ class PixelRankingMetrics:
         map_max: Binned mode only, and required there: maps become ``clip(map / map_max, 0, 1)``.
             For ``|x - x_hat|`` of images in ``[-1, 1]``, 2.0 covers the full range. Ignored in
             exact mode, whose ranking does not depend on the scale.
+        curves: Binned mode only: also keep the pooled PR and ROC curves (:meth:`curves`), read
+            from the same confusion table.
     """
 
-    def __init__(self, thresholds: int | None = None, map_max: float | None = None) -> None:
+    def __init__(self, thresholds: int | None = None, map_max: float | None = None, *, curves: bool = False) -> None:
         binned = thresholds is not None
         if binned and (isinstance(thresholds, bool) or not isinstance(thresholds, int) or thresholds < 2):
             raise ConfigError("ap_thresholds", f"must be None (exact) or an integer >= 2, got {thresholds!r}")
         if binned and (map_max is None or not map_max > 0):
             raise ConfigError("map_max", f"binned AP/AUROC needs a positive map_max, got {map_max!r}")
+        if curves and not binned:
+            raise ConfigError("curves", "pixel PR and ROC curves need binned mode (thresholds and map_max)")
         self.thresholds = thresholds
         self.map_max = map_max
+        self.with_curves = curves
         self.reset()
 
     def reset(self) -> None:
@@ -159,16 +164,17 @@ class PixelRankingMetrics:
         self._binned: tuple[MetricCollection, float] | None = None
         if self.thresholds is not None and self.map_max is not None:  # __init__ requires map_max with thresholds
             from torchmetrics import MetricCollection
-            from torchmetrics.classification import BinaryAUROC, BinaryAveragePrecision
+            from torchmetrics.classification import BinaryAUROC, BinaryAveragePrecision, BinaryPrecisionRecallCurve, BinaryROC
 
-            # Both metrics hold the same confusion table; the collection updates it once per batch.
-            collection = MetricCollection(
-                {
-                    "ap": BinaryAveragePrecision(thresholds=self.thresholds, validate_args=False),
-                    "auroc": BinaryAUROC(thresholds=self.thresholds, validate_args=False),
-                }
-            )
-            self._binned = (collection, self.map_max)
+            metrics: dict[str, Metric | MetricCollection] = {
+                "ap": BinaryAveragePrecision(thresholds=self.thresholds, validate_args=False),
+                "auroc": BinaryAUROC(thresholds=self.thresholds, validate_args=False),
+            }
+            if self.with_curves:
+                metrics["pr"] = BinaryPrecisionRecallCurve(thresholds=self.thresholds, validate_args=False)
+                metrics["roc"] = BinaryROC(thresholds=self.thresholds, validate_args=False)
+            # Every metric holds the same confusion table; the collection updates it once per batch.
+            self._binned = (MetricCollection(metrics), self.map_max)
 
     def update(self, anomaly_map: Tensor, target: Tensor) -> None:
         """Add a batch: non-negative float map and bool target, both ``[B, 1, H, W]``."""
@@ -199,13 +205,36 @@ class PixelRankingMetrics:
                     self._n_pixels,
                     map_max,
                 )
-            return {name: float(value) for name, value in collection.compute().items()}
+            values = collection.compute()
+            return {name: float(values[name]) for name in ("ap", "auroc")}
         from torchmetrics.functional.classification import binary_auroc, binary_average_precision
 
         preds, labels = _unit_scale(torch.cat(self._maps)), torch.cat(self._targets)
         return {
             "ap": float(binary_average_precision(preds, labels, validate_args=False)),
             "auroc": float(binary_auroc(preds, labels, validate_args=False)),
+        }
+
+    def curves(self) -> dict[str, dict[str, list[float]]]:
+        """Pooled pixel ``{"pr": {"precision", "recall"}, "roc": {"fpr", "tpr"}}`` at the binned thresholds.
+
+        Needs ``curves=True``. The lists are empty, with a warning, when the pooled target holds a single class.
+        """
+        if self._binned is None or not self.with_curves:
+            raise ValueError("PixelRankingMetrics.curves() needs binned mode and curves=True")
+        if not 0 < self._n_positive < self._n_pixels:
+            logger.warning("pixel curves: the pooled target holds a single class, so they are empty")
+            return {"pr": {"precision": [], "recall": []}, "roc": {"fpr": [], "tpr": []}}
+        values = self._binned[0].compute()
+        precision, recall, _ = values["pr"]
+        # Thresholds above every map value predict nothing: their precision is undefined (NaN) and
+        # they add no point to the curve.
+        defined = ~precision.isnan()
+        precision, recall = precision[defined], recall[defined]
+        fpr, tpr, _ = values["roc"]
+        return {
+            "pr": {"precision": precision.tolist(), "recall": recall.tolist()},
+            "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()},
         }
 
 
