@@ -13,14 +13,10 @@ is written as ``null``), ``per_case.csv``, ``per_volume.csv`` (with volume ids) 
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import math
 import time
-import zipfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,10 +24,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from synomaly import _atomic
-from synomaly._json import json_safe, read_json
+from synomaly._evaluation_io import read_evaluation, write_evaluation
 from synomaly.detect import DetectionOutput, check_inputs
-from synomaly.errors import ConfigError, InputError, OutputExistsError
+from synomaly.errors import ConfigError
 from synomaly.metrics import Counts, PixelRankingMetrics, SegmentationEvaluator, confusion_counts, dice
 from synomaly.pipeline import SynomalyPipeline
 
@@ -40,8 +35,6 @@ __all__ = ["EvaluationResult", "evaluate", "read_evaluation", "write_evaluation"
 MAP_MAX = 2.0  # |blur(x) - blur(x_hat)| of images in [-1, 1] never exceeds 2
 CURVE_THRESHOLDS = 200
 ORACLE_CHUNK = 8  # threshold levels of the oracle Dice handled at once
-METRICS_NAME, CASES_NAME = "metrics.json", "cases.npz"
-PER_CASE_NAME, PER_VOLUME_NAME = "per_case.csv", "per_volume.csv"
 SSIM_MIN_SIZE = 11  # the SSIM window; smaller images get no SSIM
 
 
@@ -376,66 +369,3 @@ def _pad_stages(values: np.ndarray, stages: int) -> np.ndarray:
     """Repeat the last stage of ``[s, H, W]`` up to ``stages`` entries."""
     index = np.minimum(np.arange(stages), len(values) - 1)
     return values[index]
-
-
-def write_evaluation(result: EvaluationResult, out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Write ``metrics.json``, ``per_case.csv``, ``per_volume.csv`` and ``cases.npz`` atomically.
-
-    Args:
-        result: Output of :func:`evaluate`.
-        out_dir: Folder to write into (created if missing).
-        overwrite: Replace an existing evaluation.
-
-    Returns:
-        ``out_dir``.
-
-    Raises:
-        OutputExistsError: When ``metrics.json`` exists and ``overwrite`` is False.
-    """
-    out = Path(out_dir)
-    metrics_path = out / METRICS_NAME
-    if metrics_path.exists() and not overwrite:
-        raise OutputExistsError(metrics_path)
-    metrics = json_safe(result.metrics)
-    # The old evaluation stops being complete before any new file lands: a run that fails midway
-    # (disk full) leaves no metrics.json beside a mix of old and new tables.
-    metrics_path.unlink(missing_ok=True)
-    _atomic.write_text(out / PER_CASE_NAME, _csv_text(metrics["per_case"]))
-    if "per_volume" in metrics:
-        _atomic.write_text(out / PER_VOLUME_NAME, _csv_text(metrics["per_volume"]))
-    else:
-        # A table left by an overwritten run with volume ids would contradict metrics.json.
-        (out / PER_VOLUME_NAME).unlink(missing_ok=True)
-    with _atomic.atomic_path(out / CASES_NAME) as tmp, open(tmp, "wb") as f:
-        np.savez_compressed(f, **result.cases)
-    # Written last: metrics.json marks a complete evaluation, and it is what the overwrite guard checks.
-    _atomic.write_json(metrics_path, metrics)
-    return out
-
-
-def _csv_text(rows: list[dict[str, Any]]) -> str:
-    """CSV with a header from the first row; ``None`` (undefined or not provided) is an empty cell."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else [], lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
-def read_evaluation(out_dir: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Read what :func:`write_evaluation` wrote: the metrics (``null`` stays ``None``) and the cases.
-
-    Raises:
-        InputError: When ``metrics.json`` or ``cases.npz`` is missing or unreadable.
-    """
-    out = Path(out_dir)
-    metrics = read_json(out / METRICS_NAME)
-    path = out / CASES_NAME
-    if not path.is_file():
-        raise InputError(path, "missing")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            cases = {key: archive[key] for key in archive.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as error:
-        raise InputError(path, f"not a readable npz archive ({error})") from None
-    return metrics, cases
