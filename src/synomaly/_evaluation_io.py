@@ -55,7 +55,9 @@ def write_evaluation(result: EvaluationResult, out_dir: str | Path, overwrite: b
         # A table left by an overwritten run with volume ids would contradict metrics.json.
         (out / PER_VOLUME_NAME).unlink(missing_ok=True)
     with _atomic.atomic_path(out / CASES_NAME) as tmp, open(tmp, "wb") as f:
-        np.savez_compressed(f, **result.cases)
+        # The keywords are array names; numpy's stub would also match them to its bool allow_pickle.
+        arrays: dict[str, Any] = result.cases
+        np.savez_compressed(f, **arrays)
     # Written last: metrics.json marks a complete evaluation, and it is what the overwrite guard checks.
     _atomic.write_json(metrics_path, metrics)
     return out

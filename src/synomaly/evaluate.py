@@ -150,7 +150,7 @@ class _OracleDice:
         self._levels = torch.linspace(0.0, MAP_MAX, levels + 1)[1:]
         self._sums = torch.zeros(levels, dtype=torch.float64)
         self._counts = torch.zeros(levels, 4, dtype=torch.float64)
-        self._n = 0
+        self._n = torch.zeros((), dtype=torch.long)  # anomalous slices seen
 
     def update(self, anomaly_map: Tensor, target: Tensor) -> None:
         """Add a batch of raw maps and bool targets (healthy slices add to the pooled counts only).
@@ -158,7 +158,7 @@ class _OracleDice:
         Everything stays on the map's device; nothing is copied to the host until :meth:`compute`.
         """
         device = anomaly_map.device
-        self._levels, self._sums, self._counts = (x.to(device) for x in (self._levels, self._sums, self._counts))
+        self._levels, self._sums, self._counts, self._n = (x.to(device) for x in (self._levels, self._sums, self._counts, self._n))
         flat_map, flat_target = anomaly_map.flatten(1), target.flatten(1)
         anomalous = flat_target.any(1)
         for start in range(0, len(self._levels), ORACLE_CHUNK):  # a few levels at a time: memory of a few masks
