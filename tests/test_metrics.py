@@ -21,6 +21,7 @@ from sklearn.metrics import (
 
 from synomaly import metrics
 from synomaly.errors import ConfigError
+from synomaly.metrics._overlap import _COUNT_METRICS
 
 
 def random_masks(seed: int, shape=(8, 1, 24, 32), density: float = 0.3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,7 +54,7 @@ def test_confusion_counts_match_hand_counts():
 def test_count_metrics_match_sklearn(seed, density):
     pred, target = random_masks(seed, density=density)
     counts = metrics.confusion_counts(pred, target)
-    results = {name: fn(counts) for name, fn in metrics._COUNT_METRICS.items()}
+    results = {name: fn(counts) for name, fn in _COUNT_METRICS.items()}
     for i in range(pred.shape[0]):
         y_pred, y_true = pred[i].flatten().numpy(), target[i].flatten().numpy()
         assume_defined = y_pred.any() and y_true.any()

@@ -13,15 +13,10 @@ is written as ``null``), ``per_case.csv``, ``per_volume.csv`` (with volume ids) 
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
-import logging
 import math
 import time
-import zipfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,22 +24,17 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from synomaly import _atomic
-from synomaly._json import json_safe, read_json
+from synomaly._evaluation_io import read_evaluation, write_evaluation
 from synomaly.detect import DetectionOutput, check_inputs
-from synomaly.errors import ConfigError, InputError, OutputExistsError
-from synomaly.metrics import Counts, SegmentationEvaluator, confusion_counts, dice
+from synomaly.errors import ConfigError
+from synomaly.metrics import Counts, PixelRankingMetrics, SegmentationEvaluator, confusion_counts, dice
 from synomaly.pipeline import SynomalyPipeline
-
-log = logging.getLogger(__name__)
 
 __all__ = ["EvaluationResult", "evaluate", "read_evaluation", "write_evaluation"]
 
 MAP_MAX = 2.0  # |blur(x) - blur(x_hat)| of images in [-1, 1] never exceeds 2
 CURVE_THRESHOLDS = 200
 ORACLE_CHUNK = 8  # threshold levels of the oracle Dice handled at once
-METRICS_NAME, CASES_NAME = "metrics.json", "cases.npz"
-PER_CASE_NAME, PER_VOLUME_NAME = "per_case.csv", "per_volume.csv"
 SSIM_MIN_SIZE = 11  # the SSIM window; smaller images get no SSIM
 
 
@@ -111,7 +101,7 @@ def evaluate(
     anomalous = masks.flatten(1).any(1) if masks is not None else torch.zeros(len(images), dtype=torch.bool)
     state = _State(
         evaluator=SegmentationEvaluator(ap_thresholds=ap_thresholds, map_max=MAP_MAX),
-        curves=_PixelCurves(),
+        curves=PixelRankingMetrics(CURVE_THRESHOLDS, MAP_MAX, curves=True),
         stages=_StageDice(config.max_stages),
         keeper=_CaseKeeper(keep_cases, int(anomalous.sum()), int((~anomalous).sum())),
     )
@@ -160,7 +150,7 @@ class _OracleDice:
         self._levels = torch.linspace(0.0, MAP_MAX, levels + 1)[1:]
         self._sums = torch.zeros(levels, dtype=torch.float64)
         self._counts = torch.zeros(levels, 4, dtype=torch.float64)
-        self._n = 0
+        self._n = torch.zeros((), dtype=torch.long)  # anomalous slices seen
 
     def update(self, anomaly_map: Tensor, target: Tensor) -> None:
         """Add a batch of raw maps and bool targets (healthy slices add to the pooled counts only).
@@ -168,7 +158,7 @@ class _OracleDice:
         Everything stays on the map's device; nothing is copied to the host until :meth:`compute`.
         """
         device = anomaly_map.device
-        self._levels, self._sums, self._counts = (x.to(device) for x in (self._levels, self._sums, self._counts))
+        self._levels, self._sums, self._counts, self._n = (x.to(device) for x in (self._levels, self._sums, self._counts, self._n))
         flat_map, flat_target = anomaly_map.flatten(1), target.flatten(1)
         anomalous = flat_target.any(1)
         for start in range(0, len(self._levels), ORACLE_CHUNK):  # a few levels at a time: memory of a few masks
@@ -199,7 +189,7 @@ class _State:
     """Everything accumulated over the batches."""
 
     evaluator: SegmentationEvaluator
-    curves: _PixelCurves
+    curves: PixelRankingMetrics  # binned, for the pooled PR and ROC curves
     stages: _StageDice
     keeper: _CaseKeeper
     oracle: _OracleDice = dataclasses.field(default_factory=_OracleDice)
@@ -246,58 +236,13 @@ class _State:
             dice_per_stage=self.stages.compute(),
             **self.oracle.compute(),
         )
-        metrics["curves"] = self.curves.compute()
+        metrics["curves"] = self.curves.curves()
         return metrics
 
 
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-class _PixelCurves:
-    """Pooled pixel PR and ROC curves on ``clip(map / MAP_MAX, 0, 1)`` with fixed thresholds.
-
-    torchmetrics' binned curves keep one ``[T, 2, 2]`` confusion table (shared by both curves),
-    so memory does not grow with the test set.
-    """
-
-    def __init__(self) -> None:
-        from torchmetrics import MetricCollection
-        from torchmetrics.classification import BinaryPrecisionRecallCurve, BinaryROC
-
-        self._metrics = MetricCollection(
-            {
-                "pr": BinaryPrecisionRecallCurve(thresholds=CURVE_THRESHOLDS, validate_args=False),
-                "roc": BinaryROC(thresholds=CURVE_THRESHOLDS, validate_args=False),
-            }
-        )
-        self._n_positive = self._n_pixels = 0
-
-    def update(self, anomaly_map: Tensor, target: Tensor) -> None:
-        """Add a batch of raw maps and bool targets."""
-        scores = (anomaly_map.detach().float() / MAP_MAX).clamp(0.0, 1.0).flatten()
-        self._metrics.to(scores.device)
-        self._metrics.update(scores, target.flatten().long())
-        self._n_positive += int(target.sum())
-        self._n_pixels += target.numel()
-
-    def compute(self) -> dict[str, dict[str, list[float]]]:
-        """``{"pr": {"precision", "recall"}, "roc": {"fpr", "tpr"}}``; empty lists with one class only."""
-        if not 0 < self._n_positive < self._n_pixels:
-            log.warning("pixel curves: the pooled target holds a single class, so they are empty")
-            return {"pr": {"precision": [], "recall": []}, "roc": {"fpr": [], "tpr": []}}
-        values = self._metrics.compute()
-        precision, recall, _ = values["pr"]
-        # Thresholds above every map value predict nothing: their precision is undefined (NaN) and
-        # they add no point to the curve.
-        defined = ~precision.isnan()
-        precision, recall = precision[defined], recall[defined]
-        fpr, tpr, _ = values["roc"]
-        return {
-            "pr": {"precision": precision.tolist(), "recall": recall.tolist()},
-            "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()},
-        }
 
 
 class _StageDice:
@@ -424,66 +369,3 @@ def _pad_stages(values: np.ndarray, stages: int) -> np.ndarray:
     """Repeat the last stage of ``[s, H, W]`` up to ``stages`` entries."""
     index = np.minimum(np.arange(stages), len(values) - 1)
     return values[index]
-
-
-def write_evaluation(result: EvaluationResult, out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Write ``metrics.json``, ``per_case.csv``, ``per_volume.csv`` and ``cases.npz`` atomically.
-
-    Args:
-        result: Output of :func:`evaluate`.
-        out_dir: Folder to write into (created if missing).
-        overwrite: Replace an existing evaluation.
-
-    Returns:
-        ``out_dir``.
-
-    Raises:
-        OutputExistsError: When ``metrics.json`` exists and ``overwrite`` is False.
-    """
-    out = Path(out_dir)
-    metrics_path = out / METRICS_NAME
-    if metrics_path.exists() and not overwrite:
-        raise OutputExistsError(metrics_path)
-    metrics = json_safe(result.metrics)
-    # The old evaluation stops being complete before any new file lands: a run that fails midway
-    # (disk full) leaves no metrics.json beside a mix of old and new tables.
-    metrics_path.unlink(missing_ok=True)
-    _atomic.write_text(out / PER_CASE_NAME, _csv_text(metrics["per_case"]))
-    if "per_volume" in metrics:
-        _atomic.write_text(out / PER_VOLUME_NAME, _csv_text(metrics["per_volume"]))
-    else:
-        # A table left by an overwritten run with volume ids would contradict metrics.json.
-        (out / PER_VOLUME_NAME).unlink(missing_ok=True)
-    with _atomic.atomic_path(out / CASES_NAME) as tmp, open(tmp, "wb") as f:
-        np.savez_compressed(f, **result.cases)
-    # Written last: metrics.json marks a complete evaluation, and it is what the overwrite guard checks.
-    _atomic.write_json(metrics_path, metrics)
-    return out
-
-
-def _csv_text(rows: list[dict[str, Any]]) -> str:
-    """CSV with a header from the first row; ``None`` (undefined or not provided) is an empty cell."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else [], lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
-def read_evaluation(out_dir: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Read what :func:`write_evaluation` wrote: the metrics (``null`` stays ``None``) and the cases.
-
-    Raises:
-        InputError: When ``metrics.json`` or ``cases.npz`` is missing or unreadable.
-    """
-    out = Path(out_dir)
-    metrics = read_json(out / METRICS_NAME)
-    path = out / CASES_NAME
-    if not path.is_file():
-        raise InputError(path, "missing")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            cases = {key: archive[key] for key in archive.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as error:
-        raise InputError(path, f"not a readable npz archive ({error})") from None
-    return metrics, cases

@@ -85,7 +85,7 @@ def score_folder(predictions: str | Path, references: list[str], output: str | P
         InputError: A missing or malformed prediction folder, or a reference that does not pair or fit.
         OutputExistsError: ``output`` holds a score and ``overwrite`` is false.
     """
-    from synomaly.evaluate import _csv_text
+    from synomaly._evaluation_io import _csv_text
 
     folder, output = Path(predictions), Path(output)
     if (output / "metrics.json").exists() and not overwrite:
