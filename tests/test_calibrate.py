@@ -220,7 +220,7 @@ def test_an_interrupted_calibration_resumes_where_it_stopped(trained, phantom_te
     detect, calls = type(trained).detect, []
 
     def detect_then_stop(self, *args, **kwargs):
-        calls.append(kwargs.get("threshold"))
+        calls.append(kwargs["config"].threshold)
         if len(calls) == 3:  # the second multi-stage pass (two batches of lesioned slices each) is cut short
             raise KeyboardInterrupt
         return detect(self, *args, **kwargs)

@@ -330,10 +330,11 @@ def _multistage_rows(run: _Runner, grid: CalibrationGrid, index: Tensor) -> list
         generator = run.generator()
         dice_sums, nfe_sums = torch.zeros(len(stages), dtype=torch.float64), torch.zeros(len(stages))
         settings = {"t": t, "kernel": kernel, "threshold": threshold, "max_stages": max(stages), "fusion": fusion}
-        cost = stage_cost(run.pipeline.detect_config(**settings), run.pipeline.config.method)
+        config = run.pipeline.detect_config(**settings)
+        cost = stage_cost(config, run.pipeline.config.method)
         for images, target, fg in run.batches(index):
             assert target is not None  # the lesioned slices have masks
-            out = run.pipeline.detect(images, generator, fg, **settings)
+            out = run.pipeline.detect(images, generator, fg, config=config)
             for i, limit in enumerate(stages):
                 mask = out.stage_masks[:, min(limit, out.stage_masks.shape[1]) - 1]
                 dice_sums[i] += dice(confusion_counts(mask, target)).sum().cpu()

@@ -83,6 +83,8 @@ class VAE(Method):
 
     def loss(self, unet: nn.Module, schedule: DiffusionSchedule, noise: NoiseFn, x: Tensor, foreground: Tensor | None,
              target: Tensor | None, kind: str) -> Tensor:
+        if not isinstance(unet, VAENet):
+            raise TypeError(f"the vae method trains a VAENet, got {type(unet).__name__}")
         mu, logvar = unet.encode(x)
         z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
         return torch.nn.functional.mse_loss(unet.decode(z).float(), x) + BETA * gaussian_kl(mu, logvar).float().mean()
