@@ -271,3 +271,16 @@ def test_oracle_dice_is_the_best_mean_and_pooled_dice_over_map_thresholds():
     assert result["dice_oracle_mean"] == pytest.approx(max(means))
     assert result["dice_oracle_pooled"] == pytest.approx(max(pooled))
     assert result["dice_oracle_threshold"] == pytest.approx(float(levels[int(np.argmax(means))]))
+
+
+def test_kept_cases_record_the_foreground_their_maps_count_in(random_pipeline, phantom_test):
+    healthy, lesioned, masks = phantom_test
+    foreground = torch.zeros_like(masks[:3])
+    foreground[..., 4:28, 4:28] = True
+    out = evaluate(random_pipeline, lesioned[:3], masks[:3], foreground=foreground, case_ids=["x", "y", "z"],
+                   keep_cases=3, progress=False, max_stages=1)
+    kept = {str(case): i for i, case in enumerate(out.cases["case_id"])}
+    for j, case in enumerate("xyz"):
+        if case in kept:
+            assert np.array_equal(out.cases["foreground"][kept[case]], foreground[j, 0].numpy())
+            assert not out.cases["anomaly_map"][kept[case]][~foreground[j, 0].numpy()].any()

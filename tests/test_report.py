@@ -267,3 +267,37 @@ def test_overlay_rgb_outline_width():
     ring = target.copy()
     ring[4:8, 4:8] = False
     assert (coloured == ring).all()
+
+
+def test_foreground_is_outlined_where_it_leaves_pixels_out(eval_dir, tmp_path):
+    (tmp_path / "metrics.json").write_text((eval_dir / "metrics.json").read_text())
+    cases = _cases(eval_dir)
+    np.savez(tmp_path / "cases.npz", **cases, foreground=np.ones(cases["image"].shape, dtype=bool))
+    plain = build_report(tmp_path).read_text()
+    assert "the map counts only inside it" not in plain  # a foreground of every pixel is not drawn
+    head = np.stack([_disk((SIZE / 2, SIZE / 2), 0.42 * SIZE)] * len(cases["image"]))
+    np.savez(tmp_path / "cases.npz", **cases, foreground=head)
+    outlined = build_report(tmp_path, overwrite=True).read_text()
+    assert "the map counts only inside it" in outlined
+    figures = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", outlined)
+    assert figures != re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", plain)  # the outline is drawn
+
+
+def test_report_of_an_evaluate_folder_shows_its_model_and_data_and_warns_at_chance(eval_dir, tmp_path):
+    from synomaly.config import PipelineConfig, model_preset
+
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    config = PipelineConfig(model=model_preset("tiny"), training={"final_step": 30, "images": 12}).to_dict()
+    metrics["model"] = {"folder": "runs/m", "config": config}
+    metrics["data"] = {"images": ["v.npz:val"], "masks": ["v.npz:masks"], "foreground masks": None}
+    metrics["aggregate"]["auroc_pixel"] = 0.26
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    shutil.copy(eval_dir / "cases.npz", tmp_path / "cases.npz")
+    html = build_report(tmp_path, notes="Run `synomaly demo` first; a lone ` stays.").read_text()
+    setup = _section(html, "setup", "metrics") if 'id="metrics"' in html else html
+    assert "runs/m" in setup and "v.npz:val" in setup and "8, 8, 8" in setup and "30" in setup
+    assert "Pixel AUROC 0.260: the anomaly map ranks lesion pixels no better than chance" in html
+    assert "<code>synomaly demo</code>" in html and "a lone ` stays." in html
+    metrics["aggregate"]["auroc_pixel"] = 0.91
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    assert "no better than chance" not in build_report(tmp_path, overwrite=True).read_text()

@@ -188,6 +188,8 @@ def run_evaluate(
     result = evaluate(pipe, cases.images, cases.masks, case_ids=cases.case_ids, group_ids=cases.group_ids,
                       foreground=cases.foreground, batch_size=batch_size, seed=seed, progress=show_progress(), **overrides)
     result.metrics["model"] = {"folder": str(model), "config": pipe.config.to_dict()}
+    result.metrics["data"] = {"images": list(data), "masks": list(masks),
+                              "foreground masks": None if foreground_masks is None else list(foreground_masks)}
     write_evaluation(result, output, overwrite=overwrite)
     log.info("Dice (mean over anomalous slices) %.3f, AP %.3f; written to %s",
              result.metrics["aggregate"]["dice_mean"], result.metrics["aggregate"]["ap"], output)

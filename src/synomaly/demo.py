@@ -133,17 +133,9 @@ def train_demo_model(output_dir: str | Path, steps: int = 4000, seed: int = 0, o
 def model_summary(pipe) -> dict:
     """The few facts about the model a reader of the report needs."""
     from synomaly.model import count_parameters
+    from synomaly.report import model_facts
 
-    config = pipe.config
-    return {
-        "UNet channels": ", ".join(map(str, config.model.channels)),
-        "parameters": f"{count_parameters(pipe.unet):,}",
-        "image size": f"{config.model.image_size} x {config.model.image_size}",
-        "training noise": ", ".join(f"{k} {v}" for k, v in config.noise.items()),
-        "training steps": config.training.get("final_step"),
-        "training images": config.training.get("images"),
-        "schedule": f"{config.schedule.kind}, T = {config.schedule.num_timesteps}",
-    }
+    return {"parameters": f"{count_parameters(pipe.unet):,}", **model_facts(pipe.config.to_dict())}
 
 
 def shipped_model() -> Path:

@@ -113,7 +113,7 @@ def evaluate(
         target = _batch_mask(masks, batch, x0)
         fg = None if foreground is None else foreground[batch].to(x0.device, torch.bool)
         out = state.detect(pipeline, x0, generator, fg, detect_overrides)
-        state.update(start, x0, target, out, case_ids[batch], None if group_ids is None else group_ids[batch])
+        state.update(start, x0, target, out, case_ids[batch], None if group_ids is None else group_ids[batch], fg)
     metrics = state.summary(len(images))
     metrics["detect"] = dataclasses.asdict(config)
     metrics["settings"].update(
@@ -211,7 +211,7 @@ class _State:
 
     def update(
         self, start: int, x0: Tensor, target: Tensor, out: DetectionOutput, case_ids: list[str],
-        group_ids: list[str] | None,
+        group_ids: list[str] | None, foreground: Tensor | None = None,
     ) -> None:
         """Add one batch to every accumulator."""
         with_ssim = min(x0.shape[-2:]) >= SSIM_MIN_SIZE
@@ -222,7 +222,7 @@ class _State:
         self.curves.update(out.anomaly_map, target)
         self.stages.update(out.stage_masks, target)
         self.oracle.update(out.anomaly_map, target)
-        self.keeper.update(start, x0, target, out, dice(confusion_counts(out.mask, target)).cpu())
+        self.keeper.update(start, x0, target, out, dice(confusion_counts(out.mask, target)).cpu(), foreground)
         self.nfe_sum += int(out.nfe.sum())
         self.nfe_max = max(self.nfe_max, int(out.nfe.max()))
 
@@ -306,15 +306,18 @@ class _CaseKeeper:
         self.healthy: list[tuple[float, int, dict[str, np.ndarray]]] = []
         self._areas: dict[int, int] = {}  # predicted area of each kept healthy case
 
-    def update(self, start: int, x0: Tensor, target: Tensor, out: DetectionOutput, dice_values: Tensor) -> None:
-        """Consider a batch whose first case has index ``start``."""
+    def update(self, start: int, x0: Tensor, target: Tensor, out: DetectionOutput, dice_values: Tensor,
+               foreground: Tensor | None = None) -> None:
+        """Consider a batch whose first case has index ``start`` (``foreground``: where its maps count)."""
+        fg = torch.ones_like(target, dtype=torch.bool) if foreground is None else foreground
         is_anomalous = target.flatten(1).any(1).cpu().tolist()
         new = [(float(dice_values[i]), start + i) for i, flag in enumerate(is_anomalous) if flag]
         pool = sorted([(d, i) for d, i, _ in self.anomalous] + new)
         if len(pool) > self.n_worst + self.n_best:
             pool = pool[: self.n_worst] + pool[len(pool) - self.n_best :]
         kept = {i: arrays for _, i, arrays in self.anomalous}
-        self.anomalous = [(d, i, kept[i] if i in kept else _case_arrays(x0, target, out, i - start)) for d, i in pool]
+        self.anomalous = [(d, i, kept[i] if i in kept else _case_arrays(x0, target, fg, out, i - start))
+                          for d, i in pool]
         # Healthy cases: those with the largest predicted area (the most false positives) so far.
         areas = out.mask.flatten(1).sum(1).cpu().tolist()
         ranking = [(-self._areas[i], i) for _, i, _ in self.healthy]
@@ -322,7 +325,8 @@ class _CaseKeeper:
         ranking = sorted(ranking)[: self.n_healthy]  # largest area first; ties: the first met
         kept_healthy = {i: arrays for _, i, arrays in self.healthy}
         self._areas = {i: -negative for negative, i in ranking}
-        self.healthy = [(math.nan, i, kept_healthy[i] if i in kept_healthy else _case_arrays(x0, target, out, i - start))
+        self.healthy = [(math.nan, i, kept_healthy[i] if i in kept_healthy
+                         else _case_arrays(x0, target, fg, out, i - start))
                         for _, i in ranking]
 
     def arrays(self, case_ids: list[str], size: torch.Size, stages: int) -> dict[str, np.ndarray]:
@@ -336,7 +340,7 @@ class _CaseKeeper:
         shapes = {
             "image": ((height, width), np.float32), "reconstruction": ((height, width), np.float32),
             "anomaly_map": ((height, width), np.float32), "mask": ((height, width), bool),
-            "target": ((height, width), bool), "stage_reconstructions": ((stages, height, width), np.float32),
+            "target": ((height, width), bool), "foreground": ((height, width), bool), "stage_reconstructions": ((stages, height, width), np.float32),
             "stage_masks": ((stages, height, width), bool), "stages": ((), np.int64),
         }
         for key, (shape, dtype) in shapes.items():
@@ -347,7 +351,7 @@ class _CaseKeeper:
         return stack
 
 
-def _case_arrays(x0: Tensor, target: Tensor, out: DetectionOutput, i: int) -> dict[str, np.ndarray]:
+def _case_arrays(x0: Tensor, target: Tensor, foreground: Tensor, out: DetectionOutput, i: int) -> dict[str, np.ndarray]:
     """Host copies of one case's arrays (channel axis dropped)."""
 
     def host(x: Tensor) -> np.ndarray:
@@ -359,6 +363,7 @@ def _case_arrays(x0: Tensor, target: Tensor, out: DetectionOutput, i: int) -> di
         "anomaly_map": host(out.anomaly_map[i, 0].float()),
         "mask": host(out.mask[i, 0]),
         "target": host(target[i, 0]),
+        "foreground": host(foreground[i, 0]),
         "stage_reconstructions": host(out.stage_reconstructions[i, :, 0].float()),
         "stage_masks": host(out.stage_masks[i, :, 0]),
         "stages": np.int64(int(out.stages[i])),

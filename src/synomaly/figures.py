@@ -31,6 +31,7 @@ PRED_COLOR: tuple[int, int, int] = (230, 60, 40)
 """Fill colour of the predicted mask in overlays (red)."""
 TRUTH_COLOR: tuple[int, int, int] = (0, 220, 255)
 """Outline colour of the ground truth in overlays (cyan: distinct from the red fill and from gray)."""
+FOREGROUND_CSS = "#7cfc00"  # the foreground outline: green, apart from the red prediction and cyan truth
 MAP_CMAP = "inferno"
 """Colour map of anomaly maps."""
 NOT_AVAILABLE = "n/a"
@@ -207,8 +208,11 @@ def curves_figure(metrics: Mapping[str, Any]) -> str | None:
 
 
 def case_figure(image: np.ndarray, reconstruction: np.ndarray, anomaly_map: np.ndarray, mask: np.ndarray,
-                target: np.ndarray, map_max: float) -> str:
-    """Input, reconstruction, anomaly map (0 to ``map_max``) and prediction/truth overlay of one case in one row."""
+                target: np.ndarray, map_max: float, foreground: np.ndarray | None = None) -> str:
+    """Input, reconstruction, anomaly map (0 to ``map_max``) and prediction/truth overlay of one case in one row.
+
+    ``foreground`` (where the map counts) is outlined on the map and the overlay when it leaves anything out.
+    """
     figure = _new_figure(4 * _CASE_PANEL, _CASE_PANEL + 0.25)
     axes = figure.subplots(1, 4)
     size = _CASE_PANEL
@@ -216,6 +220,12 @@ def case_figure(image: np.ndarray, reconstruction: np.ndarray, anomaly_map: np.n
     _show(axes[1], reconstruction, "reconstruction", size, cmap="gray", vmin=-1, vmax=1)
     _show(axes[2], anomaly_map, "anomaly map", size, cmap=MAP_CMAP, vmin=0, vmax=map_max)
     _show(axes[3], _overlay(image, mask, target, size), "prediction / truth", size)
+    if foreground is not None and not np.all(foreground):
+        scale = axes[3].get_images()[0].get_array().shape[0] / foreground.shape[0]  # the overlay may be enlarged
+        for ax, factor in ((axes[2], 1.0), (axes[3], scale)):
+            rows, cols = np.arange(foreground.shape[0]), np.arange(foreground.shape[1])
+            ax.contour((cols + 0.5) * factor - 0.5, (rows + 0.5) * factor - 0.5, foreground.astype(float),
+                       levels=[0.5], colors=[FOREGROUND_CSS], linewidths=0.8, linestyles="dashed")
     figure.subplots_adjust(left=0.005, right=0.995, bottom=0.01, top=0.9, wspace=0.04)
     return _to_data_uri(figure)
 

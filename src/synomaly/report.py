@@ -24,12 +24,24 @@ import torch
 from synomaly import __version__
 from synomaly._atomic import write_text
 from synomaly.errors import ConfigError, InputError, OutputExistsError
-from synomaly.figures import MAP_CMAP, NOT_AVAILABLE, PRED_COLOR, TRUTH_COLOR, case_figure, curves_figure, format_value, overlay_rgb, stage_figure
+from synomaly.figures import (
+    FOREGROUND_CSS,
+    MAP_CMAP,
+    NOT_AVAILABLE,
+    PRED_COLOR,
+    TRUTH_COLOR,
+    case_figure,
+    curves_figure,
+    format_value,
+    overlay_rgb,
+    stage_figure,
+)
 from synomaly.metrics import confusion_counts, dice
 
 __all__ = ["PRED_COLOR", "TRUTH_COLOR", "build_report", "overlay_rgb"]
 
 _STRIP_CASES = 3
+CHANCE_AUROC = 0.6  # pixel AUROC at or below this gets the chance-level warning
 _FOLDER_HINT = "pass a folder written by 'synomaly evaluate'"
 _IMAGE_ARRAYS = ("image", "reconstruction", "anomaly_map", "mask", "target")
 _STAGE_ARRAYS = ("stage_reconstructions", "stage_masks")
@@ -140,16 +152,36 @@ def build_report(
     metrics, cases = _load(eval_dir)
     context = {
         "title": title,
-        "notes": [part.strip() for part in (notes or "").split("\n\n") if part.strip()],
+        "notes": [_code_spans(part.strip()) for part in (notes or "").split("\n\n") if part.strip()],
+        "chance": _chance_warning(metrics["aggregate"]),
         "generated": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "version": __version__,
         "source": str(eval_dir),
         "setup": _setup_tables(metrics, model_info),
         **_metrics_context(metrics),
         **_cases_context(metrics, cases, max_cases),
+        "outlines_foreground": "foreground" in cases and not cases["foreground"].all(),
     }
     write_text(out, _render(context))
     return out
+
+
+def _code_spans(text: str) -> list[tuple[str, bool]]:
+    """``text`` split at backticks into (text, is_code) pieces, so `code` shows as code, not as backticks."""
+    pieces = text.split("`")
+    if len(pieces) % 2 == 0:  # an unmatched backtick stays literal
+        pieces = [*pieces[:-2], pieces[-2] + "`" + pieces[-1]]
+    return [(piece, i % 2 == 1) for i, piece in enumerate(pieces) if piece]
+
+
+def _chance_warning(aggregate: Mapping[str, Any]) -> str | None:
+    """A warning when the anomaly map ranks lesion pixels no better than chance (pixel AUROC near 0.5 or below)."""
+    auroc = aggregate.get("auroc_pixel")
+    if not _is_number(auroc) or auroc > CHANCE_AUROC:
+        return None
+    return (f"Pixel AUROC {auroc:.3f}: the anomaly map ranks lesion pixels no better than chance (0.5). The model "
+            "has not learnt what healthy images look like (too few training steps, or a preprocessing mismatch); "
+            "read the numbers below with that in mind.")
 
 
 # ---------------------------------------------------------------- loading
@@ -164,6 +196,8 @@ def _load(eval_dir: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         raise InputError(eval_dir / "metrics.json", 'has no "aggregate" object')
     _check_cases(eval_dir / "cases.npz", cases)
     cases["mask"], cases["target"] = cases["mask"].astype(bool), cases["target"].astype(bool)
+    if "foreground" in cases:  # folders of earlier versions have none
+        cases["foreground"] = cases["foreground"].astype(bool)
     if "dice" not in cases:
         cases["dice"] = _dice(cases["mask"], cases["target"])
     return metrics, cases
@@ -177,6 +211,8 @@ def _check_cases(path: Path, cases: dict[str, np.ndarray]) -> None:
     if len(shape) != 3 or any(cases[key].shape != shape for key in _IMAGE_ARRAYS):
         shapes = ", ".join(f"{key} {cases[key].shape}" for key in _IMAGE_ARRAYS)
         raise InputError(path, f"image arrays must all be [K, H, W]; got {shapes}")
+    if "foreground" in cases and cases["foreground"].shape != shape:
+        raise InputError(path, f"foreground must be [K, H, W] = {list(shape)}, got {list(cases['foreground'].shape)}")
     for key in ("case_id", "dice", "stages"):
         if key in cases and cases[key].shape != shape[:1]:
             raise InputError(path, f"{key} must be [{shape[0]}], got {list(cases[key].shape)}")
@@ -224,8 +260,27 @@ def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> list[tuple[str, st
     return rows
 
 
+def model_facts(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The facts about a model folder's ``config.json`` that a reader of a report needs."""
+    model, training, preprocess = config.get("model", {}), config.get("training", {}), config.get("preprocess") or {}
+    schedule = config.get("schedule", {})
+    return {
+        "method": config.get("method", "diffusion"),
+        "channels": ", ".join(map(str, model.get("channels", []))),
+        "image size": f"{model.get('image_size')} x {model.get('image_size')}",
+        "training noise": ", ".join(f"{k} {v}" for k, v in config.get("noise", {}).items()),
+        "training steps": training.get("final_step"),
+        "training images": training.get("images"),
+        "foreground": f"{preprocess.get('foreground', 'none')}, eroded {preprocess.get('foreground_erosion', 0)} px",
+        "schedule": f"{schedule.get('kind')}, T = {schedule.get('num_timesteps')}",
+    }
+
+
 def _setup_tables(metrics: Mapping[str, Any], model_info: Mapping[str, Any] | None) -> list[dict[str, Any]]:
-    sources = (("Detection settings", metrics.get("detect")), ("Model", model_info),
+    recorded = metrics.get("model")
+    if model_info is None and isinstance(recorded, Mapping) and isinstance(recorded.get("config"), Mapping):
+        model_info = {"folder": recorded.get("folder"), **model_facts(recorded["config"])}
+    sources = (("Detection settings", metrics.get("detect")), ("Model", model_info), ("Data", metrics.get("data")),
                ("Evaluation settings", metrics.get("settings")))
     return [{"caption": caption, "rows": _flatten(values)} for caption, values in sources
             if isinstance(values, Mapping) and values]
@@ -355,7 +410,8 @@ def _case_entries(cases: Mapping[str, np.ndarray], indices: Iterable[int], per_c
         case_id = str(cases["case_id"][index])
         lines = _caption(cases, index, per_case.get(case_id, {}), max_stages)
         figure = case_figure(cases["image"][index], cases["reconstruction"][index], cases["anomaly_map"][index],
-                             cases["mask"][index], cases["target"][index], map_max)
+                             cases["mask"][index], cases["target"][index], map_max,
+                             cases["foreground"][index] if "foreground" in cases else None)
         entries.append({"case_id": case_id, "lines": lines, "figure": figure})
     return entries
 
@@ -409,5 +465,6 @@ def _template() -> jinja2.Template:
 
 def _render(context: Mapping[str, Any]) -> str:
     colours = {"pred_css": "rgb({}, {}, {})".format(*PRED_COLOR),
-               "truth_css": "rgb({}, {}, {})".format(*TRUTH_COLOR), "map_cmap": MAP_CMAP}
+               "truth_css": "rgb({}, {}, {})".format(*TRUTH_COLOR), "map_cmap": MAP_CMAP,
+               "foreground_css": FOREGROUND_CSS}
     return _template().render(**context, **colours)
