@@ -132,6 +132,9 @@ METHODS["intensity"] = Method({"method": "intensity"}, preprocess=FG, t=(0,), ke
 NO_FG = {"lgg_flair": {"foreground": "none"}}
 BOTH_FLIPS = {"flips": "both"}
 ABLATIONS = {
+    "abl-earlier-recipe": Method({"noise": "synomaly"}, stages=MULTI, preprocess=NO_FG, train_options=BOTH_FLIPS,
+                                 note="the recipe before these ablations: no foreground, flips both ways"),
+    "abl-earlier-recipe-1stage": Method({}, shares="abl-earlier-recipe", note="`abl-earlier-recipe`, one stage"),
     "abl-foreground": Method({"noise": "synomaly"}, stages=MULTI, preprocess=FG, train_options=BOTH_FLIPS,
                              note="foreground `auto` (head mask): blobs inside it in training, map zeroed outside it"),
     "abl-foreground-erode2": Method({}, shares="abl-foreground", stages=MULTI, infer_preprocess={"foreground_erosion": 2},
