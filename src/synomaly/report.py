@@ -177,8 +177,8 @@ def _code_spans(text: str) -> list[tuple[str, bool]]:
 def _chance_warning(aggregate: Mapping[str, Any]) -> str | None:
     """A warning when the anomaly map ranks lesion pixels no better than chance (pixel AUROC near 0.5 or below)."""
     auroc = aggregate.get("auroc_pixel")
-    if not _is_number(auroc) or float(auroc) > CHANCE_AUROC:
-        return None
+    if not isinstance(auroc, (int, float)) or isinstance(auroc, bool) or not auroc <= CHANCE_AUROC:
+        return None  # absent, undefined (NaN) or above chance
     return (f"Pixel AUROC {auroc:.3f}: the anomaly map ranks lesion pixels no better than chance (0.5). The model "
             "has not learnt what healthy images look like (too few training steps, or a preprocessing mismatch); "
             "read the numbers below with that in mind.")
