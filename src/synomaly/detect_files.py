@@ -42,11 +42,22 @@ def _batched_detect(pipe: SynomalyPipeline, images: torch.Tensor, foreground: to
     return {key: torch.cat(values) for key, values in parts.items()}
 
 
-def _write_case_outputs(case_dir: Path, record: Any, images: np.ndarray,
-                        outputs: dict[str, torch.Tensor]) -> tuple[dict[str, str], np.ndarray]:
-    """Write maps back at the input's size and on its grid; returns the file names and each slice's mask area there (px)."""
+def _write_case_outputs(case_dir: Path, record: Any, images: np.ndarray, outputs: dict[str, torch.Tensor],
+                        connectivity: int = 1) -> tuple[dict[str, str], np.ndarray, dict[str, Any]]:
+    """Write maps back at the input's size and on its grid, and the lesion table.
+
+    Returns the file names, each slice's mask area there (px) and the lesion totals.
+    """
     from synomaly.figures import gray_rgb, heat_rgb, overlay_rgb, write_png
     from synomaly.io import write_image
+    from synomaly.lesions import (
+        LESIONS_NAME,
+        SLICE_COLUMNS,
+        VOLUME_COLUMNS,
+        lesions_of_nifti,
+        lesions_of_slices,
+        write_lesions,
+    )
 
     props = record.properties
     spatial = props.format in ("nifti", "dicom", "dicom-series") and props.affine is not None
@@ -70,7 +81,16 @@ def _write_case_outputs(case_dir: Path, record: Any, images: np.ndarray,
                             heat_rgb(outputs["anomaly_map"][best, 0].numpy()), overlay], axis=1)
     write_png(case_dir / "overlay.png", strip)
     files["overlay"] = "overlay.png"
-    return files, restored["mask"].reshape(len(restored["mask"]), -1).sum(1)
+    if spatial:  # labelled in 3-D on the written volume, as any NIfTI reader sees it
+        rows, lesions = lesions_of_nifti(case_dir / files["mask"], case_dir / files["anomaly_map"], connectivity)
+        columns = VOLUME_COLUMNS
+    else:
+        spacing = tuple(props.spacing[:2]) if props.spacing else None
+        rows, lesions = lesions_of_slices(restored["mask"], restored["anomaly_map"], spacing, connectivity)
+        columns = SLICE_COLUMNS
+    write_lesions(case_dir / LESIONS_NAME, rows, columns)
+    files["lesions"] = LESIONS_NAME
+    return files, restored["mask"].reshape(len(restored["mask"]), -1).sum(1), lesions
 
 
 def run_detect(
@@ -224,12 +244,12 @@ def _detect_one(pipe: SynomalyPipeline, pre: Preprocessing, source: Any, fg_spec
     generator = _case_generator(pipe.device, made_with["seed"], stem)
     outputs = _batched_detect(pipe, torch.from_numpy(images), torch.from_numpy(foreground), batch_size, generator, settings)
     seconds = time.perf_counter() - start
-    files, area = _write_case_outputs(case_dir, record, images, outputs)
+    files, area, lesions = _write_case_outputs(case_dir, record, images, outputs, settings.connectivity)
     spacing = record.properties.spacing
     entry = {"input": str(source.path), "key": source.key, "output": stem, "files": files, "slices": len(images),
              "case_ids": record.case_ids, "area_px": area.tolist(),
              "area_mm2": (area * spacing[0] * spacing[1]).tolist() if spacing else None,
-             "score": outputs["score"].tolist(), "score_unit": f"mask pixels at the model's {pre.size}x{pre.size} input",
+             "lesions": lesions, "score": outputs["score"].tolist(), "score_unit": f"mask pixels at the model's {pre.size}x{pre.size} input",
              "stages": outputs["stages"].tolist(),
              "seconds": round(seconds, 4), "foreground_mask": fg_spec, "made_with": made_with}
     _atomic.write_json(marker, entry)  # written last: marks the input as done
