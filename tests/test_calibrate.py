@@ -248,3 +248,26 @@ def test_calibration_progress_of_other_settings_is_not_reused(trained, phantom_t
     again = calibrate(trained, lesioned[:8], masks[:8], grid=grid, batch_size=4, progress=False, seed=1,
                       resume_file=progress)
     assert again.table == fresh.table and not progress.exists()
+
+
+def test_calibration_progress_fingerprint_follows_seed_batch_data_and_weights(random_pipeline):
+    from synomaly.calibrate import _fingerprint
+
+    images = torch.rand(4, 1, 32, 32) * 2 - 1
+    base = _fingerprint(random_pipeline, (images, None, None), 0, 4)
+    assert base == _fingerprint(random_pipeline, (images.clone(), None, None), 0, 4)
+    assert base != _fingerprint(random_pipeline, (images, None, None), 1, 4)
+    assert base != _fingerprint(random_pipeline, (images, None, None), 0, 2)
+    assert base != _fingerprint(random_pipeline, (-images, None, None), 0, 4)
+    with torch.no_grad():
+        next(random_pipeline.unet.parameters()).add_(1e-3)
+    assert base != _fingerprint(random_pipeline, (images, None, None), 0, 4)
+
+
+def test_calibrating_the_shipped_model_is_refused_before_any_work(tmp_path, monkeypatch):
+    from synomaly.commands import run_calibrate
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="shipped with the package"):
+        run_calibrate("demo", ["missing.npz:x"], device="cpu")
+    assert list(tmp_path.iterdir()) == []  # no ./demo folder made to hold the progress or thresholds

@@ -280,6 +280,7 @@ def test_kept_cases_record_the_foreground_their_maps_count_in(random_pipeline, p
     out = evaluate(random_pipeline, lesioned[:3], masks[:3], foreground=foreground, case_ids=["x", "y", "z"],
                    keep_cases=3, progress=False, max_stages=1)
     kept = {str(case): i for i, case in enumerate(out.cases["case_id"])}
+    assert sorted(kept) == ["x", "y", "z"]
     for j, case in enumerate("xyz"):
         if case in kept:
             assert np.array_equal(out.cases["foreground"][kept[case]], foreground[j, 0].numpy())

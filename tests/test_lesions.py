@@ -19,12 +19,15 @@ def test_volume_lesions_in_ml_and_world_millimetres():
     mask[10:15, 10:20, 4:8] = True  # 200 voxels
     amap = np.where(mask, 0.3, 0.0)
     amap[12, 15, 5] = 0.9
-    affine = np.array([[-0.5, 0, 0, 40.0], [0, 0.5, 0, -20.0], [0, 0, 2.0, 5.0], [0, 0, 0, 1]])  # LAS, 0.5 x 0.5 x 2 mm
+    # Axes permuted and oblique (voxel axis i runs along y, j along x and z), 0.5 x 0.5 x 2 mm voxels.
+    c, s = np.cos(0.3), np.sin(0.3)
+    affine = np.array([[0, -0.5 * c, 2.0 * s, 40.0], [0.5, 0, 0, -20.0], [0, 0.5 * s, 2.0 * c, 5.0], [0, 0, 0, 1]])
     rows = volume_lesions(mask, amap, affine)
     assert [r["voxels"] for r in rows] == [200, 32] and [r["lesion"] for r in rows] == [1, 2]  # largest first
     assert rows[0]["volume_ml"] == pytest.approx(200 * 0.5 * 0.5 * 2 / 1000)
     centre = np.array([12.0, 14.5, 5.5])  # voxel centre of mass of the large box
-    assert [rows[0][k] for k in ("x_mm", "y_mm", "z_mm")] == pytest.approx(list(affine[:3, :3] @ centre + affine[:3, 3]))
+    expected = affine[:3, :3] @ centre + affine[:3, 3]
+    assert [rows[0][k] for k in ("x_mm", "y_mm", "z_mm")] == pytest.approx(list(expected), abs=1e-3)  # mm, 3 decimals
     assert [rows[0][k] for k in ("i0", "i1", "j0", "j1", "k0", "k1")] == [10, 15, 10, 20, 4, 8]
     assert rows[0]["map_max"] == pytest.approx(0.9) and rows[1]["map_mean"] == pytest.approx(0.3)
     assert volume_lesions(np.zeros((4, 4, 4)), np.zeros((4, 4, 4)), np.eye(4)) == []
@@ -58,6 +61,11 @@ def test_detect_writes_a_lesion_table_that_matches_its_nifti_mask(tiny_model_dir
     with open(folder / "lesions.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert count > 0 and case["lesions"]["count"] == count == len(rows)
+    # The largest lesion lies where the mask's largest component lies in the world, computed independently.
+    sizes = np.bincount(labels.ravel())[1:]
+    centre = np.argwhere(labels == sizes.argmax() + 1).mean(0)
+    world = written.affine[:3, :3] @ centre + written.affine[:3, 3]
+    assert [float(rows[0][k]) for k in ("x_mm", "y_mm", "z_mm")] == pytest.approx(list(world), abs=1e-3)
     assert sum(int(r["voxels"]) for r in rows) == mask.sum()
     assert case["lesions"]["total_ml"] == pytest.approx(mask.sum() * 0.9 * 0.9 * 3.0 / 1000, rel=1e-5)
     assert json.loads((folder / "case.json").read_text())["lesions"]["coordinates"].startswith("RAS+")

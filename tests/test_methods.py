@@ -229,3 +229,8 @@ def test_presets_set_the_recipe_unless_told_otherwise(tmp_path, preset, flips, f
                        train_config=TrainConfig(**quick, flips="none"), preprocess={"foreground": "none"})
     config = json.loads((folder / "config.json").read_text())
     assert config["training"]["flips"] == "none" and config["preprocess"]["foreground"] == "none"
+
+
+def test_vae_refuses_an_image_size_its_levels_do_not_divide():
+    with pytest.raises(ConfigError, match="model.image_size: the vae halves the image 3 times, so it needs a multiple of 8"):
+        get_method("vae").build(PipelineConfig(model=model_preset("tiny", image_size=36), method="vae"))

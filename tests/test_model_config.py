@@ -92,3 +92,14 @@ def test_bad_config_values_name_the_option(patch, message):
         data[key] = {**data[key], **value} if isinstance(value, dict) else value
     with pytest.raises(ConfigError, match=message):
         PipelineConfig.from_dict(data)
+
+
+def test_sections_in_their_plain_form_and_noises_registered_elsewhere_load():
+    from synomaly.preprocess import Preprocessing
+
+    config = PipelineConfig(preprocess={"size": 64, "foreground": "auto"}, noise={"name": "mynoise", "scale": 2})
+    assert config.preprocess == Preprocessing(size=64, foreground="auto") and PipelineConfig(preprocess={}).preprocess is None
+    with pytest.raises(ConfigError, match="synomaly noise"):  # a registered noise is checked on load
+        PipelineConfig(noise={"name": "synomaly", "sigmaa": 2})
+    with pytest.raises(ConfigError, match="training: unknown key"):
+        PipelineConfig(training={"stepz": 3})

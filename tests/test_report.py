@@ -290,14 +290,17 @@ def test_report_of_an_evaluate_folder_shows_its_model_and_data_and_warns_at_chan
     config = PipelineConfig(model=model_preset("tiny"), training={"final_step": 30, "images": 12}).to_dict()
     metrics["model"] = {"folder": "runs/m", "config": config}
     metrics["data"] = {"images": ["v.npz:val"], "masks": ["v.npz:masks"], "foreground masks": None}
-    metrics["aggregate"]["auroc_pixel"] = 0.26
+    metrics["aggregate"]["auroc_pixel"] = 0.52
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
     shutil.copy(eval_dir / "cases.npz", tmp_path / "cases.npz")
     html = build_report(tmp_path, notes="Run `synomaly demo` first; a lone ` stays.").read_text()
     setup = _section(html, "setup", "metrics") if 'id="metrics"' in html else html
     assert "runs/m" in setup and "v.npz:val" in setup and "8, 8, 8" in setup and "30" in setup
-    assert "Pixel AUROC 0.260: the anomaly map ranks lesion pixels no better than chance" in html
+    assert "Pixel AUROC 0.520: the anomaly map ranks lesion pixels no better than chance" in html
     assert "<code>synomaly demo</code>" in html and "a lone ` stays." in html
+    metrics["aggregate"]["auroc_pixel"] = 0.26
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    assert "Pixel AUROC 0.260: the anomaly map scores lesion pixels lower" in build_report(tmp_path, overwrite=True).read_text()
     metrics["aggregate"]["auroc_pixel"] = 0.91
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
     assert "no better than chance" not in build_report(tmp_path, overwrite=True).read_text()

@@ -34,7 +34,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from synomaly import _atomic
+from synomaly._json import json_safe
 from synomaly.calibration_rules import (
+    CALIBRATION_KEYS,
+    LOW_DICE,
     TUNED_FIELDS,
     CalibrationGrid,
     CalibrationResult,
@@ -53,7 +56,8 @@ from synomaly.pipeline import SynomalyPipeline
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CalibrationGrid", "CalibrationResult", "UpperPercentile", "calibrate", "write_thresholds"]
+__all__ = ["CALIBRATION_KEYS", "LOW_DICE", "CalibrationGrid", "CalibrationResult", "UpperPercentile", "calibrate",
+           "json_safe", "write_thresholds"]
 
 class _FinishedPasses:
     """Scored grid passes kept on disk (atomically, after each pass), so an interrupted calibration resumes.
@@ -92,13 +96,22 @@ class _FinishedPasses:
 
 
 def _fingerprint(pipeline: SynomalyPipeline, tensors: tuple[Tensor | None, ...], seed: int, batch_size: int) -> str:
-    """SHA-256 over the weights, the config, the data, the seed and the batch size."""
-    digest = hashlib.sha256(json.dumps([pipeline.config.to_dict(), seed, batch_size], sort_keys=True).encode())
+    """SHA-256 over the weights, the config, the data, the seed, the batch size and what draws the noise and runs the
+    network (device type, bf16, torch version): a CPU and a GPU generator give different noise for one seed."""
+    setting = [pipeline.config.to_dict(), seed, batch_size, pipeline.device.type, pipeline.bf16, torch.__version__]
+    digest = hashlib.sha256(json.dumps(setting, sort_keys=True, default=str).encode())
+
+    def add(tensor: Tensor) -> None:
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
     for name, value in sorted(pipeline.unet.state_dict().items()):
         digest.update(name.encode())
-        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+        add(value)
     for tensor in tensors:
-        digest.update(b"-" if tensor is None else tensor.detach().cpu().contiguous().numpy().tobytes())
+        if tensor is None:
+            digest.update(b"-")
+        else:
+            add(tensor)
     return digest.hexdigest()
 
 

@@ -14,9 +14,9 @@ from typing import Any
 import synomaly
 from synomaly.config import model_preset
 from synomaly.data import Cases, load_cases
-from synomaly.detect_files import run_detect
+from synomaly.detect_files import model_fingerprint, run_detect
 from synomaly.devices import DEVICES, lightning_accelerator, resolve_device, show_progress
-from synomaly.errors import InputError, OutputExistsError
+from synomaly.errors import ConfigError, InputError, OutputExistsError
 from synomaly.methods import METHODS, get_method
 from synomaly.pipeline import SynomalyPipeline
 from synomaly.preprocess import MODALITY_PRESETS, Preprocessing, noise_params_for, preset_flips
@@ -25,8 +25,13 @@ log = logging.getLogger(__name__)
 
 CALIBRATION_PROGRESS = "calibration-progress.json"  # scored grid passes of an unfinished calibrate
 
-__all__ = ["DEVICES", "lightning_accelerator", "resolve_device", "run_calibrate", "run_detect", "run_evaluate",
-           "run_report", "run_train", "show_progress"]
+__all__ = ["DEVICES", "lightning_accelerator", "model_fingerprint", "preprocessing_of", "resolve_device",
+           "run_calibrate", "run_detect", "run_evaluate", "run_report", "run_train", "show_progress"]
+
+
+def preprocessing_of(pipe: SynomalyPipeline) -> Preprocessing:
+    """The model folder's preprocessing (kept for earlier callers: ``pipe.preprocessing`` is the same)."""
+    return pipe.preprocessing
 
 
 def scaled_area(size: int, pixels_128: int) -> int:
@@ -143,18 +148,24 @@ def run_calibrate(
     they are written into ``thresholds.json`` beside the chosen values.
     """
     from synomaly.calibrate import CalibrationGrid, calibrate, write_thresholds
+    from synomaly.demo import shipped_model
 
-    if (Path(model) / "thresholds.json").exists() and not overwrite:
-        raise OutputExistsError(Path(model) / "thresholds.json")
     pipe = SynomalyPipeline.from_pretrained(model, device=resolve_device(device))
+    folder = Path(pipe.folder or model)
+    if folder.resolve() == shipped_model().resolve():
+        raise ConfigError("--model", f"{model!r} is the model shipped with the package, which calibrate would change; "
+                                     "copy it first (cp -r \"$(python -c 'import synomaly.demo as d; print(d.shipped_model())')\" "
+                                     "my-model) and calibrate the copy")
+    if (folder / "thresholds.json").exists() and not overwrite:
+        raise OutputExistsError(folder / "thresholds.json")
     fixed = {k: v for k, v in (detect or {}).items() if v is not None}
     pipe.config = dataclasses.replace(pipe.config, detect=pipe.detect_config(**fixed))
     cases = load_labelled(pipe, data, masks, slice_axis, slice_range, foreground_masks)
     result = calibrate(pipe, cases.images, cases.masks, foreground=cases.foreground, grid=grid or CalibrationGrid(),
                        percentile=percentile, batch_size=batch_size, seed=seed, progress=show_progress(),
-                       resume_file=Path(model) / CALIBRATION_PROGRESS)
+                       resume_file=folder / CALIBRATION_PROGRESS)
     result.detect = {**fixed, **result.detect}
-    path = write_thresholds(model, result, overwrite=overwrite)
+    path = write_thresholds(folder, result, overwrite=overwrite)
     log.info("chose %s by %s (validation Dice %s); written to %s", result.detect, result.method, result.score, path)
     return result.to_dict()
 

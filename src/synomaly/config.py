@@ -292,11 +292,16 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         self.detect.check_timestep(self.schedule.num_timesteps)
         from synomaly.methods import get_method  # the registry imports this module
-        from synomaly.noise import noise_from_dict
+        from synomaly.noise import NOISES, noise_from_dict
 
         get_method(self.method)
         _check(isinstance(self.noise, dict) and "name" in self.noise, "noise", "needs a 'name'")
-        noise_from_dict(self.noise)
+        if self.noise["name"] in NOISES:  # a noise registered by the user's own module is checked when it is built
+            noise_from_dict(self.noise)
+        if isinstance(self.preprocess, dict):  # the plain-data form, as older code passed it
+            object.__setattr__(self, "preprocess", Preprocessing.from_dict(self.preprocess) if self.preprocess else None)
+        _check(self.preprocess is None or isinstance(self.preprocess, Preprocessing), "preprocess",
+               f"expected preprocessing settings, got {type(self.preprocess).__name__}")
         check_training_record(self.training)
 
     @property

@@ -86,7 +86,8 @@ def _write_case_outputs(case_dir: Path, record: Any, images: np.ndarray, outputs
         columns = VOLUME_COLUMNS
     else:
         spacing = tuple(props.spacing[:2]) if props.spacing else None
-        rows, lesions = lesions_of_slices(restored["mask"], restored["anomaly_map"], spacing, connectivity)
+        numbers = props.slice_indices if len(props.slice_indices) == len(restored["mask"]) else None
+        rows, lesions = lesions_of_slices(restored["mask"], restored["anomaly_map"], spacing, connectivity, numbers)
         columns = SLICE_COLUMNS
     write_lesions(case_dir / LESIONS_NAME, rows, columns)
     files["lesions"] = LESIONS_NAME

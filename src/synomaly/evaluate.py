@@ -24,13 +24,21 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from synomaly._evaluation_io import read_evaluation, write_evaluation
+from synomaly._evaluation_io import (
+    CASES_NAME,
+    METRICS_NAME,
+    PER_CASE_NAME,
+    PER_VOLUME_NAME,
+    read_evaluation,
+    write_evaluation,
+)
 from synomaly.detect import DetectionOutput, check_inputs
 from synomaly.errors import ConfigError
 from synomaly.metrics import Counts, PixelRankingMetrics, SegmentationEvaluator, confusion_counts, dice
 from synomaly.pipeline import SynomalyPipeline
 
-__all__ = ["EvaluationResult", "evaluate", "read_evaluation", "write_evaluation"]
+__all__ = ["CASES_NAME", "METRICS_NAME", "PER_CASE_NAME", "PER_VOLUME_NAME", "EvaluationResult", "evaluate",
+           "read_evaluation", "write_evaluation"]
 
 MAP_MAX = 2.0  # |blur(x) - blur(x_hat)| of images in [-1, 1] never exceeds 2
 CURVE_THRESHOLDS = 200

@@ -74,13 +74,14 @@ def volume_lesions(mask: np.ndarray, anomaly_map: np.ndarray, affine: np.ndarray
 
 
 def slice_lesions(mask: np.ndarray, anomaly_map: np.ndarray, spacing: tuple[float, float] | None,
-                  connectivity: int = 1) -> list[dict[str, Any]]:
+                  connectivity: int = 1, slice_numbers: list[int] | None = None) -> list[dict[str, Any]]:
     """The 2-D lesions of each ``[K, H, W]`` slice (labelled per slice), with areas in pixels and mm^2.
 
     Returns:
         One row per lesion, by slice then size: ``lesion``, ``slice``, ``pixels``, ``area_mm2`` (``None``
         without a spacing), centroid ``row``, ``col`` (pixels), ``row0..col1`` (bounding box, end exclusive),
-        ``map_max``, ``map_mean``.
+        ``map_max``, ``map_mean``. ``slice`` is the slice's number in the source (``slice_numbers``, e.g.
+        when a slice range was read) or its index in the stack.
     """
     mask = np.asarray(mask).astype(bool)
     if mask.ndim != 3 or np.shape(anomaly_map) != mask.shape:
@@ -97,7 +98,8 @@ def slice_lesions(mask: np.ndarray, anomaly_map: np.ndarray, spacing: tuple[floa
     rows = []
     for i, n in enumerate(order):
         box = boxes[n]
-        rows.append({"lesion": i + 1, "slice": box[0].start, "pixels": int(sizes[n]),
+        k = box[0].start
+        rows.append({"lesion": i + 1, "slice": k if slice_numbers is None else int(slice_numbers[k]), "pixels": int(sizes[n]),
                      "area_mm2": None if pixel_mm2 is None else round(float(sizes[n]) * pixel_mm2, 6),
                      "row": round(float(centres[n, 1]), 3), "col": round(float(centres[n, 2]), 3),
                      "row0": box[1].start, "row1": box[1].stop, "col0": box[2].start, "col1": box[2].stop,
@@ -124,9 +126,10 @@ def lesions_of_nifti(mask_path: Path, map_path: Path, connectivity: int = 1) -> 
 
 
 def lesions_of_slices(mask: np.ndarray, anomaly_map: np.ndarray, spacing: tuple[float, float] | None,
-                      connectivity: int = 1) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                      connectivity: int = 1, slice_numbers: list[int] | None = None
+                      ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The lesion table of a ``[K, H, W]`` stack of 2-D images, and its totals."""
-    rows = slice_lesions(mask, anomaly_map, spacing, connectivity)
+    rows = slice_lesions(mask, anomaly_map, spacing, connectivity, slice_numbers)
     total_mm2 = None if spacing is None else round(sum(r["area_mm2"] for r in rows), 6)
     return rows, {"count": len(rows), "total_px": sum(r["pixels"] for r in rows), "total_mm2": total_mm2,
                   "coordinates": "pixels (row, column) of each slice", "file": LESIONS_NAME}

@@ -197,6 +197,8 @@ class SynomalyPipeline:
             config = self.detect_config(**overrides)
         elif overrides:
             raise TypeError("pass either config or DetectConfig fields, not both")
+        else:
+            config.check_timestep(self.schedule.num_timesteps)
         images = self.check_images(images)
         if foreground is not None:
             foreground = foreground.to(self.device).bool()

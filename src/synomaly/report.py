@@ -42,6 +42,7 @@ __all__ = ["PRED_COLOR", "TRUTH_COLOR", "build_report", "overlay_rgb"]
 
 _STRIP_CASES = 3
 CHANCE_AUROC = 0.6  # pixel AUROC at or below this gets the chance-level warning
+INVERTED_AUROC = 0.4  # below this the map ranks lesions below healthy tissue: a warning of its own
 _FOLDER_HINT = "pass a folder written by 'synomaly evaluate'"
 _IMAGE_ARRAYS = ("image", "reconstruction", "anomaly_map", "mask", "target")
 _STAGE_ARRAYS = ("stage_reconstructions", "stage_masks")
@@ -179,6 +180,10 @@ def _chance_warning(aggregate: Mapping[str, Any]) -> str | None:
     auroc = aggregate.get("auroc_pixel")
     if not isinstance(auroc, (int, float)) or isinstance(auroc, bool) or not auroc <= CHANCE_AUROC:
         return None  # absent, undefined (NaN) or above chance
+    if auroc < INVERTED_AUROC:
+        return (f"Pixel AUROC {auroc:.3f}: the anomaly map scores lesion pixels lower than healthy ones, as if inverted. "
+                "Check the lesion direction (bright or dark lesions: the preset, or the intensity method's direction) "
+                "before reading the numbers below.")
     return (f"Pixel AUROC {auroc:.3f}: the anomaly map ranks lesion pixels no better than chance (0.5). The model "
             "has not learnt what healthy images look like (too few training steps, or a preprocessing mismatch); "
             "read the numbers below with that in mind.")

@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from synomaly import _atomic
-from synomaly.config import DetectConfig, ModelConfig, PipelineConfig, ScheduleConfig, TrainConfig
-from synomaly.errors import Interrupted, OutputExistsError
+from synomaly.config import FLIPS, PRECISIONS, DetectConfig, ModelConfig, PipelineConfig, ScheduleConfig, TrainConfig
+from synomaly.errors import Interrupted, OutputExistsError, TrainingDiverged
 from synomaly.io._nifti import CANONICAL
 from synomaly.methods import get_method
 from synomaly.model import check_image_size
@@ -31,6 +31,9 @@ from synomaly.preprocess import Preprocessing
 from synomaly.schedule import DiffusionSchedule
 
 log = logging.getLogger(__name__)
+
+__all__ = ["FLIPS", "PRECISIONS", "TrainConfig", "TrainingDiverged", "random_flips", "train", "training_loss",
+           "write_preview"]
 
 CHECKPOINT = Path("checkpoints") / "last.ckpt"  # where Lightning saves the resume checkpoint
 # Lightning warnings that say nothing a user of this package can act on.
@@ -41,6 +44,19 @@ LIGHTNING_NOISE = (
     r".*resuming from a checkpoint that ended before the epoch ended.*",  # expected with step-based checkpoints
     r".*litlogger.*",
 )
+
+
+def training_loss(unet: nn.Module, schedule: DiffusionSchedule, noise: Any, method: str, loss: str, x: Tensor,
+                  foreground: Tensor | None = None, target: Tensor | None = None) -> Tensor:
+    """The loss of one batch for the model folder's ``method`` (a ``synomaly.methods`` name)."""
+    return get_method(method).loss(unet, schedule, noise, x, foreground, target, loss)
+
+
+def write_preview(path: Path, module: Any, images: Tensor, noise: Any, method: str = "diffusion") -> None:
+    """Save rows input / network input / network output (``Method.preview``) as a PNG (see ``synomaly._lightning``)."""
+    from synomaly._lightning import write_preview as write  # imports Lightning (seconds)
+
+    write(path, module, images, noise, method)
 
 
 def random_flips(images: Tensor, *others: Tensor | None, dims: tuple[int, ...] = (-1, -2)) -> tuple[Tensor | None, ...]:
