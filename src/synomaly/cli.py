@@ -145,7 +145,8 @@ def _calibrate_parser() -> Any:
     p.add_argument("--percentile", type=float, default=99.0, help="percentile of healthy anomaly-map values (unsupervised rule)")
     defaults = CalibrationGrid()
     for name, kind in GRID_TYPES.items():
-        p.add_argument(f"--grid.{name}", type=list[kind] | kind | str,  # type: ignore[valid-type]  # built per field default=list(getattr(defaults, name)),
+        p.add_argument(f"--grid.{name}", type=list[kind] | kind | str,  # type: ignore[valid-type]  # built per field
+                       default=list(getattr(defaults, name)),
                        help=f"candidate {name} values: one value, a comma-separated list or a [list] (default: "
                             f"{','.join(str(v) for v in getattr(defaults, name))})")
     _detect_overrides(p, FIXED_OPTIONS)
