@@ -30,6 +30,7 @@ from torch import Tensor
 
 from synomaly._filters import gaussian_blur
 from synomaly.errors import ConfigError
+from synomaly.limits import MAX_NOISE_LEVELS, MAX_NOISE_SCALE
 
 __all__ = [
     "NOISES",
@@ -251,7 +252,7 @@ class SynomalyNoise:
     direction: tuple[int, ...] = (1,)
 
     def __post_init__(self) -> None:
-        _set_param(self, "sigma", positive=True)
+        _set_param(self, "sigma", positive=True, maximum=MAX_NOISE_SCALE)
         _set_param(self, "threshold", minimum=0.0, maximum=255.0)
         _set_param(self, "offset", minimum=0.0)
         object.__setattr__(self, "direction", _directions(self.direction))
@@ -405,7 +406,7 @@ class SimplexNoise:
     offset, so images differ; the sum is standardised to zero mean and unit std per image and channel.
 
     Attributes:
-        octaves: Number of octaves, >= 1.
+        octaves: Number of octaves, 1 to ``MAX_NOISE_LEVELS``.
         persistence: Amplitude ratio between successive octaves, > 0.
         frequency: Coarsest feature size in pixels (see above), > 0.
     """
@@ -415,7 +416,7 @@ class SimplexNoise:
     frequency: float = 64.0
 
     def __post_init__(self) -> None:
-        _set_param(self, "octaves", integer=True, minimum=1)
+        _set_param(self, "octaves", integer=True, minimum=1, maximum=MAX_NOISE_LEVELS)
         _set_param(self, "persistence", positive=True)
         _set_param(self, "frequency", positive=True)
 
@@ -456,7 +457,7 @@ class CoarseNoise:
     axes so the coarse grid does not sit at fixed positions.
 
     Attributes:
-        resolution: Side of the low-resolution noise grid, >= 1.
+        resolution: Side of the low-resolution noise grid, 1 to ``MAX_NOISE_SCALE``.
         std: Standard deviation of the low-resolution noise, > 0 (the upsampled noise has a smaller one).
     """
 
@@ -464,7 +465,7 @@ class CoarseNoise:
     std: float = 0.2
 
     def __post_init__(self) -> None:
-        _set_param(self, "resolution", integer=True, minimum=1)
+        _set_param(self, "resolution", integer=True, minimum=1, maximum=MAX_NOISE_SCALE)
         _set_param(self, "std", positive=True)
 
     def __call__(
@@ -502,7 +503,7 @@ class PyramidNoise:
 
     Attributes:
         discount: Weight ratio between successive levels, > 0.
-        levels: Maximum number of levels including the full-resolution one, >= 1.
+        levels: Maximum number of levels including the full-resolution one, 1 to ``MAX_NOISE_LEVELS``.
     """
 
     discount: float = 0.8
@@ -510,7 +511,7 @@ class PyramidNoise:
 
     def __post_init__(self) -> None:
         _set_param(self, "discount", positive=True)
-        _set_param(self, "levels", integer=True, minimum=1)
+        _set_param(self, "levels", integer=True, minimum=1, maximum=MAX_NOISE_LEVELS)
 
     def __call__(
         self, reference: Tensor, generator: torch.Generator | None = None, foreground: Tensor | None = None
