@@ -614,3 +614,60 @@ def test_png_slices_stacked_as_the_readme_says_read_back_as_the_same_slices(tmp_
     images, props = read_images(tmp_path / "v.nii.gz")
     np.testing.assert_array_equal(images, np.stack(slices))
     assert props.extra["axcodes"] == "LAS" and props.spacing == pytest.approx((0.8, 0.9))
+
+
+# --- resource limits: sizes come from headers, before pixels are decoded or decompressed ----------
+
+
+def test_an_npz_array_is_sized_from_its_header_before_it_is_decompressed(tmp_path, monkeypatch):
+    import tracemalloc
+
+    np.savez_compressed(tmp_path / "bomb.npz", images=np.zeros((64, 1024, 1024), np.uint8))  # 64 MiB in about 64 kB
+    monkeypatch.setattr("synomaly.io._base.MAX_DECOMPRESSED_BYTES", 2**20)
+    tracemalloc.start()
+    try:
+        with pytest.raises(InputError, match=r"bomb.npz: array 'images' of shape \(64, 1024, 1024\) takes 0.1 GiB once "
+                                             r"decompressed; at most 0.000976562 GiB \(the limit\)"):
+            read_images(tmp_path / "bomb.npz")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20  # the 64 MiB array was never unpacked
+
+
+def test_a_nii_gz_volume_is_sized_from_its_header_before_it_is_decompressed(tmp_path, monkeypatch):
+    nib.save(nib.Nifti1Image(np.zeros((64, 64, 64), np.int16), np.eye(4)), tmp_path / "v.nii.gz")
+    monkeypatch.setattr("synomaly.io._base.MAX_DECOMPRESSED_BYTES", 2**16)
+    with pytest.raises(InputError, match=r"v.nii.gz: volume of shape \(64, 64, 64\) takes 0.0 GiB once decompressed"):
+        read_images(tmp_path / "v.nii.gz")
+    monkeypatch.setattr("synomaly.io._base.MAX_SLICES", 32)
+    monkeypatch.setattr("synomaly.io._base.MAX_DECOMPRESSED_BYTES", 2**31)
+    with pytest.raises(InputError, match="v.nii.gz: 64 slices; at most 32 per input"):
+        read_images(tmp_path / "v.nii.gz")
+
+
+def test_image_sides_pages_and_pixels_are_checked_before_decoding(tmp_path, monkeypatch):
+    Image.fromarray(np.zeros((16, 20000), np.uint8)).save(tmp_path / "wide.png")
+    with pytest.raises(InputError, match="wide.png: image is 20000x16 pixels; at most 16384 pixels per side"):
+        read_images(tmp_path / "wide.png")
+    pages = [Image.fromarray(np.zeros((8, 8), np.uint8)) for _ in range(5)]
+    pages[0].save(tmp_path / "pages.tif", save_all=True, append_images=pages[1:])
+    monkeypatch.setattr("synomaly.io._base.MAX_SLICES", 4)
+    with pytest.raises(InputError, match="pages.tif: 5 slices; at most 4 per input"):
+        read_images(tmp_path / "pages.tif")
+    monkeypatch.setattr("synomaly.io._base.MAX_PIXELS", 100)
+    np.save(tmp_path / "stack.npy", np.zeros((2, 8, 8), np.float32))
+    with pytest.raises(InputError, match="stack.npy: 2 slices of 8x8 are 128 pixels; at most 100 per input"):
+        read_images(tmp_path / "stack.npy")
+
+
+def test_dicom_sizes_are_checked_before_decoding(tmp_path):
+    import struct
+
+    write_dicom(tmp_path / "ok.dcm", pattern())
+    data = (tmp_path / "ok.dcm").read_bytes()
+    rows = b"\x28\x00\x10\x00US\x02\x00" + struct.pack("<H", H)
+    assert rows in data
+    (tmp_path / "tall.dcm").write_bytes(data.replace(rows, rows[:-2] + struct.pack("<H", 60000)))
+    with pytest.raises(InputError, match=f"tall.dcm: image is {W}x60000 pixels; at most 16384 pixels per side"):
+        read_images(tmp_path / "tall.dcm")

@@ -5,8 +5,10 @@ import json
 import pytest
 import torch
 
-from synomaly.config import DetectConfig, ModelConfig, PipelineConfig, ScheduleConfig, model_preset
+from synomaly import limits
+from synomaly.config import DetectConfig, ModelConfig, PipelineConfig, ScheduleConfig, TrainConfig, model_preset
 from synomaly.errors import ConfigError
+from synomaly.methods import check_network_size
 from synomaly.model import build_unet, check_image_size, count_parameters
 
 
@@ -103,3 +105,56 @@ def test_sections_in_their_plain_form_and_noises_registered_elsewhere_load():
         PipelineConfig(noise={"name": "synomaly", "sigmaa": 2})
     with pytest.raises(ConfigError, match="training: unknown key"):
         PipelineConfig(training={"stepz": 3})
+
+
+# --- resource limits ---------------------------------------------------------------------------
+
+TINY = {"channels": (8, 8, 8), "attention_levels": (False, False, True), "num_head_channels": 8, "norm_num_groups": 8,
+        "image_size": 32}
+LIMITED = [  # (config class, base fields, field, the largest value accepted, option named when it is exceeded)
+    (ModelConfig, TINY, "num_res_blocks", limits.MAX_RES_BLOCKS, "model.num_res_blocks"),
+    (ModelConfig, TINY, "num_head_channels", limits.MAX_CHANNELS, "model.num_head_channels"),
+    (ModelConfig, TINY, "image_size", limits.MAX_IMAGE_SIZE, "model.image_size"),
+    (ScheduleConfig, {}, "num_timesteps", limits.MAX_TIMESTEPS, "schedule.num_timesteps"),
+    (DetectConfig, {}, "t", limits.MAX_TIMESTEPS - 1, "detect.t"),
+    (DetectConfig, {}, "max_stages", limits.MAX_STAGES, "detect.max_stages"),
+    (DetectConfig, {}, "kernel", limits.MAX_KERNEL, "detect.kernel"),
+    (DetectConfig, {}, "chain_steps", limits.MAX_CHAIN_STEPS, "detect.chain_steps"),
+    (DetectConfig, {}, "min_size", limits.MAX_AREA, "detect.min_size"),
+    (DetectConfig, {}, "min_area", limits.MAX_AREA, "detect.min_area"),
+    (TrainConfig, {}, "steps", limits.MAX_STEPS, "train.steps"),
+    (TrainConfig, {}, "batch_size", limits.MAX_BATCH_SIZE, "train.batch_size"),
+    (TrainConfig, {}, "num_workers", limits.MAX_WORKERS, "train.num_workers"),
+    (TrainConfig, {}, "devices", limits.MAX_DEVICES, "train.devices"),
+    (TrainConfig, {}, "num_nodes", limits.MAX_DEVICES, "train.num_nodes"),
+    (TrainConfig, {}, "log_every", limits.MAX_STEPS, "train.log_every"),
+]
+
+
+@pytest.mark.parametrize("cls, base, field, limit, option", LIMITED, ids=[row[4] for row in LIMITED])
+def test_every_size_and_count_has_an_upper_bound(cls, base, field, limit, option):
+    step = 2 if field == "kernel" else 8 if field == "image_size" else 1  # odd kernels, image sizes in multiples of 8
+    cls(**{**base, field: limit})
+    with pytest.raises(ConfigError, match=rf"^{option}: must be (<= {limit} \(the limit\)|< {limit + 1} |in \[0, {limit}\]).*, "
+                                          rf"got {limit + step}$"):
+        cls(**{**base, field: limit + step})
+
+
+def test_channels_levels_and_the_parameter_count_are_bounded():
+    with pytest.raises(ConfigError, match=f"model.channels: must be <= {limits.MAX_CHANNELS}"):
+        ModelConfig(**{**TINY, "channels": (8, 8, 2 * limits.MAX_CHANNELS)})
+    with pytest.raises(ConfigError, match=f"model.channels: at most {limits.MAX_LEVELS} levels"):
+        ModelConfig(channels=(32,) * 9, attention_levels=(False,) * 9, image_size=256)
+    wide = PipelineConfig(model=ModelConfig(**{**TINY, "channels": (2048, 2048, 2048), "attention_levels": (False,) * 3}))
+    with pytest.raises(ConfigError, match=r"model: the network would have 1,543,778,305 parameters; at most 1,000,000,000"):
+        check_network_size(wide)
+
+
+def test_the_bounds_keep_the_paper_model_and_large_ct_settings():
+    assert check_network_size(PipelineConfig(model=model_preset("paper"))) == 98_619_009
+    for method in ("vae", "dae", "intensity"):
+        check_network_size(PipelineConfig(model=model_preset("paper"), method=method))
+    ModelConfig(**{**TINY, "image_size": 512})
+    PipelineConfig(model=model_preset("paper", image_size=512), schedule=ScheduleConfig(num_timesteps=4000),
+                   detect=DetectConfig(t=3999, sampler="chain", chain_steps=4000, kernel=31, max_stages=10))
+    TrainConfig(steps=1_000_000, batch_size=256, num_workers=32, devices=8, num_nodes=4, seed=2**32 - 1)

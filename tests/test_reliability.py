@@ -7,6 +7,7 @@ exactly the lines these cases print. After changing a message, regenerate the pa
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -15,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +60,13 @@ CASES = [
     Case("detect-1d", "1-D array", "detect {f}/oned.npy -m {m} -o {o}", 1, "oned.npy: expected a 2-D image or a 3-D stack"),
     Case("detect-too-small", "image far smaller than the model's input", "detect {f}/tiny.png -m {m} -o {o}", 1,
          "tiny.png: image is 4x4 pixels"),
+    # detect: inputs beyond the resource limits, refused from their headers
+    Case("detect-wide-png", "PNG of 16x100000 pixels (2 kB; 40 GB once letterboxed)", "detect {f}/wide.png -m {m} -o {o}", 1,
+         "wide.png: image is 100000x16 pixels; at most 16384 pixels per side (the limit)"),
+    Case("detect-fitted-size", "3 slices of 16x16000 (3 GB once letterboxed)", "detect {f}/wide3.npy -m {m} -o {o}", 1,
+         "wide3.npy: 3 slices of 16000x16 take 768,000,000 pixels once fitted to 32x32 (letterbox); at most 536,870,912"),
+    Case("detect-npz-bomb", "`.npz` whose array unpacks to 14.9 GiB", "detect {f}/bomb.npz -m {m} -o {o}", 1,
+         "bomb.npz: array 'images' of shape (1000, 2000, 2000) takes 14.9 GiB once decompressed; at most 2 GiB (the limit)"),
     # detect: model folders
     Case("model-missing", "model folder missing", "detect {f}/good.png -m {f}/nomodel -o {o}", 2, "nomodel: model folder not found"),
     Case("model-no-config", "`config.json` missing", "detect {f}/good.png -m {f}/m_noconfig -o {o}", 2, "config.json: missing"),
@@ -75,6 +84,14 @@ CASES = [
          "model.safetensors: weights do not match config.json"),
     Case("model-bad-thresholds", "`thresholds.json` out of range", "detect {f}/good.png -m {f}/m_thr -o {o}", 2,
          "thresholds.json: detect.threshold: must be in [0, 2)"),
+    Case("model-timesteps", "`config.json` with `schedule.num_timesteps` 10000000000", "detect {f}/good.png -m {f}/m_steps -o {o}", 2,
+         "config.json: schedule.num_timesteps: must be <= 100000 (the limit)"),
+    Case("model-kernel", "`config.json` with `detect.kernel` 99999999", "detect {f}/good.png -m {f}/m_kernel -o {o}", 2,
+         "config.json: detect.kernel: must be <= 1023 (the limit)"),
+    Case("model-res-blocks", "`config.json` with `model.num_res_blocks` 100000", "detect {f}/good.png -m {f}/m_blocks -o {o}", 2,
+         "config.json: model.num_res_blocks: must be <= 16 (the limit)"),
+    Case("model-parameters", "`config.json` of a 1.5-billion-parameter UNet", "detect {f}/good.png -m {f}/m_params -o {o}", 2,
+         "config.json: model: the network would have 1,543,778,305 parameters; at most 1,000,000,000 (the limit)"),
     # detect: options
     Case("option-threshold", "`--threshold 5`", "detect {f}/good.png -m {m} -o {o} --threshold 5", 2, "detect.threshold: must be in [0, 2)"),
     Case("option-t", "`--t 1000` (T = 1000)", "detect {f}/good.png -m {m} -o {o} --t 1000", 2, "detect.t: must be < T=1000"),
@@ -84,6 +101,12 @@ CASES = [
     Case("option-device", "`--device foo`", "detect {f}/good.png -m {m} -o {o} --device foo", 2,
          "--device: must be auto, cpu, cuda, cuda:N or mps, got 'foo'"),
     Case("option-sampler", "`--sampler magic`", "detect {f}/good.png -m {m} -o {o} --sampler magic", 2, "detect.sampler: must be one of"),
+    Case("option-kernel-limit", "`--kernel 99999999`", "detect {f}/good.png -m {m} -o {o} --kernel 99999999", 2,
+         "detect.kernel: must be <= 1023 (the limit), got 99999999"),
+    Case("option-chain-steps", "`--chain_steps 1000000000`", "detect {f}/good.png -m {m} -o {o} --chain_steps 1000000000", 2,
+         "detect.chain_steps: must be <= 100000 (the limit)"),
+    Case("option-batch-limit", "`--batch-size 5000`", "detect {f}/good.png -m {m} -o {o} --batch-size 5000", 2,
+         "--batch-size: must be <= 4096 (the limit)"),
     # train
     Case("train-empty-folder", "folder without images", "train {f}/emptydir -o {o}", 2, "emptydir: no supported images"),
     Case("train-nan", "NaN values", "train {f}/nan.npy -o {o}", 2, "nan.npy: contains NaN or infinite values"),
@@ -100,6 +123,8 @@ CASES = [
     Case("train-device", "`--device foo`", "train {f}/good.png -o {o} --device foo", 2,
          "--device: must be auto, cpu, cuda, cuda:N or mps, got 'foo'"),
     Case("train-exists", "output folder already holds a model", "train {f}/good.png -o {m}", 2, "model.safetensors: already exists"),
+    Case("train-size-limit", "`--image-size 4096`", "train {f}/good.png -o {o} --image-size 4096", 2,
+         "model.image_size: must be <= 2048 (the limit), got 4096"),
     # calibrate
     Case("calibrate-mask-shape", "mask of another size than its image", "calibrate {f}/good.png -m {mc} --masks {f}/mask16.png", 2,
          "mask16.png: mask shape (1, 16, 16) of 1 slices does not match image shape (1, 32, 32)"),
@@ -117,6 +142,9 @@ CASES = [
     Case("calibrate-percentile", "`--percentile 150`", "calibrate {f}/good.png -m {mc} --percentile 150", 2,
          "percentile: must be in [0, 100]"),
     Case("calibrate-device", "`--device foo`", "calibrate {f}/good.png -m {mc} --device foo", 2, "--device: must be auto, cpu"),
+    Case("calibrate-grid-size", "a grid of 120,000 points",
+         "calibrate {f}/good.png -m {mc} --grid.t " + ",".join(map(str, range(1000))) + " --grid.max_stages 1,2,3,4,5", 2,
+         "grid: 120000 points (the product of the value counts); at most 100000 (the limit)"),
     Case("calibrate-exists", "`thresholds.json` exists", "calibrate {f}/good.png -m {f}/m_thr", 2, "thresholds.json: already exists"),
     # evaluate
     Case("evaluate-mask-shape", "mask of another size than its image", "evaluate {f}/good.png --masks {f}/mask16.png -m {m} -o {o}", 2,
@@ -185,6 +213,16 @@ def files(tmp_path_factory, tiny_model_dir) -> Path:
     damaged("m_pickle", lambda d: (d / "model.safetensors").write_bytes(b"\x80\x04\x95" + rng.bytes(60) + b"."))
     damaged("m_shape", edit_config(lambda c: c["model"].update(channels=[16, 16, 16])))
     damaged("m_thr", lambda d: (d / "thresholds.json").write_text('{"detect": {"threshold": 7}}'))
+    damaged("m_steps", edit_config(lambda c: c["schedule"].update(num_timesteps=10**10)))
+    damaged("m_kernel", edit_config(lambda c: c["detect"].update(kernel=99999999)))
+    damaged("m_blocks", edit_config(lambda c: c["model"].update(num_res_blocks=100000)))
+    damaged("m_params", edit_config(lambda c: c["model"].update(channels=[2048] * 3, attention_levels=[False] * 3)))
+    Image.fromarray(np.zeros((16, 100000), np.uint8)).save(root / "wide.png")
+    np.save(root / "wide3.npy", np.zeros((3, 16, 16000), np.uint8))
+    header = io.BytesIO()  # an .npy header declaring 1000x2000x2000 float32, with a few bytes of data
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (1000, 2000, 2000)})
+    with zipfile.ZipFile(root / "bomb.npz", "w", zipfile.ZIP_DEFLATED) as bundle:
+        bundle.writestr("images.npy", header.getvalue() + bytes(1024))
     (root / "done").mkdir()
     (root / "done" / "metrics.json").write_text("{}")
     (root / "badeval").mkdir()
@@ -221,6 +259,19 @@ def test_bad_input_gives_one_line_and_writes_nothing(case, files, tiny_model_dir
     if case.code == 1:
         failed = json.loads((out / "summary.json").read_text())["failed"]
         assert len(failed) == 1 and case.expect in failed[0]["error"]
+
+
+def test_resource_limits_are_listed_in_the_docs():
+    from synomaly import limits
+
+    text = DOC.read_text(encoding="utf-8")
+    section = text[text.index("## Resource limits"):]
+    section = section[: section.find("\n## ", 1)]
+    rows = {line.split("`")[1]: line for line in section.splitlines() if line.startswith("| `MAX_")}
+    names = sorted(name for name in vars(limits) if name.startswith("MAX_"))
+    assert sorted(rows) == names
+    for name in names:
+        assert f"| {getattr(limits, name):,} |" in rows[name], rows[name]
 
 
 def test_debug_shows_the_traceback(files, tiny_model_dir, tmp_path):

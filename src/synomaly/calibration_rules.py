@@ -21,6 +21,7 @@ from synomaly import _atomic
 from synomaly._json import json_safe
 from synomaly.config import DetectConfig, from_dict
 from synomaly.errors import ConfigError, InputError, OutputExistsError
+from synomaly.limits import MAX_GRID_POINTS
 from synomaly.pipeline import THRESHOLDS_NAME
 
 log = logging.getLogger("synomaly.calibrate")
@@ -59,6 +60,11 @@ class CalibrationGrid:
             values = getattr(self, name)
             if isinstance(values, (str, bytes)) or not isinstance(values, (list, tuple)) or not values:
                 raise ConfigError(f"grid.{name}", f"must be a non-empty list of values, got {values!r}")
+        points = math.prod(len(getattr(self, name)) for name in TUNED_FIELDS)
+        if points > MAX_GRID_POINTS:
+            raise ConfigError("grid", f"{points} points (the product of the value counts); at most {MAX_GRID_POINTS} (the limit)")
+        for name in TUNED_FIELDS:
+            values = getattr(self, name)
             for value in values:
                 _check_value(name, value)
             object.__setattr__(self, name, tuple(values))

@@ -263,7 +263,7 @@ def as_list(value: Any, name: str) -> list[Any]:
 
 
 def _run(command: str, a: Any) -> Any:
-    from synomaly import commands
+    from synomaly import commands, limits
     from synomaly.errors import ConfigError
 
     for name in LIST_OPTIONS:
@@ -278,6 +278,10 @@ def _run(command: str, a: Any) -> Any:
                                      "or --mask-suffix")
     if a.get("batch_size") is not None and a.batch_size < 1:
         raise ConfigError("--batch-size", f"must be >= 1, got {a.batch_size}")
+    if a.get("batch_size") is not None and a.batch_size > limits.MAX_BATCH_SIZE:
+        raise ConfigError("--batch-size", f"must be <= {limits.MAX_BATCH_SIZE} (the limit), got {a.batch_size}")
+    if a.get("train_steps") is not None and not 0 <= a.train_steps <= limits.MAX_STEPS:
+        raise ConfigError("--train-steps", f"must be in [0, {limits.MAX_STEPS}], got {a.train_steps}")
     if command != "train" and a.get("device") is not None:
         commands.resolve_device(a.device)  # checked before any data is read
     detect = {name: a.get(name) for name in DETECT_OPTIONS if name in a}

@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import synomaly
-from synomaly.config import model_preset
+from synomaly.config import PipelineConfig, model_preset
 from synomaly.data import Cases, load_cases
 from synomaly.detect_files import model_fingerprint, run_detect
 from synomaly.devices import DEVICES, lightning_accelerator, resolve_device, show_progress
 from synomaly.errors import ConfigError, InputError, OutputExistsError
-from synomaly.methods import METHODS, get_method
+from synomaly.methods import METHODS, check_network_size, get_method
 from synomaly.pipeline import SynomalyPipeline
 from synomaly.preprocess import MODALITY_PRESETS, Preprocessing, noise_params_for, preset_flips
 
@@ -89,6 +89,7 @@ def run_train(
     unet = dataclasses.replace(unet, image_size=size)
     pre = Preprocessing.from_preset(preset, size=size, **(preprocess or {}))
     chosen = get_method(method)
+    check_network_size(PipelineConfig(model=unet, method=method))  # before any data is read
     train_config = train_config or TrainConfig()
     if train_config.flips is None:
         train_config = dataclasses.replace(train_config, flips=preset_flips(preset))

@@ -13,6 +13,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from synomaly import limits
 from synomaly.errors import ConfigError
 from synomaly.preprocess.settings import Preprocessing
 
@@ -31,6 +32,11 @@ TRAINING_OUTCOME = ("images", "final_step", "note", "nifti_orientation", "second
 def _check(condition: bool, option: str, problem: str) -> None:
     if not condition:
         raise ConfigError(option, problem)
+
+
+def _at_most(value: float, limit: float, option: str) -> None:
+    """Refuse ``value`` above ``limit`` (one of ``synomaly.limits``)."""
+    _check(value <= limit, option, f"must be <= {limit} (the limit), got {value}")
 
 
 @dataclass(frozen=True)
@@ -61,19 +67,26 @@ class ModelConfig:
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
         object.__setattr__(self, "attention_levels", tuple(bool(a) for a in self.attention_levels))
         _check(len(self.channels) >= 1, "model.channels", "needs at least one level")
+        _check(len(self.channels) <= limits.MAX_LEVELS, "model.channels",
+               f"at most {limits.MAX_LEVELS} levels (the limit), got {len(self.channels)}")
+        _at_most(max(self.channels), limits.MAX_CHANNELS, "model.channels")
         _check(
             len(self.attention_levels) == len(self.channels),
             "model.attention_levels",
             f"needs one entry per level ({len(self.channels)}), got {len(self.attention_levels)}",
         )
+        _check(self.norm_num_groups >= 1, "model.norm_num_groups", f"must be >= 1, got {self.norm_num_groups}")
         _check(
             all(c > 0 and c % self.norm_num_groups == 0 for c in self.channels),
             "model.channels",
             f"every channel count must be a positive multiple of norm_num_groups={self.norm_num_groups}",
         )
         _check(self.num_res_blocks >= 1, "model.num_res_blocks", "must be >= 1")
+        _at_most(self.num_res_blocks, limits.MAX_RES_BLOCKS, "model.num_res_blocks")
         _check(self.num_head_channels >= 1, "model.num_head_channels", "must be >= 1")
+        _at_most(self.num_head_channels, limits.MAX_CHANNELS, "model.num_head_channels")
         _check(self.image_size >= 8, "model.image_size", f"must be >= 8, got {self.image_size}")
+        _at_most(self.image_size, limits.MAX_IMAGE_SIZE, "model.image_size")
         _check(
             self.image_size % self.size_multiple == 0,
             "model.image_size",
@@ -143,6 +156,7 @@ class ScheduleConfig:
     def __post_init__(self) -> None:
         _check(self.kind in SCHEDULES, "schedule.kind", f"must be one of {', '.join(SCHEDULES)}, got {self.kind!r}")
         _check(self.num_timesteps >= 2, "schedule.num_timesteps", f"must be >= 2, got {self.num_timesteps}")
+        _at_most(self.num_timesteps, limits.MAX_TIMESTEPS, "schedule.num_timesteps")
 
 
 @dataclass(frozen=True)
@@ -183,16 +197,22 @@ class DetectConfig:
 
     def __post_init__(self) -> None:
         _check(self.t >= 0, "detect.t", f"must be >= 0, got {self.t}")
+        _check(self.t < limits.MAX_TIMESTEPS, "detect.t", f"must be < {limits.MAX_TIMESTEPS} (the limit of T), got {self.t}")
         _check(self.max_stages >= 1, "detect.max_stages", f"must be >= 1, got {self.max_stages}")
+        _at_most(self.max_stages, limits.MAX_STAGES, "detect.max_stages")
         _check(self.kernel >= 1 and self.kernel % 2 == 1, "detect.kernel", f"must be a positive odd integer, got {self.kernel}")
+        _at_most(self.kernel, limits.MAX_KERNEL, "detect.kernel")
         _check(0.0 <= self.threshold < 2.0, "detect.threshold", f"must be in [0, 2), got {self.threshold}")
         _check(self.min_size >= 0, "detect.min_size", f"must be >= 0, got {self.min_size}")
+        _at_most(self.min_size, limits.MAX_AREA, "detect.min_size")
         _check(self.fusion in FUSION_MODES, "detect.fusion", f"must be one of {', '.join(FUSION_MODES)}, got {self.fusion!r}")
         _check(self.tol >= 0.0, "detect.tol", f"must be >= 0, got {self.tol}")
         _check(self.min_area >= 1, "detect.min_area", f"must be >= 1, got {self.min_area}")
+        _at_most(self.min_area, limits.MAX_AREA, "detect.min_area")
         _check(self.connectivity in (1, 2), "detect.connectivity", f"must be 1 or 2, got {self.connectivity}")
         _check(self.sampler in SAMPLERS, "detect.sampler", f"must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
         _check(self.chain_steps >= 1, "detect.chain_steps", f"must be >= 1, got {self.chain_steps}")
+        _at_most(self.chain_steps, limits.MAX_CHAIN_STEPS, "detect.chain_steps")
 
     def check_timestep(self, num_timesteps: int) -> None:
         """Raise ``ConfigError`` unless ``t`` is a valid timestep of a ``num_timesteps`` schedule."""
@@ -249,7 +269,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, "train.steps", f"must be >= 1, got {self.steps}")
+        _at_most(self.steps, limits.MAX_STEPS, "train.steps")
         _check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
+        _at_most(self.batch_size, limits.MAX_BATCH_SIZE, "train.batch_size")
         _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
         _check(0.0 <= self.ema_decay < 1.0, "train.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
         _check(self.loss in LOSSES, "train.loss", f"must be one of {', '.join(LOSSES)}, got {self.loss!r}")
@@ -259,7 +281,14 @@ class TrainConfig:
         object.__setattr__(self, "flips", flips)
         _check(self.precision in PRECISIONS, "train.precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         _check(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
+        for name in ("checkpoint_every", "preview_every", "log_every"):
+            value = getattr(self, name)
+            _check(value >= 0, f"train.{name}", f"must be >= 0, got {value}")
+            _at_most(value, limits.MAX_STEPS, f"train.{name}")
         _check(self.devices >= 1 and self.num_nodes >= 1, "train.devices", "devices and num_nodes must be >= 1")
+        _at_most(self.devices, limits.MAX_DEVICES, "train.devices")
+        _at_most(self.num_nodes, limits.MAX_DEVICES, "train.num_nodes")
+        _at_most(self.num_workers, limits.MAX_WORKERS, "train.num_workers")
 
 
 

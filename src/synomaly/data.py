@@ -18,8 +18,9 @@ import torch
 from torch import Tensor
 
 from synomaly.errors import InputError
-from synomaly.io import ImageProperties, list_inputs, read_images, read_mask
-from synomaly.preprocess import FitInfo, Preprocessing, fit_to_size
+from synomaly.io import ImageProperties, list_inputs, read_images, read_mask, read_npz_ids
+from synomaly.limits import MAX_PIXELS
+from synomaly.preprocess import FitInfo, Preprocessing, fit_pixels, fit_to_size
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +88,7 @@ def _ids(source: Source, n: int) -> tuple[list[str], list[str]]:
     """Case ids (file[, slice]) and group ids (patient/volume) for ``n`` slices of ``source``."""
     if source.key is not None:
         case_ids = [f"{source.key}[{i}]" for i in range(n)]
-        with np.load(source.path, allow_pickle=False) as bundle:
-            ids_key = f"{source.key}_ids"
-            if ids_key in bundle.files and len(bundle[ids_key]) == n:
-                return case_ids, [str(g) for g in bundle[ids_key]]
-        return case_ids, case_ids
+        return case_ids, read_npz_ids(source.path, source.key, n) or case_ids
     stem = source.path.name
     case_ids = [stem] if n == 1 else [f"{stem}[{i}]" for i in range(n)]
     return case_ids, [stem] * n
@@ -110,6 +107,12 @@ def load_file(source: Source, preprocessing: Preprocessing, slice_axis: int = 2,
     if min(raw.shape[-2:]) < smallest:
         raise InputError(source.name, f"image is {raw.shape[-1]}x{raw.shape[-2]} pixels; this model ({preprocessing.size}x"
                                       f"{preprocessing.size}) takes images of at least {smallest} pixels per side")
+    height, width = raw.shape[-2:]
+    fitted = len(raw) * fit_pixels((height, width), preprocessing.size, preprocessing.fit)
+    if fitted > MAX_PIXELS:  # checked before the padded copy is made (letterbox pads to the longer side)
+        raise InputError(source.name, f"{len(raw)} slices of {width}x{height} take {fitted:,} pixels once fitted to "
+                                      f"{preprocessing.size}x{preprocessing.size} ({preprocessing.fit}); at most "
+                                      f"{MAX_PIXELS:,} per input (the limit)")
     region = None
     if foreground is not None:
         spec = Source.parse(foreground)

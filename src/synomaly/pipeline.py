@@ -23,7 +23,7 @@ from synomaly._json import read_json
 from synomaly.config import DetectConfig, PipelineConfig, from_dict
 from synomaly.detect import DetectionOutput, multistage_detect, reconstruct
 from synomaly.errors import ConfigError, InputError, OutputExistsError
-from synomaly.methods import get_method
+from synomaly.methods import check_network_size, get_method
 from synomaly.model import check_image_size
 from synomaly.preprocess import FitInfo, Preprocessing, restore_size
 from synomaly.schedule import DiffusionSchedule
@@ -138,6 +138,10 @@ class SynomalyPipeline:
         config = load_config(folder)
         config = dataclasses.replace(config, detect=load_thresholds(folder, config.detect))
         method = get_method(config.method)
+        try:
+            check_network_size(config)
+        except ConfigError as error:
+            raise InputError(folder / CONFIG_NAME, str(error)) from None
         unet = method.build(config)
         if method.trained:
             load_weights(unet, folder / WEIGHTS_NAME)

@@ -24,7 +24,7 @@ from synomaly import _atomic
 from synomaly.config import FLIPS, PRECISIONS, DetectConfig, ModelConfig, PipelineConfig, ScheduleConfig, TrainConfig
 from synomaly.errors import Interrupted, OutputExistsError, TrainingDiverged
 from synomaly.io._nifti import CANONICAL
-from synomaly.methods import get_method
+from synomaly.methods import check_network_size, get_method
 from synomaly.model import check_image_size
 from synomaly.pipeline import CONFIG_NAME, THRESHOLDS_NAME, WEIGHTS_NAME, SynomalyPipeline
 from synomaly.preprocess import Preprocessing
@@ -201,6 +201,7 @@ def train(
                             preprocess=Preprocessing.from_dict(preprocess) if isinstance(preprocess, dict) else preprocess,
                             method=method)
     chosen = get_method(method)
+    check_network_size(config)
     if (target is not None) != chosen.needs_masks:
         raise ValueError(f"lesion masks (target) are needed by, and only by, the methods that train on them; {method!r} "
                          f"{'does' if chosen.needs_masks else 'does not'}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from synomaly.errors import ConfigError, InputError
+from synomaly.limits import MAX_DECOMPRESSED_BYTES, MAX_PIXELS, MAX_SIDE, MAX_SLICES
 
 #: Suffixes ``read_images`` accepts (case-insensitive); a folder of ``.dcm`` files is a DICOM series.
 SUPPORTED_SUFFIXES: tuple[str, ...] = (
@@ -121,3 +123,46 @@ def as_stack(path: str | Path, array: np.ndarray, what: str) -> np.ndarray:
     if array.ndim == 3:
         return array
     raise InputError(path, f"expected a 2-D image or a 3-D stack of slices, got {what} of shape {array.shape}")
+
+
+def check_stack_size(path: str | Path, slices: int, height: int, width: int) -> None:
+    """Refuse an input of ``slices`` images of ``height x width`` beyond the limits on sides, slices and pixels.
+
+    Readers call it with the sizes their file's header declares, before pixels are decoded.
+    """
+    if max(height, width) > MAX_SIDE:
+        raise InputError(path, f"image is {width}x{height} pixels; at most {MAX_SIDE} pixels per side (the limit)")
+    if slices > MAX_SLICES:
+        raise InputError(path, f"{slices} slices; at most {MAX_SLICES} per input (the limit)")
+    pixels = slices * height * width
+    if pixels > MAX_PIXELS:
+        raise InputError(path, f"{slices} slices of {width}x{height} are {pixels:,} pixels; at most {MAX_PIXELS:,} "
+                               "per input (the limit)")
+
+
+def check_decompressed_size(path: str | Path, shape: tuple[int, ...], itemsize: int, what: str = "array") -> None:
+    """Refuse a compressed array of ``shape`` (read from its header) that would exceed ``MAX_DECOMPRESSED_BYTES``."""
+    size = math.prod(shape) * itemsize
+    if size > MAX_DECOMPRESSED_BYTES:
+        raise InputError(path, f"{what} of shape {shape} takes {size / 2**30:.1f} GiB once decompressed; at most "
+                               f"{MAX_DECOMPRESSED_BYTES / 2**30:g} GiB (the limit)")
+
+
+def check_array_size(path: str | Path, shape: tuple[int, ...], itemsize: int, what: str = "array",
+                     compressed: bool = False) -> None:
+    """Refuse an array whose declared ``shape`` exceeds the limits, before it is read or decompressed.
+
+    A 2-D or 3-D shape is checked as slices (:func:`check_stack_size`); any other shape by its
+    pixel count only (it is refused as an image later). ``compressed``: the stored bytes must also
+    fit ``MAX_DECOMPRESSED_BYTES`` once decompressed.
+    """
+    dims = [int(n) for n in shape]
+    count = math.prod(dims)
+    if compressed:
+        check_decompressed_size(path, tuple(dims), itemsize, what)
+    if len(dims) in (2, 3):
+        dims = [1, *dims] if len(dims) == 2 else dims
+        check_stack_size(path, dims[0], dims[1], dims[2])
+    elif count > MAX_PIXELS:
+        raise InputError(path, f"{what} of shape {tuple(shape)} has {count:,} values; at most {MAX_PIXELS:,} per input "
+                               "(the limit)")

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from synomaly.errors import InputError
+from synomaly.io._base import check_stack_size
+from synomaly.limits import MAX_PIXELS, MAX_SLICES
 
 logger = logging.getLogger(__name__)
 
@@ -48,17 +50,35 @@ def _shared_item(ds, sequence: str):
     return None
 
 
+def _frame_count(path: Path, ds) -> int:
+    """``NumberOfFrames`` (1 when absent), refusing a value that is not a whole number."""
+    value = ds.get("NumberOfFrames", 1) or 1
+    try:
+        return int(value)
+    except (TypeError, ValueError, ArithmeticError):
+        raise InputError(path, f"NumberOfFrames is not a whole number ({str(value)[:40]!r})") from None
+
+
+def _declared_pixels(path: Path, ds) -> int:
+    """Pixels the header declares (frames x rows x columns), refused beyond the limits before decoding."""
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    frames = _frame_count(path, ds)
+    check_stack_size(path, frames, rows, cols)
+    return frames * rows * cols
+
+
 def _pixels(path: Path, ds) -> tuple[np.ndarray, np.ndarray]:
     """Decoded pixels as ``[frames, rows, cols]`` after the modality LUT or rescale, and the raw array."""
     from pydicom.pixels import apply_color_lut, apply_modality_lut
 
     if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise InputError(path, "DICOM file has no pixel data")
+    _declared_pixels(path, ds)
     try:
         raw = ds.pixel_array
     except (RuntimeError, NotImplementedError, ValueError, AttributeError, KeyError) as error:
         raise InputError(path, f"cannot decode pixel data ({error})") from error
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    frames = _frame_count(path, ds)
     if ds.get("PhotometricInterpretation") == "PALETTE COLOR":
         pixels = apply_color_lut(raw, ds)[..., :3] @ _LUMA
     elif int(ds.get("SamplesPerPixel", 1)) > 1:
@@ -171,7 +191,12 @@ def read_dicom_series(folder: Path) -> tuple[np.ndarray, dict]:
                    if p.is_file() and p.suffix.lower() == ".dcm" and not p.name.startswith("."))
     if not files:
         raise InputError(folder, "folder has no .dcm files (a folder is read as one DICOM series)")
+    if len(files) > MAX_SLICES:
+        raise InputError(folder, f"{len(files)} .dcm files; at most {MAX_SLICES} slices per input (the limit)")
     datasets = [_dcmread(path) for path in files]
+    declared = sum(_declared_pixels(path, ds) for path, ds in zip(files, datasets))
+    if declared > MAX_PIXELS:
+        raise InputError(folder, f"the series has {declared:,} pixels; at most {MAX_PIXELS:,} per input (the limit)")
     series = {str(ds.get("SeriesInstanceUID", "")) for ds in datasets}
     if len(series) > 1:
         raise InputError(folder, f"holds {len(series)} DICOM series; put each series in its own folder")

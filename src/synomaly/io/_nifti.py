@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from synomaly.errors import ConfigError, InputError
-from synomaly.io._base import ImageProperties
+from synomaly.io._base import ImageProperties, check_decompressed_size, check_stack_size
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +92,17 @@ def _as_3d(path: Path, shape: tuple[int, ...]) -> tuple[int, int, int]:
     return core[0], core[1], core[2]
 
 
+def _check_volume_size(path: Path, image: Any, shape3: tuple[int, int, int], stored: list[list[float]] | None,
+                       axis: int, others: tuple[int, int]) -> None:
+    """Refuse a volume beyond the limits, from its header: its slices along ``axis`` and, for ``.nii.gz``, its bytes."""
+    canonical = list(shape3)
+    for stored_axis, (target, _) in enumerate(stored or []):
+        canonical[int(target)] = shape3[stored_axis]
+    if str(path).lower().endswith(".gz"):
+        check_decompressed_size(path, tuple(int(n) for n in image.shape), image.get_data_dtype().itemsize, "volume")
+    check_stack_size(path, canonical[axis], canonical[others[1]], canonical[others[0]])
+
+
 def read_nifti(path: Path, slice_axis: int) -> tuple[np.ndarray, dict]:
     """Load a NIfTI file as a ``[K, H, W]`` slice view (scaled by ``scl_slope``/``scl_inter``).
 
@@ -104,10 +115,10 @@ def read_nifti(path: Path, slice_axis: int) -> tuple[np.ndarray, dict]:
 
     if slice_axis not in (0, 1, 2):
         raise ConfigError("slice_axis", f"must be 0, 1 or 2, got {slice_axis!r}")
+    errors = (ImageFileError, HeaderDataError, OSError, EOFError, ValueError, zlib.error)
     try:
-        image = nibabel.load(path)
-        data = np.asanyarray(image.dataobj)  # type: ignore[attr-defined]  # every image nibabel.load returns has it
-    except (ImageFileError, HeaderDataError, OSError, EOFError, ValueError, zlib.error) as error:
+        image = nibabel.load(path)  # the header only
+    except errors as error:
         raise InputError(path, f"cannot read NIfTI ({error})") from error
     if not isinstance(image, (nibabel.Nifti1Image, nibabel.Nifti2Image)):
         raise InputError(path, f"not a NIfTI image ({type(image).__name__})")
@@ -115,15 +126,22 @@ def read_nifti(path: Path, slice_axis: int) -> tuple[np.ndarray, dict]:
     if is_2d and slice_axis != 2:
         logger.debug("%s is 2-D: slice_axis %d does not apply", path, slice_axis)
     axis = 2 if is_2d else slice_axis
-    volume = data.reshape(_as_3d(path, image.shape))
+    shape3 = _as_3d(path, image.shape)
+    stored = None
+    if not is_2d and min(shape3) > 1:  # a single slice (any axis) is kept as stored, like a 2-D image
+        stored = stored_orientation(path, image.affine)
+    a, b = [i for i in range(3) if i != axis]
+    _check_volume_size(path, image, shape3, stored, axis, (a, b))
+    try:
+        data = np.asanyarray(image.dataobj)
+    except errors as error:
+        raise InputError(path, f"cannot read NIfTI ({error})") from error
+    volume = data.reshape(shape3)
     zooms = [float(z) for z in image.header.get_zooms()[:3]]
     zooms += [1.0] * (3 - len(zooms))
-    stored = None
-    if not is_2d and min(volume.shape) > 1:  # a single slice (any axis) is kept as stored, like a 2-D image
-        stored = stored_orientation(path, image.affine)
+    if stored is not None:
         volume = reorient(volume, stored)
         zooms = canonical_zooms(zooms, stored)
-    a, b = [i for i in range(3) if i != axis]
     props = {
         "format": "nifti",
         "shape": tuple(int(n) for n in image.shape),

@@ -6,6 +6,7 @@ indexed ``array[row, col]`` with no reorientation.
 
 from __future__ import annotations
 
+import math
 import zipfile
 import zlib
 from pathlib import Path
@@ -13,6 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from synomaly.errors import InputError
+from synomaly.io._base import check_array_size
+from synomaly.limits import MAX_DECOMPRESSED_BYTES
 
 # np.load raises these for truncated, foreign or pickled content.
 _LOAD_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
@@ -24,24 +27,65 @@ def read_npy(path: Path) -> tuple[np.ndarray, dict]:
         array = np.load(path, allow_pickle=False, mmap_mode="r")
     except _LOAD_ERRORS as error:
         raise InputError(path, f"cannot read .npy ({error})") from error
+    check_array_size(path, array.shape, array.dtype.itemsize)
     return array, {"format": "npy", "shape": tuple(array.shape), "dtype": array.dtype.name}
 
 
+def _member_header(bundle: zipfile.ZipFile, name: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of the ``.npy`` member ``name``, from its header alone (nothing else is decompressed)."""
+    with bundle.open(name) as stream:
+        version = np.lib.format.read_magic(stream)
+        # Version 3.0 differs from 2.0 only in the header's text encoding.
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(stream)
+    return tuple(shape), dtype
+
+
+def _member_name(bundle: zipfile.ZipFile, key: str) -> str:
+    """The zip member that ``np.load`` reads for ``key``."""
+    return f"{key}.npy" if f"{key}.npy" in bundle.namelist() else key
+
+
 def read_npz(path: Path, key: str | None) -> tuple[np.ndarray, dict]:
-    """Load the array stored under ``key``; without a key, the bundle must hold exactly one array."""
+    """Load the array stored under ``key``; without a key, the bundle must hold exactly one array.
+
+    The array's size is read from its header and checked against the limits before it is decompressed.
+    """
     try:
         with np.load(path, allow_pickle=False) as bundle:
             keys = list(bundle.keys())
             chosen = keys[0] if key is None and len(keys) == 1 else key
-            array = bundle[chosen] if chosen in keys else None
+            header = _member_header(bundle.zip, _member_name(bundle.zip, chosen)) if chosen and chosen in keys else None
     except _LOAD_ERRORS as error:
         raise InputError(path, f"cannot read .npz ({error})") from error
     if chosen is None:
         raise InputError(path, f"holds {len(keys)} arrays; pass key= one of {keys}")
-    if array is None:
+    if header is None:
         raise InputError(path, f"has no array {chosen!r}; available keys: {keys}")
+    shape, dtype = header
+    check_array_size(path, shape, dtype.itemsize, f"array {chosen!r}", compressed=True)
+    try:
+        with np.load(path, allow_pickle=False) as bundle:
+            array = bundle[chosen]
+    except _LOAD_ERRORS as error:
+        raise InputError(path, f"cannot read .npz ({error})") from error
     props = {"format": "npz", "shape": tuple(array.shape), "dtype": array.dtype.name, "extra": {"key": chosen}}
     return array, props
+
+
+def read_npz_ids(path: Path, key: str, count: int) -> list[str] | None:
+    """The group ids stored beside array ``key`` as ``<key>_ids``, or ``None`` unless there are ``count`` of them."""
+    name = f"{key}_ids"
+    try:
+        with np.load(path, allow_pickle=False) as bundle:
+            if name not in bundle.files:
+                return None
+            shape, dtype = _member_header(bundle.zip, _member_name(bundle.zip, name))
+            if not shape or shape[0] != count or math.prod(shape) * dtype.itemsize > MAX_DECOMPRESSED_BYTES:
+                return None
+            return [str(g) for g in bundle[name]]
+    except _LOAD_ERRORS as error:
+        raise InputError(path, f"cannot read {name} ({error})") from error
 
 
 def write_npy(tmp: Path, stack: np.ndarray, two_d: bool) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from synomaly.errors import InputError
+from synomaly.io._base import check_stack_size
 
 _LUMA = np.array([0.299, 0.587, 0.114])
 # Modes whose pixels are already single gray values.
@@ -44,10 +45,17 @@ def read_pillow(path: Path) -> tuple[np.ndarray, dict]:
     from PIL import Image, ImageSequence
 
     try:
-        with Image.open(path) as image:
+        with Image.open(path) as image:  # reads the header only
             fmt = _FORMAT_NAMES.get(image.format or "", (image.format or "unknown").lower())
             mode, bands = image.mode, len(image.getbands())
-            frames = [_frame_to_gray(frame) for frame in ImageSequence.Iterator(image)]
+            count = int(getattr(image, "n_frames", 1))
+            frames = []
+            for frame in ImageSequence.Iterator(image):
+                width, height = frame.size
+                check_stack_size(path, count, height, width)  # before the frame is decoded
+                frames.append(_frame_to_gray(frame))
+    except InputError:
+        raise
     # Damaged files surface from Pillow's many decoders as any of these.
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, struct.error,
             Image.DecompressionBombError) as error:

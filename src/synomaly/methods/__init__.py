@@ -10,7 +10,10 @@ new module and one line in ``METHODS`` below. Nothing else in the package compar
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from synomaly.errors import ConfigError
+from synomaly.limits import MAX_PARAMETERS
 from synomaly.methods.base import Method
 from synomaly.methods.dae import DAE
 from synomaly.methods.diffusion import Diffusion
@@ -26,7 +29,10 @@ METHODS: dict[str, Method] = {
     "vae": VAE(),
 }
 
-__all__ = ["METHODS", "Method", "get_method"]
+if TYPE_CHECKING:
+    from synomaly.config import PipelineConfig
+
+__all__ = ["METHODS", "Method", "check_network_size", "get_method"]
 
 
 def get_method(name: str, option: str = "method") -> Method:
@@ -34,3 +40,19 @@ def get_method(name: str, option: str = "method") -> Method:
     if name not in METHODS:
         raise ConfigError(option, f"must be one of {', '.join(METHODS)}, got {name!r}")
     return METHODS[name]
+
+
+def check_network_size(config: PipelineConfig) -> int:
+    """The parameter count of ``config``'s network, built on the meta device (no memory allocated).
+
+    Raises:
+        ConfigError: More than ``MAX_PARAMETERS`` parameters.
+    """
+    import torch
+
+    with torch.device("meta"):
+        network = get_method(config.method).build(config)
+    count = sum(p.numel() for p in network.parameters())
+    if count > MAX_PARAMETERS:
+        raise ConfigError("model", f"the network would have {count:,} parameters; at most {MAX_PARAMETERS:,} (the limit)")
+    return count

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from synomaly._filters import gaussian_blur
 from synomaly.errors import ConfigError
+from synomaly.limits import MAX_NOISE_SCALE
 from synomaly.noise._registry import _randn, _set_param, _work_dtype, register_noise
 
 # ----------------------------------------------------------------------------------------------
@@ -68,7 +69,7 @@ class SynomalyNoise:
     direction: tuple[int, ...] = (1,)
 
     def __post_init__(self) -> None:
-        _set_param(self, "sigma", positive=True)
+        _set_param(self, "sigma", positive=True, maximum=MAX_NOISE_SCALE)
         _set_param(self, "threshold", minimum=0.0, maximum=255.0)
         _set_param(self, "offset", minimum=0.0)
         object.__setattr__(self, "direction", _directions(self.direction))

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from synomaly.limits import MAX_NOISE_LEVELS, MAX_NOISE_SCALE
 from synomaly.noise._registry import _randn, _set_param, _standardise, _work_dtype, register_noise
 
 # ----------------------------------------------------------------------------------------------
@@ -79,7 +80,7 @@ class SimplexNoise:
     offset, so images differ; the sum is standardised to zero mean and unit std per image and channel.
 
     Attributes:
-        octaves: Number of octaves, >= 1.
+        octaves: Number of octaves, 1 to ``MAX_NOISE_LEVELS``.
         persistence: Amplitude ratio between successive octaves, > 0.
         frequency: Coarsest feature size in pixels (see above), > 0.
     """
@@ -89,7 +90,7 @@ class SimplexNoise:
     frequency: float = 64.0
 
     def __post_init__(self) -> None:
-        _set_param(self, "octaves", integer=True, minimum=1)
+        _set_param(self, "octaves", integer=True, minimum=1, maximum=MAX_NOISE_LEVELS)
         _set_param(self, "persistence", positive=True)
         _set_param(self, "frequency", positive=True)
 
@@ -130,7 +131,7 @@ class CoarseNoise:
     axes so the coarse grid does not sit at fixed positions.
 
     Attributes:
-        resolution: Side of the low-resolution noise grid, >= 1.
+        resolution: Side of the low-resolution noise grid, 1 to ``MAX_NOISE_SCALE``.
         std: Standard deviation of the low-resolution noise, > 0 (the upsampled noise has a smaller one).
     """
 
@@ -138,7 +139,7 @@ class CoarseNoise:
     std: float = 0.2
 
     def __post_init__(self) -> None:
-        _set_param(self, "resolution", integer=True, minimum=1)
+        _set_param(self, "resolution", integer=True, minimum=1, maximum=MAX_NOISE_SCALE)
         _set_param(self, "std", positive=True)
 
     def __call__(
@@ -176,7 +177,7 @@ class PyramidNoise:
 
     Attributes:
         discount: Weight ratio between successive levels, > 0.
-        levels: Maximum number of levels including the full-resolution one, >= 1.
+        levels: Maximum number of levels including the full-resolution one, 1 to ``MAX_NOISE_LEVELS``.
     """
 
     discount: float = 0.8
@@ -184,7 +185,7 @@ class PyramidNoise:
 
     def __post_init__(self) -> None:
         _set_param(self, "discount", positive=True)
-        _set_param(self, "levels", integer=True, minimum=1)
+        _set_param(self, "levels", integer=True, minimum=1, maximum=MAX_NOISE_LEVELS)
 
     def __call__(
         self, reference: Tensor, generator: torch.Generator | None = None, foreground: Tensor | None = None

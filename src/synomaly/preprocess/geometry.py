@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from synomaly.limits import MAX_PIXELS
+
 FIT_MODES = ("stretch", "letterbox", "center")
 
 
@@ -57,6 +59,12 @@ def _fit_pad(shape: tuple[int, int], size: int, mode: str) -> tuple[int, int, in
         return 0, 0, 0, 0
     side_h, side_w = (max(h, w), max(h, w)) if mode == "letterbox" else (size, size)
     return (*_split(side_h - h), *_split(side_w - w))
+
+
+def fit_pixels(shape: tuple[int, int], size: int, mode: str) -> int:
+    """Pixels per slice that :func:`fit_to_size` works on: the padded (or cropped) image or the output, the larger."""
+    top, bottom, left, right = _fit_pad(shape, size, mode)
+    return max((shape[0] + top + bottom) * (shape[1] + left + right), size * size)
 
 
 def _pad_or_crop(x, pad: tuple[int, int, int, int], fill):
@@ -139,6 +147,10 @@ def fit_to_size(images, size: int, mode: str = "letterbox", kind: str = "image")
     if x.ndim != 3:
         raise ValueError(f"expected [N, H, W] images, got shape {tuple(x.shape)}")
     shape = (int(x.shape[1]), int(x.shape[2]))
+    pixels = x.shape[0] * fit_pixels(shape, size, mode)
+    if pixels > MAX_PIXELS:
+        raise ValueError(f"fitting {x.shape[0]} slices of {shape[1]}x{shape[0]} to {size}x{size} ({mode}) takes "
+                         f"{pixels:,} pixels; at most {MAX_PIXELS:,} (the limit)")
     info = FitInfo(mode, int(size), shape, _fit_pad(shape, size, mode))
     fill = x.new_zeros((x.shape[0], 1, 1)) if kind == "mask" else x.amin(dim=(1, 2), keepdim=True)
     out = _resize(_pad_or_crop(x, info.pad, fill), (size, size), kind)

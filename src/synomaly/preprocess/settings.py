@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from synomaly.errors import ConfigError
+from synomaly.limits import MAX_IMAGE_SIZE
 from synomaly.preprocess.foreground import FOREGROUND_METHODS, erode, foreground_mask
 from synomaly.preprocess.geometry import FIT_MODES, FitInfo, fit_to_size
 from synomaly.preprocess.intensity import clip_percentiles, normalize_fixed, normalize_minmax
@@ -76,6 +77,8 @@ class Preprocessing:
             fail("foreground_erosion", f"must be an integer number of pixels in [0, 64], got {self.foreground_erosion!r}")
         if isinstance(self.size, bool) or not isinstance(self.size, (int, np.integer)) or self.size < 1:
             fail("size", f"must be a positive integer, got {self.size!r}")
+        if self.size > MAX_IMAGE_SIZE:
+            fail("size", f"must be <= {MAX_IMAGE_SIZE} (the limit), got {self.size}")
         if self.fit not in FIT_MODES:
             fail("fit", f"must be one of {', '.join(FIT_MODES)}, got {self.fit!r}")
         if self.foreground not in FOREGROUND_METHODS:
