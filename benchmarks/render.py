@@ -44,7 +44,16 @@ def oracle(m: dict) -> str:
     return f"{fmt(m['dice_oracle_mean'])} / {fmt(m['dice_oracle_pooled'])} (at {m['dice_oracle_threshold']:.2f})"
 
 
-def metrics_table(runs: dict[str, dict]) -> list[str]:
+def earlier_recipe(r: dict, dataset: str) -> bool:
+    """Whether a run's model was preprocessed with another foreground rule than its dataset's preset has now."""
+    from synomaly.preprocess import MODALITY_PRESETS
+
+    preset = MODALITY_PRESETS[DATASETS[dataset].preset]
+    recorded = (r["config"]["model"].get("preprocess") or {}).get("foreground", "none")
+    return recorded != preset["foreground"] and not r["config"].get("preprocess") and not r["config"].get("data_foreground")
+
+
+def metrics_table(runs: dict[str, dict], dataset: str = "") -> list[str]:
     lines = [
         "| method | inference | Dice (mean) | validation Dice | Dice (pooled) | oracle Dice (mean / pooled) | IoU (mean) "
         "| healthy-slice FPR | AP | pixel AUROC | image AUROC | image AUROC, level-matched | HD95 (mean, px) | SSIM healthy |",
@@ -54,7 +63,8 @@ def metrics_table(runs: dict[str, dict]) -> list[str]:
         m = r["metrics"]
         hd95 = f"{fmt(m['hd95_mean'], 1)} ({m['hd95_empty_predictions']} empty)" if m.get("hd95_mean") is not None else "–"
         lines.append(
-            f"| `{name}` | {METHODS[name].note} | **{fmt(m['dice_mean'])}** | {fmt(r['calibration']['score'])} "
+            f"| `{name}`{' †' if dataset and earlier_recipe(r, dataset) else ''} | {METHODS[name].note} "
+            f"| **{fmt(m['dice_mean'])}** | {fmt(r['calibration']['score'])} "
             f"| {fmt(m['dice_pooled'])} | {oracle(m)} | {fmt(m['iou_mean'])} | {fmt(m['fpr_healthy_mean'])} | {fmt(m['ap'])} "
             f"| {fmt(m['auroc_pixel'])} "
             f"| {fmt(m['auroc_image'])} | {fmt(m['auroc_image_level_matched'])} | {hd95} | {fmt(m['ssim_healthy'])} |"
@@ -115,7 +125,12 @@ def dataset_section(profile: str, dataset: str) -> list[str]:
             f"Test split: {first['metrics']['n_anomalous']} anomalous and {first['metrics']['n_healthy']} healthy slices.", ""]
     if missing:
         out += [f"Not run yet: {', '.join(f'`{m}`' for m in missing)}.", ""]
-    out += metrics_table(runs) + [""] + ["Chosen on validation (mean per-slice Dice over the validation tumour slices):", ""]
+    out += metrics_table(runs, dataset) + [""]
+    if any(earlier_recipe(r, dataset) for r in runs.values()):
+        out += ["† made with an earlier preset, whose foreground rule differs from the current "
+                f"`{DATASETS[dataset].preset}` preset's; not yet rerun at the current defaults, so not a same-budget "
+                "comparison with the other rows.", ""]
+    out += ["Chosen on validation (mean per-slice Dice over the validation tumour slices):", ""]
     out += chosen_table(runs) + ["", "Cost:", ""] + cost_table(runs) + [""]
     if "synomaly" in runs:
         per_stage = runs["synomaly"]["metrics"].get("dice_per_stage") or []
