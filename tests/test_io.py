@@ -661,7 +661,7 @@ def test_image_sides_pages_and_pixels_are_checked_before_decoding(tmp_path, monk
         read_images(tmp_path / "stack.npy")
 
 
-def test_dicom_sizes_are_checked_before_decoding(tmp_path):
+def test_dicom_sizes_and_unreadable_numbers_are_refused_naming_the_file(tmp_path):
     import struct
 
     write_dicom(tmp_path / "ok.dcm", pattern())
@@ -671,3 +671,18 @@ def test_dicom_sizes_are_checked_before_decoding(tmp_path):
     (tmp_path / "tall.dcm").write_bytes(data.replace(rows, rows[:-2] + struct.pack("<H", 60000)))
     with pytest.raises(InputError, match=f"tall.dcm: image is {W}x60000 pixels; at most 16384 pixels per side"):
         read_images(tmp_path / "tall.dcm")
+    frames = b"\x28\x00\x08\x00IS" + struct.pack("<H", 5002) + b"9" * 5001 + b" "  # NumberOfFrames of 5,001 digits
+    (tmp_path / "digits.dcm").write_bytes(data.replace(rows, frames + rows))
+    with pytest.warns(UserWarning), pytest.raises(InputError) as error:  # pydicom warns of the value's length
+        read_images(tmp_path / "digits.dcm")
+    assert str(error.value).startswith(str(tmp_path / "digits.dcm")) and len(str(error.value)) < 300
+
+
+def test_an_empty_npz_key_is_refused_naming_the_bundle(tmp_path):
+    from synomaly.data import Source
+
+    np.savez(tmp_path / "b.npz", images=np.zeros((2, 8, 8)))
+    source = Source.parse(f"{tmp_path / 'b.npz'}:")
+    assert source == Source(tmp_path / "b.npz", "")
+    with pytest.raises(InputError, match=r"b.npz: no array named after ':' \(write b.npz:KEY\); available keys: \['images'\]"):
+        read_images(source.path, key=source.key)

@@ -127,6 +127,7 @@ LIMITED = [  # (config class, base fields, field, the largest value accepted, op
     (TrainConfig, {}, "num_workers", limits.MAX_WORKERS, "train.num_workers"),
     (TrainConfig, {}, "devices", limits.MAX_DEVICES, "train.devices"),
     (TrainConfig, {}, "num_nodes", limits.MAX_DEVICES, "train.num_nodes"),
+    (TrainConfig, {}, "seed", limits.MAX_SEED, "train.seed"),
     (TrainConfig, {}, "log_every", limits.MAX_STEPS, "train.log_every"),
 ]
 
@@ -158,3 +159,25 @@ def test_the_bounds_keep_the_paper_model_and_large_ct_settings():
     PipelineConfig(model=model_preset("paper", image_size=512), schedule=ScheduleConfig(num_timesteps=4000),
                    detect=DetectConfig(t=3999, sampler="chain", chain_steps=4000, kernel=31, max_stages=10))
     TrainConfig(steps=1_000_000, batch_size=256, num_workers=32, devices=8, num_nodes=4, seed=2**32 - 1)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("num_workers", -1, "train.num_workers: must be >= 0"),
+        ("weight_decay", -1.0, "train.weight_decay: must be a finite number >= 0"),
+        ("grad_clip", float("inf"), "train.grad_clip: must be a finite number >= 0"),
+        ("lr", float("inf"), "train.lr: must be finite"),
+        ("seed", 2**70, "train.seed: must be in \\[0, 4294967295\\]"),
+        ("preview_every", -5, "train.preview_every: must be >= 0"),
+    ],
+)
+def test_train_config_names_the_option_of_a_bad_value(field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**{field: value})
+
+
+def test_a_number_of_many_digits_in_a_message_is_cut_short():
+    with pytest.raises(ConfigError) as error:
+        DetectConfig(kernel=10**1000 + 1)
+    assert str(error.value) == "detect.kernel: must be <= 1023 (the limit), got 100000...(1001 digits)"

@@ -60,6 +60,8 @@ CASES = [
     Case("detect-1d", "1-D array", "detect {f}/oned.npy -m {m} -o {o}", 1, "oned.npy: expected a 2-D image or a 3-D stack"),
     Case("detect-too-small", "image far smaller than the model's input", "detect {f}/tiny.png -m {m} -o {o}", 1,
          "tiny.png: image is 4x4 pixels"),
+    Case("detect-npz-empty-key", "`bundle.npz:` (nothing after the colon)", "detect {f}/bundle.npz: -m {m} -o {o}", 1,
+         "bundle.npz: no array named after ':'"),
     # detect: inputs beyond the resource limits, refused from their headers
     Case("detect-wide-png", "PNG of 16x100000 pixels (2 kB; 40 GB once letterboxed)", "detect {f}/wide.png -m {m} -o {o}", 1,
          "wide.png: image is 100000x16 pixels; at most 16384 pixels per side (the limit)"),
@@ -92,6 +94,8 @@ CASES = [
          "config.json: model.num_res_blocks: must be <= 16 (the limit)"),
     Case("model-parameters", "`config.json` of a 1.5-billion-parameter UNet", "detect {f}/good.png -m {f}/m_params -o {o}", 2,
          "config.json: model: the network would have 1,543,778,305 parameters; at most 1,000,000,000 (the limit)"),
+    Case("model-digits", "`config.json` with an integer of 5,001 digits", "detect {f}/good.png -m {f}/m_digits -o {o}", 2,
+         "config.json: not valid JSON (a number of 5001 digits; at most 4300 digits are read)"),
     # detect: options
     Case("option-threshold", "`--threshold 5`", "detect {f}/good.png -m {m} -o {o} --threshold 5", 2, "detect.threshold: must be in [0, 2)"),
     Case("option-t", "`--t 1000` (T = 1000)", "detect {f}/good.png -m {m} -o {o} --t 1000", 2, "detect.t: must be < T=1000"),
@@ -105,8 +109,17 @@ CASES = [
          "detect.kernel: must be <= 1023 (the limit), got 99999999"),
     Case("option-chain-steps", "`--chain_steps 1000000000`", "detect {f}/good.png -m {m} -o {o} --chain_steps 1000000000", 2,
          "detect.chain_steps: must be <= 100000 (the limit)"),
+    Case("option-chain-steps-float", "`--chain_steps 1e9`", "detect {f}/good.png -m {m} -o {o} --chain_steps 1e9", 2,
+         "--chain_steps: expected an integer, got 1000000000.0; see synomaly detect --help"),
     Case("option-batch-limit", "`--batch-size 5000`", "detect {f}/good.png -m {m} -o {o} --batch-size 5000", 2,
          "--batch-size: must be <= 4096 (the limit)"),
+    Case("option-seed", "`--seed` 2^70", f"detect {{f}}/good.png -m {{m}} -o {{o}} --seed {2**70}", 2,
+         "--seed: must be in [0, 4294967295], got 1180591620717411303424"),
+    Case("option-digits", "`--t` with 5,001 digits", "detect {f}/good.png -m {m} -o {o} --t " + "9" * 5001, 2,
+         "--t: a number of 5001 digits; at most 4300 digits are read; see synomaly detect --help"),
+    Case("option-misspelt", "`--kernell 3` (a misspelt option)", "detect {f}/good.png -m {m} -o {o} --kernell 3", 2,
+         "unrecognized arguments: --kernell 3; see synomaly detect --help"),
+    Case("option-missing", "no `--output`", "detect {f}/good.png -m {m}", 2, "--output: required; see synomaly detect --help"),
     # train
     Case("train-empty-folder", "folder without images", "train {f}/emptydir -o {o}", 2, "emptydir: no supported images"),
     Case("train-nan", "NaN values", "train {f}/nan.npy -o {o}", 2, "nan.npy: contains NaN or infinite values"),
@@ -123,6 +136,11 @@ CASES = [
     Case("train-device", "`--device foo`", "train {f}/good.png -o {o} --device foo", 2,
          "--device: must be auto, cpu, cuda, cuda:N or mps, got 'foo'"),
     Case("train-exists", "output folder already holds a model", "train {f}/good.png -o {m}", 2, "model.safetensors: already exists"),
+    Case("train-seed", "`--seed` 2^70", f"train {{f}}/good.png -o {{o}} --seed {2**70}", 2, "--seed: must be in [0, 4294967295]"),
+    Case("train-workers", "`--train.num_workers -1`", "train {f}/good.png -o {o} --train.num_workers -1", 2,
+         "train.num_workers: must be >= 0"),
+    Case("train-weight-decay", "`--train.weight_decay -1`", "train {f}/good.png -o {o} --train.weight_decay -1", 2,
+         "train.weight_decay: must be a finite number >= 0, got -1.0"),
     Case("train-size-limit", "`--image-size 4096`", "train {f}/good.png -o {o} --image-size 4096", 2,
          "model.image_size: must be <= 2048 (the limit), got 4096"),
     # calibrate
@@ -145,6 +163,8 @@ CASES = [
     Case("calibrate-grid-size", "a grid of 120,000 points",
          "calibrate {f}/good.png -m {mc} --grid.t " + ",".join(map(str, range(1000))) + " --grid.max_stages 1,2,3,4,5", 2,
          "grid: 120000 points (the product of the value counts); at most 100000 (the limit)"),
+    Case("calibrate-grid-digits", "`--grid.t` with 5,001 digits", "calibrate {f}/good.png -m {mc} --grid.t " + "9" * 5001, 2,
+         "grid.t: expected int values (one, a comma-separated list or a list), got '999999...(5001 digits)'"),
     Case("calibrate-exists", "`thresholds.json` exists", "calibrate {f}/good.png -m {f}/m_thr", 2, "thresholds.json: already exists"),
     # evaluate
     Case("evaluate-mask-shape", "mask of another size than its image", "evaluate {f}/good.png --masks {f}/mask16.png -m {m} -o {o}", 2,
@@ -217,6 +237,9 @@ def files(tmp_path_factory, tiny_model_dir) -> Path:
     damaged("m_kernel", edit_config(lambda c: c["detect"].update(kernel=99999999)))
     damaged("m_blocks", edit_config(lambda c: c["model"].update(num_res_blocks=100000)))
     damaged("m_params", edit_config(lambda c: c["model"].update(channels=[2048] * 3, attention_levels=[False] * 3)))
+    damaged("m_digits", edit_config(lambda c: c["detect"].update(kernel=777)))
+    text = (root / "m_digits" / "config.json").read_text()
+    (root / "m_digits" / "config.json").write_text(text.replace("777", "9" * 5001, 1))
     Image.fromarray(np.zeros((16, 100000), np.uint8)).save(root / "wide.png")
     np.save(root / "wide3.npy", np.zeros((3, 16, 16000), np.uint8))
     header = io.BytesIO()  # an .npy header declaring 1000x2000x2000 float32, with a few bytes of data
@@ -259,6 +282,28 @@ def test_bad_input_gives_one_line_and_writes_nothing(case, files, tiny_model_dir
     if case.code == 1:
         failed = json.loads((out / "summary.json").read_text())["failed"]
         assert len(failed) == 1 and case.expect in failed[0]["error"]
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["detect", "x.png", "-m", "m", "-o", "o", "--kernell", "3"], "synomaly detect: error: unrecognized arguments: --kernell 3"),
+    (["detect", "x.png", "-m", "m", "-o", "o", "--t", "1.5"], "synomaly detect: error: --t: expected an integer, got 1.5"),
+    (["detect", "x.png", "-m", "m", "-o", "o", "--slice-range", "0", "x"],
+     "synomaly detect: error: --slice-range (element 2): expected an integer, got x"),
+    (["detect", "x.png", "-m", "m", "-o", "o", "--on-error", "x"], "synomaly detect: error: --on-error: invalid choice: 'x'"),
+    (["train", "x.png", "-o", "o", "--train.num_workers", "x"], "synomaly train: error: --train.num_workers: expected an integer"),
+    (["evaluate", "x.png", "-o", "o"], "synomaly evaluate: error: --model: required; see synomaly evaluate --help"),
+    (["nosuchcommand"], "synomaly: error: command: invalid choice: 'nosuchcommand'"),
+    ([], "synomaly: error: expected \"command\""),
+    (["detect", "--config", "{big}"], "synomaly detect: error: --config {big}: a number of 5001 digits; at most 4300 digits are read"),
+])
+def test_a_command_line_error_is_one_line_with_a_pointer_to_help(argv, line, tmp_path, capsys):
+    big = tmp_path / "big.yaml"
+    big.write_text(f"t: {'9' * 5001}\n")
+    code = main([arg.format(big=big) for arg in argv])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith(line.format(big=big)), err  # no usage block
+    assert err.rstrip().endswith("--help")
 
 
 def test_resource_limits_are_listed_in_the_docs():

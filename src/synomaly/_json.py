@@ -37,5 +37,7 @@ def read_json(path: Path) -> Any:
         raise InputError(path, "missing")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (OSError, ValueError) as error:  # ValueError: decoding, syntax, integers of more than 4300 digits
         raise InputError(path, f"not valid JSON ({error})") from None
+    except RecursionError:
+        raise InputError(path, "not valid JSON (nested too deeply)") from None

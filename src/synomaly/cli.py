@@ -7,11 +7,12 @@ options, existing outputs) print one line and exit with status 2; ``--debug`` sh
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import typing
 from typing import Any
 
-from synomaly.errors import SynomalyError
+from synomaly.errors import SynomalyError, readable
 
 log = logging.getLogger("synomaly")
 
@@ -86,7 +87,7 @@ def _train_parser() -> Any:
     from synomaly.commands import preset_names
     from synomaly.train import TrainConfig
 
-    p = ArgumentParser(description="Train a diffusion model on healthy images (Synomaly noise by default).")
+    p = ArgumentParser(exit_on_error=False, description="Train a diffusion model on healthy images (Synomaly noise by default).")
     p.add_argument("data", nargs="+", help=f"healthy {SOURCES_HELP}")
     p.add_argument("--output", "-o", required=True, help="model folder to write")
     from synomaly.methods import METHODS
@@ -121,7 +122,7 @@ def _train_parser() -> Any:
 def _detect_parser() -> Any:
     from jsonargparse import ArgumentParser
 
-    p = ArgumentParser(description="Detect anomalies: reconstruction, anomaly map and mask per input, and summary.json.")
+    p = ArgumentParser(exit_on_error=False, description="Detect anomalies: reconstruction, anomaly map and mask per input, and summary.json.")
     p.add_argument("inputs", nargs="+", help=SOURCES_HELP)
     p.add_argument("--model", "-m", required=True, help="model folder")
     p.add_argument("--output", "-o", required=True, help="output folder")
@@ -137,7 +138,7 @@ def _calibrate_parser() -> Any:
 
     from synomaly.calibrate import CalibrationGrid
 
-    p = ArgumentParser(description="Choose t, kernel, threshold and stages on validation data; writes thresholds.json.")
+    p = ArgumentParser(exit_on_error=False, description="Choose t, kernel, threshold and stages on validation data; writes thresholds.json.")
     p.add_argument("data", nargs="+", help=f"validation {SOURCES_HELP}")
     p.add_argument("--model", "-m", required=True, help="model folder (thresholds.json is written into it)")
     p.add_argument("--masks", nargs="+", default=None, help=f"{MASKS_HELP}; without masks the threshold is a percentile of healthy maps")
@@ -158,7 +159,7 @@ def _calibrate_parser() -> Any:
 def _evaluate_parser() -> Any:
     from jsonargparse import ArgumentParser
 
-    p = ArgumentParser(description="Evaluate against masks: per-case and aggregate metrics (JSON, CSV).")
+    p = ArgumentParser(exit_on_error=False, description="Evaluate against masks: per-case and aggregate metrics (JSON, CSV).")
     p.add_argument("data", nargs="+", help=SOURCES_HELP)
     p.add_argument("--masks", nargs="+", default=None, help=f"{MASKS_HELP} (or --mask-suffix)")
     _mask_suffix(p)
@@ -173,7 +174,7 @@ def _evaluate_parser() -> Any:
 def _report_parser() -> Any:
     from jsonargparse import ArgumentParser
 
-    p = ArgumentParser(description="Write a self-contained HTML report of an evaluation folder.")
+    p = ArgumentParser(exit_on_error=False, description="Write a self-contained HTML report of an evaluation folder.")
     p.add_argument("evaluation", help="folder written by 'synomaly evaluate'")
     p.add_argument("--output", "-o", default=None, help="HTML file (default: EVALUATION/report.html)")
     p.add_argument("--title", default="Synomaly report")
@@ -185,7 +186,7 @@ def _report_parser() -> Any:
 def _score_parser() -> Any:
     from jsonargparse import ArgumentParser
 
-    p = ArgumentParser(description="Score a detect output folder against reference masks, without running a model.")
+    p = ArgumentParser(exit_on_error=False, description="Score a detect output folder against reference masks, without running a model.")
     p.add_argument("predictions", help="a synomaly detect output folder (summary.json and one folder per input)")
     p.add_argument("--references", "-r", nargs="+", required=True,
                    help="one folder of masks named like the inputs, or one mask source per input in the order of "
@@ -198,7 +199,8 @@ def _score_parser() -> Any:
 def _demo_parser() -> Any:
     from jsonargparse import ArgumentParser
 
-    p = ArgumentParser(description="Run the whole method on the MNI152 brain template with synthetic lesions; ends with an HTML report.")
+    p = ArgumentParser(exit_on_error=False,
+                       description="Run the whole method on the MNI152 brain template with synthetic lesions; ends with an HTML report.")
     p.add_argument("--output", "-o", default="synomaly-demo", help="demo folder")
     p.add_argument("--train-steps", type=int, default=0, help="train the demo model from scratch for this many steps (0: use the shipped model)")
     _common(p)
@@ -211,11 +213,13 @@ def build_parser() -> Any:
 
     import synomaly
 
-    parser = ArgumentParser(prog="synomaly", description="Unsupervised anomaly detection with Synomaly noise and multi-stage diffusion.")
+    parser: Any = ArgumentParser(prog="synomaly", exit_on_error=False,
+                                 description="Unsupervised anomaly detection with Synomaly noise and multi-stage diffusion.")
     parser.add_argument("--version", action="version", version=f"synomaly {synomaly.__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subcommands(dest="command")
+    parser.subcommand_parsers = {}
     for name, build, text in (
         ("train", _train_parser, "train a model on healthy images"),
         ("detect", _detect_parser, "detect anomalies with a trained model"),
@@ -225,7 +229,8 @@ def build_parser() -> Any:
         ("report", _report_parser, "HTML report of an evaluation"),
         ("demo", _demo_parser, "the whole method on a built-in brain template, offline"),
     ):
-        sub.add_subcommand(name, build(), help=text)
+        parser.subcommand_parsers[name] = build()
+        sub.add_subcommand(name, parser.subcommand_parsers[name], help=text)
     return parser
 
 
@@ -280,6 +285,8 @@ def _run(command: str, a: Any) -> Any:
         raise ConfigError("--batch-size", f"must be >= 1, got {a.batch_size}")
     if a.get("batch_size") is not None and a.batch_size > limits.MAX_BATCH_SIZE:
         raise ConfigError("--batch-size", f"must be <= {limits.MAX_BATCH_SIZE} (the limit), got {a.batch_size}")
+    if a.get("seed") is not None and not 0 <= a.seed <= limits.MAX_SEED:
+        raise ConfigError("--seed", f"must be in [0, {limits.MAX_SEED}], got {a.seed}")
     if a.get("train_steps") is not None and not 0 <= a.train_steps <= limits.MAX_STEPS:
         raise ConfigError("--train-steps", f"must be in [0, {limits.MAX_STEPS}], got {a.train_steps}")
     if command != "train" and a.get("device") is not None:
@@ -334,10 +341,65 @@ def _run_train(a: Any, slices: dict[str, Any]) -> Any:
                               resume=a.resume, overwrite=a.overwrite, **slices)
 
 
+_PARSER_KEY = re.compile(r'^Parser key "([^"]+)"\s*([^:]*):\s*(.*)$')
+_EXPECTED = re.compile(r"Expected a <class '(\w+)'>\. Got value: (.*)")
+_KINDS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
+
+
+def _option_name(parser: Any, key: str, command: str) -> str:
+    """How the user spells the option stored under ``key`` (``batch_size`` or ``detect.batch_size`` -> ``--batch-size``)."""
+    for dest in (key, key.removeprefix(f"{command}.")):
+        for action in getattr(parser, "_actions", []):
+            if action.dest == dest:
+                return max(action.option_strings, key=len) if action.option_strings else dest
+    return f"--{key}"
+
+
+def _parse_error_line(parser: Any, argv: list[str], error: Exception) -> tuple[str, str]:
+    """The subcommand (``""`` when none was recognised) and one line for a command-line parsing error.
+
+    jsonargparse reports some errors over several lines (``Parser key "t":`` then the problem); they
+    become ``--t: <problem>``, with a pointer to the command's ``--help``.
+    """
+    from argparse import ArgumentError
+
+    subparsers = getattr(parser, "subcommand_parsers", {})
+    command = next((arg for arg in argv if arg in subparsers), "")
+    sub = subparsers.get(command, parser)
+    lines = [line.strip().lstrip("- ").strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    first, rest = lines[0], lines[1:]
+    key = _PARSER_KEY.match(first)
+    if key:
+        problem = "; ".join(dict.fromkeys(line for line in [key[3], *rest] if line and not line.startswith("Parser key")))
+        expected = _EXPECTED.search(problem)
+        if expected:
+            problem = f"expected {_KINDS.get(expected[1], expected[1])}, got {expected[2]}"
+        element = f" ({key[2]})" if key[2] else ""
+        message = f"{_option_name(sub, key[1], command)}{element}: {problem}"
+    elif first.startswith("the following arguments are required: "):
+        names = first.split(": ", 1)[1].split(", ")
+        message = f"{', '.join(_option_name(sub, name, command) for name in names)}: required"
+    elif not isinstance(error, ArgumentError):  # raised while a --config file was loaded
+        files = [value for option, value in zip(argv, argv[1:]) if option == "--config"]
+        message = f"--config {', '.join(files)}: {'; '.join(lines)}" if files else "; ".join(lines)
+    else:
+        message = "; ".join([first.removeprefix("argument "), *rest])
+    where = f"synomaly {command}" if command else "synomaly"
+    return command, readable(f"{message.rstrip('.')}; see {where} --help")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``synomaly`` command; returns the exit status."""
+    from argparse import ArgumentError
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = parser.parse_args(argv)
+    except (ArgumentError, ValueError) as error:  # one line instead of the usage block
+        command, line = _parse_error_line(parser, argv, error)
+        print(f"synomaly{' ' + command if command else ''}: error: {line}", file=sys.stderr)
+        return 2
     level = logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(message)s")
     # Lightning has its own console handler: keep its messages single and at the chosen level.
@@ -350,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     except (SynomalyError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as error:
         if args.debug:
             raise
-        print(f"synomaly {command}: error: {error}", file=sys.stderr)
+        print(f"synomaly {command}: error: {readable(str(error))}", file=sys.stderr)
         return getattr(error, "exit_code", 2)
     except KeyboardInterrupt:
         print(f"synomaly {command}: interrupted", file=sys.stderr)

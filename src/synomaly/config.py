@@ -8,6 +8,7 @@ is an error naming the key instead of a silently ignored value.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -273,6 +274,9 @@ class TrainConfig:
         _check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
         _at_most(self.batch_size, limits.MAX_BATCH_SIZE, "train.batch_size")
         _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _check(math.isfinite(self.lr), "train.lr", f"must be finite, got {self.lr}")
+        _check(0.0 <= self.weight_decay < math.inf, "train.weight_decay", f"must be a finite number >= 0, got {self.weight_decay}")
+        _check(0.0 <= self.grad_clip < math.inf, "train.grad_clip", f"must be a finite number >= 0 (0 disables), got {self.grad_clip}")
         _check(0.0 <= self.ema_decay < 1.0, "train.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
         _check(self.loss in LOSSES, "train.loss", f"must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         flips = self.flips.lower() if isinstance(self.flips, str) else self.flips
@@ -288,7 +292,9 @@ class TrainConfig:
         _check(self.devices >= 1 and self.num_nodes >= 1, "train.devices", "devices and num_nodes must be >= 1")
         _at_most(self.devices, limits.MAX_DEVICES, "train.devices")
         _at_most(self.num_nodes, limits.MAX_DEVICES, "train.num_nodes")
+        _check(self.num_workers >= 0, "train.num_workers", f"must be >= 0 (0 loads data in the main process), got {self.num_workers}")
         _at_most(self.num_workers, limits.MAX_WORKERS, "train.num_workers")
+        _check(0 <= self.seed <= limits.MAX_SEED, "train.seed", f"must be in [0, {limits.MAX_SEED}], got {self.seed}")
 
 
 

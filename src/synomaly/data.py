@@ -24,7 +24,7 @@ from synomaly.preprocess import FitInfo, Preprocessing, fit_pixels, fit_to_size
 
 log = logging.getLogger(__name__)
 
-_NPZ_KEY = re.compile(r"^(?P<path>.+\.npz):(?P<key>[\w.-]+)$", re.IGNORECASE)
+_NPZ_KEY = re.compile(r"^(?P<path>.+\.npz):(?P<key>[\w.-]*)$", re.IGNORECASE)  # an empty key is refused by the reader
 HEALTHY = "none"
 MAX_UPSAMPLING = 4  # smaller images hold too little detail for the model's size: they are refused
 

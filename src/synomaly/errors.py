@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+
+_LONG_NUMBER = re.compile(r"\d{41,}")
+# Python's message for int("<more than 4300 digits>"), from any parser (JSON, YAML, the command line).
+_INT_DIGITS = re.compile(r"Exceeds the limit \((\d+) digits\) for integer string conversion[^;]*?(\d+) digits; "
+                         r"use sys\.set_int_max_str_digits\(\) to increase the limit")
+
+
+def readable(text: str) -> str:
+    """``text`` with every run of more than 40 digits cut to its first digits and its length, and
+    Python's integer-size message in plain words."""
+    text = _INT_DIGITS.sub(lambda m: f"a number of {m[2]} digits; at most {m[1]} digits are read", text)
+    return _LONG_NUMBER.sub(lambda m: f"{m.group()[:6]}...({len(m.group())} digits)", text)
 
 
 class SynomalyError(Exception):
@@ -21,8 +34,8 @@ class InputError(SynomalyError, ValueError):
 
     def __init__(self, path: str | Path, problem: str) -> None:
         self.path = Path(path)
-        self.problem = problem
-        super().__init__(f"{path}: {problem}")
+        self.problem = readable(problem)
+        super().__init__(f"{path}: {self.problem}")
 
 
 class ConfigError(SynomalyError, ValueError):
@@ -35,8 +48,8 @@ class ConfigError(SynomalyError, ValueError):
 
     def __init__(self, option: str, problem: str) -> None:
         self.option = option
-        self.problem = problem
-        super().__init__(f"{option}: {problem}")
+        self.problem = readable(problem)
+        super().__init__(f"{option}: {self.problem}")
 
 
 class OutputExistsError(SynomalyError, FileExistsError):

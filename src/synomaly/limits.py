@@ -34,6 +34,7 @@ MAX_BATCH_SIZE = 4096  # images per batch (detection or a training step and devi
 MAX_STEPS = 100_000_000  # training steps (and the step intervals of checkpoints, previews, log rows)
 MAX_WORKERS = 256  # data-loader worker processes
 MAX_DEVICES = 1024  # devices per node, and nodes
+MAX_SEED = 2**32 - 1  # seeds: the range NumPy and Lightning accept
 MAX_GRID_POINTS = 100_000  # calibration grid points (the default grid has 144)
 MAX_NOISE_LEVELS = 32  # simplex-noise octaves, pyramid-noise levels: each at least halves the feature size
 MAX_NOISE_SCALE = MAX_IMAGE_SIZE  # noise sizes in pixels (Synomaly blob sigma, coarse-noise grid side)

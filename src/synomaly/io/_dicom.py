@@ -15,8 +15,10 @@ output overlays the DICOM series in a viewer. Writing DICOM itself is not suppor
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +50,17 @@ def _shared_item(ds, sequence: str):
     if shared and sequence in shared[0] and shared[0][sequence].value:
         return shared[0][sequence][0]
     return None
+
+
+@contextlib.contextmanager
+def _readable_values(path: Path) -> Iterator[None]:
+    """Turn a tag value pydicom cannot convert on access (e.g. an IS of 5,000 digits) into an InputError naming ``path``."""
+    try:
+        yield
+    except InputError:
+        raise
+    except (ValueError, TypeError, ArithmeticError) as error:
+        raise InputError(path, f"holds a DICOM value that cannot be read ({error})") from None
 
 
 def _frame_count(path: Path, ds) -> int:
@@ -133,6 +146,11 @@ def _extra(ds) -> dict:
 
 def read_dicom_file(path: Path) -> tuple[np.ndarray, dict]:
     """Read one ``.dcm`` file (2-D or multi-frame) as a ``[frames, rows, cols]`` stack."""
+    with _readable_values(path):
+        return _read_dicom_file(path)
+
+
+def _read_dicom_file(path: Path) -> tuple[np.ndarray, dict]:
     ds = _dcmread(path)
     stack, raw = _pixels(path, ds)
     spacing = _spacing(ds)
@@ -187,6 +205,11 @@ def _series_affine(ds, positions: np.ndarray, spacing: tuple[float, float], rows
 
 def read_dicom_series(folder: Path) -> tuple[np.ndarray, dict]:
     """Read every ``.dcm`` file directly inside ``folder`` as one sorted series ``[N, rows, cols]``."""
+    with _readable_values(folder):
+        return _read_dicom_series(folder)
+
+
+def _read_dicom_series(folder: Path) -> tuple[np.ndarray, dict]:
     files = sorted(p for p in folder.iterdir()
                    if p.is_file() and p.suffix.lower() == ".dcm" and not p.name.startswith("."))
     if not files:

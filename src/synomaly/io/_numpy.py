@@ -60,6 +60,8 @@ def read_npz(path: Path, key: str | None) -> tuple[np.ndarray, dict]:
         raise InputError(path, f"cannot read .npz ({error})") from error
     if chosen is None:
         raise InputError(path, f"holds {len(keys)} arrays; pass key= one of {keys}")
+    if chosen == "":
+        raise InputError(path, f"no array named after ':' (write {path.name}:KEY); available keys: {keys}")
     if header is None:
         raise InputError(path, f"has no array {chosen!r}; available keys: {keys}")
     shape, dtype = header
