@@ -273,12 +273,18 @@ def model_facts(config: Mapping[str, Any]) -> dict[str, Any]:
         "method": config.get("method", "diffusion"),
         "channels": ", ".join(map(str, model.get("channels", []))),
         "image size": f"{model.get('image_size')} x {model.get('image_size')}",
-        "training noise": ", ".join(f"{k} {v}" for k, v in config.get("noise", {}).items()),
+        "training noise": _noise_text(config.get("noise", {})),
         "training steps": training.get("final_step"),
         "training images": training.get("images"),
         "foreground": f"{preprocess.get('foreground', 'none')}, eroded {preprocess.get('foreground_erosion', 0)} px",
         "schedule": f"{schedule.get('kind')}, T = {schedule.get('num_timesteps')}",
     }
+
+
+def _noise_text(noise: Mapping[str, Any]) -> str:
+    """``synomaly (sigma 1.5, threshold 175, ...)``: the noise's name, then its parameters."""
+    params = ", ".join(f"{k} {v}" for k, v in noise.items() if k != "name")
+    return f"{noise.get('name', '?')} ({params})" if params else str(noise.get("name", "?"))
 
 
 def _setup_tables(metrics: Mapping[str, Any], model_info: Mapping[str, Any] | None) -> list[dict[str, Any]]:
