@@ -151,14 +151,14 @@ def run_calibrate(
     from synomaly.calibrate import CalibrationGrid, calibrate, write_thresholds
     from synomaly.demo import shipped_model
 
-    pipe = SynomalyPipeline.from_pretrained(model, device=resolve_device(device))
-    folder = Path(pipe.folder or model)
+    folder = shipped_model() if str(model) == "demo" and not Path(model).is_dir() else Path(model)  # as from_pretrained
     if folder.resolve() == shipped_model().resolve():
         raise ConfigError("--model", f"{model!r} is the model shipped with the package, which calibrate would change; "
                                      "copy it first (cp -r \"$(python -c 'import synomaly.demo as d; print(d.shipped_model())')\" "
                                      "my-model) and calibrate the copy")
     if (folder / "thresholds.json").exists() and not overwrite:
         raise OutputExistsError(folder / "thresholds.json")
+    pipe = SynomalyPipeline.from_pretrained(folder, device=resolve_device(device))
     fixed = {k: v for k, v in (detect or {}).items() if v is not None}
     pipe.config = dataclasses.replace(pipe.config, detect=pipe.detect_config(**fixed))
     cases = load_labelled(pipe, data, masks, slice_axis, slice_range, foreground_masks)
