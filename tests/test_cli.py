@@ -386,3 +386,15 @@ def test_detect_reports_lesion_areas_at_the_inputs_resolution(tiny_model_dir, di
     assert cases["vol"]["area_mm2"] == pytest.approx([a * 0.81 for a in cases["vol"]["area_px"]])  # 0.9 x 0.9 mm
     assert cases["l0"]["area_px"] == [int((np.load(out / "l0" / "mask.npy") > 0).sum())] and cases["l0"]["area_mm2"] is None
     assert "32x32" in cases["l0"]["score_unit"]
+
+
+@pytest.mark.parametrize("place", ["before", "after"])
+def test_quiet_works_before_or_after_the_command(disk_data, tmp_path, place):
+    argv = ["train", str(disk_data / "png_healthy"), "-o", str(tmp_path / "m"), "--method", "intensity", "--model",
+            "tiny", "--image-size", "32", "--device", "cpu", "--overwrite"]
+    command = [sys.executable, "-m", "synomaly.cli"]
+    loud = subprocess.run(command + argv, capture_output=True, text=True)
+    quiet_argv = ["--quiet", *argv] if place == "before" else [*argv, "--quiet"]
+    quiet = subprocess.run(command + quiet_argv, capture_output=True, text=True)
+    assert loud.returncode == 0 and quiet.returncode == 0, quiet.stderr
+    assert "INFO" in loud.stderr and "INFO" not in quiet.stderr

@@ -230,6 +230,8 @@ def build_parser() -> Any:
         ("demo", _demo_parser, "the whole method on a built-in brain template, offline"),
     ):
         parser.subcommand_parsers[name] = build()
+        parser.subcommand_parsers[name].add_argument("--quiet", action="store_true",
+                                                     help="only warnings and errors (also before the command)")
         sub.add_subcommand(name, parser.subcommand_parsers[name], help=text)
     return parser
 
@@ -400,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
         command, line = _parse_error_line(parser, argv, error)
         print(f"synomaly{' ' + command if command else ''}: error: {line}", file=sys.stderr)
         return 2
-    level = logging.WARNING if args.quiet else logging.INFO
+    quiet = args.quiet or bool(getattr(args.get(args.command), "quiet", False))  # before or after the command
+    level = logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(message)s")
     # Lightning has its own console handler: keep its messages single and at the chosen level.
     lightning_log = logging.getLogger("lightning.pytorch")
