@@ -18,6 +18,16 @@ log = logging.getLogger("synomaly")
 
 DETECT_OPTIONS = ("t", "max_stages", "kernel", "threshold", "min_size", "fusion", "sampler", "chain_steps")
 FIXED_OPTIONS = ("min_size", "sampler", "chain_steps")  # calibrate searches the others
+DETECT_HELP = {
+    "t": "diffusion timestep each stage noises to, 0..T-1 (larger hides larger lesions, and more anatomy)",
+    "max_stages": "most stages (network evaluations) per image; 1 is single-stage",
+    "kernel": "odd size of the Gaussian blur before differencing, in pixels at the model's size",
+    "threshold": "anomaly-map value (difference on the [-1, 1] image scale) at and above which a pixel is flagged",
+    "min_size": "smallest connected component kept, in pixels at the model's size",
+    "fusion": "how each stage's mask fuses the reconstruction into the next input: binary or continuous",
+    "sampler": "one-step (predict the image from t in one evaluation) or chain (AnoDDPM's reverse chain)",
+    "chain_steps": "network evaluations of the reverse chain (sampler chain only)",
+}
 SOURCES_HELP = "image sources: files, folders (searched recursively; a folder of .dcm files is one series) or bundle.npz:key"
 MASKS_HELP = "one mask source per image source, in the same order ('none' for healthy inputs)"
 
@@ -78,7 +88,8 @@ def _detect_overrides(parser: Any, names: tuple[str, ...] = DETECT_OPTIONS) -> N
 
     types = typing.get_type_hints(DetectConfig)
     for name in names:
-        parser.add_argument(f"--{name}", type=types[name], default=None, help=f"override the model folder's detect.{name}")
+        parser.add_argument(f"--{name}", type=types[name], default=None,
+                            help=f"{DETECT_HELP[name]} (default: the model folder's, calibrated or stored)")
 
 
 def _train_parser() -> Any:
