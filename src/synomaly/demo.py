@@ -133,7 +133,7 @@ def train_demo_model(output_dir: str | Path, steps: int = 4000, seed: int = 0, o
 def model_summary(pipe) -> dict:
     """The few facts about the model a reader of the report needs."""
     from synomaly.model import count_parameters
-    from synomaly.report import model_facts
+    from synomaly.report_text import model_facts
 
     return {"parameters": f"{count_parameters(pipe.unet):,}", **model_facts(pipe.config.to_dict())}
 
