@@ -18,7 +18,7 @@ from synomaly.detect_files import model_fingerprint, run_detect
 from synomaly.devices import DEVICES, lightning_accelerator, resolve_device, show_progress
 from synomaly.errors import ConfigError, InputError, OutputExistsError
 from synomaly.methods import METHODS, check_network_size, get_method
-from synomaly.pipeline import SynomalyPipeline
+from synomaly.pipeline import SynomalyPipeline, model_folder
 from synomaly.preprocess import MODALITY_PRESETS, Preprocessing, noise_params_for, preset_flips
 
 log = logging.getLogger(__name__)
@@ -151,7 +151,7 @@ def run_calibrate(
     from synomaly.calibrate import CalibrationGrid, calibrate, write_thresholds
     from synomaly.demo import shipped_model
 
-    folder = shipped_model() if str(model) == "demo" and not Path(model).is_dir() else Path(model)  # as from_pretrained
+    folder = model_folder(model)
     if folder.resolve() == shipped_model().resolve():
         raise ConfigError("--model", f"{model!r} is the model shipped with the package, which calibrate would change; "
                                      "copy it first (cp -r \"$(python -c 'import synomaly.demo as d; print(d.shipped_model())')\" "

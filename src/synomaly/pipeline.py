@@ -35,6 +35,15 @@ WEIGHTS_NAME = "model.safetensors"
 THRESHOLDS_NAME = "thresholds.json"
 
 
+def model_folder(name: str | Path) -> Path:
+    """The folder a model name means: ``"demo"`` is the shipped demo model unless a ``demo`` folder is here."""
+    if str(name) == "demo" and not Path(name).is_dir():
+        from synomaly.demo import shipped_model
+
+        return shipped_model()
+    return Path(name)
+
+
 def load_config(folder: str | Path) -> PipelineConfig:
     """Read and validate ``config.json`` of a model folder."""
     path = Path(folder) / CONFIG_NAME
@@ -128,11 +137,7 @@ class SynomalyPipeline:
 
         A folder named ``demo`` in the working directory wins over the shipped model.
         """
-        if str(folder) == "demo" and not Path(folder).is_dir():
-            from synomaly.demo import shipped_model
-
-            folder = shipped_model()
-        folder = Path(folder)
+        folder = model_folder(folder)
         if not folder.is_dir():
             raise InputError(folder, "model folder not found")
         config = load_config(folder)
