@@ -5,12 +5,19 @@ batch B with the resulting overhead ``detect / (NFE x forward) - 1``, batched ve
 one-image-at-a-time ``detect``, one training step (forward, backward, AdamW) and the Synomaly
 noise generation for one training batch. Writes JSON and prints a Markdown table.
 
+``--volume N`` measures instead where the time of a whole volume goes: the network's time per image by
+operator kind (torch profiler) at several batch sizes, and ``detect`` over ``N`` slices at ``--stages``
+stages (every image runs all of them) for each way of running it, one after the other in rounds so that
+a busy machine slows all of them alike.
+
     python benchmarks/speed.py --preset small --device cpu --batches 1 8 --out benchmarks/results/speed/cpu-small.json
+    python benchmarks/speed.py --preset small --device cpu --volume 155 --out benchmarks/results/speed/cpu-small-volume.json
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import subprocess
@@ -27,9 +34,10 @@ from synomaly.noise import make_noise
 from synomaly.synthetic import healthy_phantoms, insert_lesions
 
 
-def timed(fn, repeats: int, device: torch.device) -> float:
+def timed(fn, repeats: int, device: torch.device, warm_up: bool = True) -> float:
     """Median wall seconds of ``fn()`` over ``repeats`` runs, after one warm-up run."""
-    fn()
+    if warm_up:
+        fn()
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
@@ -102,6 +110,102 @@ def train_step(config: PipelineConfig, device: torch.device, bf16: bool, repeats
     return {"batch": batch, "step_s": timed(step, repeats, device), "noise_s": timed(lambda: noise(x), repeats * 5, device)}
 
 
+KINDS = (("convolution", ("conv",)), ("group norm", ("group_norm",)),
+         ("attention", ("bmm", "softmax", "scaled_dot", "flash", "attention")), ("linear", ("addmm", "linear", "aten::mm")),
+         ("SiLU", ("silu",)), ("copies and element-wise", ("add", "mul", "copy", "cat", "clone", "contiguous", "to", "div", "sub")))
+
+
+def op_kind(name: str) -> str:
+    """The kind of a profiler event (first matching entry of ``KINDS``; ``other`` for the rest)."""
+    return next((kind for kind, keys in KINDS if any(k in name for k in keys)), "other")
+
+
+def profile_forward(pipe: SynomalyPipeline, size: int, device: torch.device, batches: list[int], repeats: int) -> list[dict]:
+    """Per-image network time at each batch (one call per batch, no chunking), split by operator kind."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    rows = []
+    for b in batches:
+        x, t = images_for(b, size, device), torch.full((b,), 200, device=device)
+        with torch.inference_mode():
+            timed(lambda x=x, t=t: pipe.network(x, t), 1, device)
+            with profile(activities=activities, profile_memory=True) as prof:
+                seconds = timed(lambda x=x, t=t: pipe.network(x, t), repeats, device)
+        kinds: dict[str, float] = {}
+        allocated = 0
+        for event in prof.key_averages():
+            own = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
+            kinds[op_kind(event.key)] = kinds.get(op_kind(event.key), 0.0) + own
+            allocated += max(event.self_cpu_memory_usage if device.type == "cpu" else event.self_device_memory_usage, 0)
+        total = sum(kinds.values()) or 1.0
+        rows.append({"batch": b, "ms_per_image": 1000 * seconds / b, "share": {k: v / total for k, v in kinds.items()},
+                     "allocated_mb_per_image": allocated / (repeats + 1) / b / 2**20})
+    return rows
+
+
+def volume(preset: str, device: torch.device, n: int, stages: int, repeats: int, bf16_too: bool, compile_too: bool) -> dict:
+    """``detect`` over an ``n``-slice volume at ``stages`` stages, run in each way; and the forward profile."""
+    config = PipelineConfig(model=model_preset(preset))
+    size = config.model.image_size
+    torch.manual_seed(0)
+    explicit = build_unet(dataclasses.replace(config.model, use_flash_attention=False)).to(device)
+    torch.nn.init.normal_(explicit.out[-1].conv.weight, std=0.05)  # untrained MONAI UNets output zero: give the maps content
+    fused = build_unet(dataclasses.replace(config.model, use_flash_attention=True)).to(device)
+    fused.load_state_dict(explicit.state_dict())
+    never = 1 << 30  # a forward batch no input reaches: no chunking
+    ways = {  # name: (network, detect batch, pipeline options)
+        "one image at a time (the reference's loop)": (explicit, 1, {"forward_batch": never, "channels_last": False}),
+        "batch 32, as before": (explicit, 32, {"forward_batch": never, "channels_last": False}),
+        "one batch, network in one call": (fused, n, {"forward_batch": never, "channels_last": False}),
+        "one batch, defaults": (fused, n, {}),
+    }
+    if bf16_too:
+        ways["one batch, defaults, bf16"] = (fused, n, {"bf16": True})
+    if compile_too:
+        ways["one batch, defaults, torch.compile"] = (fused, n, {"compile": True})
+    pipes = {name: (SynomalyPipeline(net, config, **options), batch) for name, (net, batch, options) in ways.items()}
+    x = images_for(n, size, device)
+    settings = {"max_stages": stages, "tol": 0.0, "min_size": 8}
+
+    def run(pipe: SynomalyPipeline, batch: int) -> None:
+        g = torch.Generator(device).manual_seed(0)
+        for start in range(0, n, batch):
+            pipe.detect(x[start : start + batch], generator=g, **settings)
+
+    warm = {}
+    for name, (pipe, batch) in pipes.items():
+        start = time.perf_counter()
+        run(pipe, batch)  # warm-up (and compilation)
+        warm[name] = time.perf_counter() - start
+    times: dict[str, list[float]] = {name: [] for name in pipes}
+    for _ in range(repeats):
+        for name, (pipe, batch) in pipes.items():
+            times[name].append(timed(lambda pipe=pipe, batch=batch: run(pipe, batch), 1, device, warm_up=False))
+    default = pipes["one batch, defaults"][0]
+    return {
+        "preset": preset, "parameters": count_parameters(fused), "image_size": size, "slices": n, "stages": stages,
+        "forward_batch": default.forward_batch, "channels_last": default.channels_last,
+        "ways": [{"name": name, "seconds": sorted(ts)[len(ts) // 2], "first_run_seconds": warm[name],
+                  "detect_batch": pipes[name][1]} for name, ts in times.items()],
+        "profile": profile_forward(SynomalyPipeline(fused, config, forward_batch=never, channels_last=False), size, device,
+                                   [1, 8, 32, 64, n], max(1, repeats)),
+    }
+
+
+def print_volume(result: dict) -> None:
+    print(f"## {result['slices']} slices x {result['stages']} stages, {result['preset']} ({result['parameters']:,} parameters, "
+          f"{result['image_size']} px) on {result['device']}, commit {result['commit']}")
+    print("| way | detect batch | seconds | first run s |\n|---|---:|---:|---:|")
+    for w in result["ways"]:
+        print(f"| {w['name']} | {w['detect_batch']} | {w['seconds']:.2f} | {w['first_run_seconds']:.2f} |")
+    kinds = [k for k, _ in KINDS] + ["other"]
+    print("\n| batch | ms/image | " + " | ".join(kinds) + " | allocated MB/image |\n|---:|---:|" + "---:|" * (len(kinds) + 1))
+    for r in result["profile"]:
+        shares = " | ".join(f"{r['share'].get(k, 0.0):.0%}" for k in kinds)
+        print(f"| {r['batch']} | {r['ms_per_image']:.1f} | {shares} | {r['allocated_mb_per_image']:.0f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="small")
@@ -111,15 +215,27 @@ def main() -> None:
     parser.add_argument("--stages", type=int, default=5)
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--train-batch", type=int, default=8, help="batch of the timed training step")
+    parser.add_argument("--volume", type=int, default=0, help="slices of the whole-volume measurement (0: the core table)")
+    parser.add_argument("--compile", action="store_true", help="volume: also with torch.compile")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads of torch (0: torch's default)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    result = measure(args.preset, device, args.batches, args.repeats, args.stages, args.bf16, args.train_batch)
+    if args.volume:
+        result = volume(args.preset, device, args.volume, args.stages, args.repeats, args.bf16, args.compile)
+    else:
+        result = measure(args.preset, device, args.batches, args.repeats, args.stages, args.bf16, args.train_batch)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     cpu = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
     result.update({"device": name, "bf16": args.bf16, "commit": commit, "torch": torch.__version__,
                    "command": "python benchmarks/speed.py " + " ".join(sys.argv[1:])})
+    if args.volume:
+        print_volume(result)
+        save(result, args.out)
+        return
     print(f"## {args.preset} ({result['parameters']:,} parameters, {result['image_size']} px) on {name}, commit {commit}")
     print("| batch | forward ms | detect ms/image | NFE/image | overhead |\n|---:|---:|---:|---:|---:|")
     for r in result["rows"]:
@@ -127,9 +243,13 @@ def main() -> None:
     o, tr = result["one_at_a_time"], result["train"]
     print(f"\nbatched detect over {o['images']} images: {o['batched_s']:.2f} s; one at a time: {o['single_s']:.2f} s ({o['speedup']:.1f}x)")
     print(f"training step (batch {tr['batch']}): {1000 * tr['step_s']:.0f} ms; Synomaly noise for the batch: {1000 * tr['noise_s']:.2f} ms")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    save(result, args.out)
+
+
+def save(result: dict, out: Path | None) -> None:
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -398,3 +398,23 @@ def test_quiet_works_before_or_after_the_command(disk_data, tmp_path, place):
     quiet = subprocess.run(command + quiet_argv, capture_output=True, text=True)
     assert loud.returncode == 0 and quiet.returncode == 0, quiet.stderr
     assert "INFO" in loud.stderr and "INFO" not in quiet.stderr
+
+
+def test_detect_sharded_over_two_torchrun_processes_matches_one_process(tiny_model_dir, disk_data, tmp_path, capsys):
+    inputs = [str(disk_data / "png_lesioned"), str(disk_data / "vol.nii.gz"), f"{disk_data / 'bundle.npz'}:anomalous"]
+    common = ["-m", str(tiny_model_dir), "--device", "cpu", "--batch-size", "4"]
+    code, _, err = run(["--quiet", "detect", *inputs, "-o", str(tmp_path / "one"), *common], capsys)
+    assert code == 0, err
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "synomaly.cli"]
+    two = subprocess.run([*launcher, "--quiet", "detect", *inputs, "-o", str(tmp_path / "two"), *common],
+                         capture_output=True, text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, two.stderr[-2000:]
+    one_summary = json.loads((tmp_path / "one" / "summary.json").read_text())
+    two_summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert two_summary["processes"] == 2
+    assert [c["output"] for c in two_summary["cases"]] == [c["output"] for c in one_summary["cases"]]  # one summary, input order
+    for case in one_summary["cases"]:  # each input draws its own noise: the shard it lands in changes nothing
+        for name in case["files"].values():
+            if name.endswith(".npy"):
+                assert np.array_equal(np.load(tmp_path / "one" / case["output"] / name), np.load(tmp_path / "two" / case["output"] / name))
+    assert sorted(p.name for p in (tmp_path / "two").iterdir() if p.name.startswith(".")) == []  # no lock folders left

@@ -1,5 +1,6 @@
 """SynomalyPipeline: model folder round trip, settings, input checks, and detection on a trained tiny model."""
 
+import copy
 import json
 import subprocess
 import sys
@@ -173,3 +174,57 @@ def test_images_of_another_size_than_the_model_are_refused_with_the_way_out():
     assert images.shape == foreground.shape == (2, 1, 64, 64)
     restored = pipe.postprocess(pipe.detect(images, foreground=foreground), fit)
     assert {k: v.shape for k, v in restored.items()} == {k: (2, 128, 128) for k in ("mask", "anomaly_map", "reconstruction")}
+
+
+def _inputs(n: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return torch.rand(n, 1, 32, 32, generator=g) * 2 - 1, torch.randint(0, 1000, (n,), generator=g)
+
+
+def test_fused_attention_at_inference_matches_the_recorded_explicit_one(tiny_model_dir):
+    pipe = SynomalyPipeline.from_pretrained(tiny_model_dir, channels_last=False)
+    assert not pipe.config.model.use_flash_attention  # the folder records explicit attention; it is run fused
+    explicit = build_unet(pipe.config.model).eval()
+    explicit.load_state_dict(pipe.unet.state_dict())
+    x, t = _inputs()
+    with torch.no_grad():
+        reference = explicit(x, t)
+        torch.testing.assert_close(pipe.network(x, t), reference, atol=1e-5, rtol=1e-4)
+    assert reference.abs().mean() > 0.01  # a trained network: the comparison means something
+
+
+def test_chunked_channels_last_forward_gives_the_same_detections(tiny_model_dir):
+    whole = SynomalyPipeline.from_pretrained(tiny_model_dir, forward_batch=10**6, channels_last=False)
+    chunked = SynomalyPipeline.from_pretrained(tiny_model_dir, forward_batch=3, channels_last=True)
+    assert SynomalyPipeline.from_pretrained(tiny_model_dir).forward_batch == 8  # the CPU default
+    calls = []
+    chunked.unet.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    x, _ = _inputs()
+    a = whole.detect(x, generator=torch.Generator().manual_seed(0), min_size=2, max_stages=3, tol=0.0)
+    b = chunked.detect(x, generator=torch.Generator().manual_seed(0), min_size=2, max_stages=3, tol=0.0)
+    assert calls == [3, 3, 1] * 3  # 7 images in chunks of 3, for each of 3 stages
+    torch.testing.assert_close(b.reconstruction, a.reconstruction, atol=1e-5, rtol=1e-4)
+    assert torch.equal(a.mask, b.mask) and a.mask.any()
+
+
+def test_compiled_network_compiles_at_most_twice_as_batches_shrink(trained):
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+    pipe = SynomalyPipeline(copy.deepcopy(trained.unet), trained.config, compile=True, forward_batch=8, channels_last=False)
+    pipe._compile_backend = counter  # counts graphs instead of compiling them (the inductor path is the same call)
+    torch._dynamo.reset()
+    x, t = _inputs(12)
+    with torch.no_grad():
+        for n in (12, 9, 6, 5, 3, 2, 1):  # the active batches of a multi-stage run
+            torch.testing.assert_close(pipe.network(x[:n], t[:n]), trained.network(x[:n], t[:n]), atol=1e-5, rtol=1e-4)
+    assert 1 <= counter.frame_count <= 2
+    torch._dynamo.reset()
+
+
+def test_open_checks_precision_and_device(tiny_model_dir):
+    assert SynomalyPipeline.open(tiny_model_dir, "cpu", "bf16").bf16
+    with pytest.raises(ConfigError, match="--precision"):
+        SynomalyPipeline.open(tiny_model_dir, "cpu", "16")
+    with pytest.raises(ConfigError, match="--device"):
+        SynomalyPipeline.open(tiny_model_dir, "tpu")

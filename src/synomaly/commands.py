@@ -134,6 +134,8 @@ def run_calibrate(
     percentile: float = 99.0,
     batch_size: int = 32,
     device: str = "auto",
+    precision: str = "32",
+    compile: bool = False,
     seed: int = 0,
     slice_axis: int = 2,
     slice_range: tuple[int, int] | None = None,
@@ -158,7 +160,7 @@ def run_calibrate(
                                      "my-model) and calibrate the copy")
     if (folder / "thresholds.json").exists() and not overwrite:
         raise OutputExistsError(folder / "thresholds.json")
-    pipe = SynomalyPipeline.from_pretrained(folder, device=resolve_device(device))
+    pipe = SynomalyPipeline.open(folder, device, precision, compile)
     fixed = {k: v for k, v in (detect or {}).items() if v is not None}
     pipe.config = dataclasses.replace(pipe.config, detect=pipe.detect_config(**fixed))
     cases = load_labelled(pipe, data, masks, slice_axis, slice_range, foreground_masks)
@@ -180,6 +182,8 @@ def run_evaluate(
     detect: dict[str, Any] | None = None,
     batch_size: int = 32,
     device: str = "auto",
+    precision: str = "32",
+    compile: bool = False,
     seed: int = 0,
     slice_axis: int = 2,
     slice_range: tuple[int, int] | None = None,
@@ -192,14 +196,14 @@ def run_evaluate(
     output = Path(output)
     if (output / "metrics.json").exists() and not overwrite:
         raise OutputExistsError(output / "metrics.json")
-    pipe = SynomalyPipeline.from_pretrained(model, device=resolve_device(device))
+    pipe = SynomalyPipeline.open(model, device, precision, compile)
     cases = load_labelled(pipe, data, masks, slice_axis, slice_range, foreground_masks)
     if cases.masks is None:
         raise InputError(data[0], "evaluation needs masks (--masks, one per input; 'none' for healthy inputs)")
     overrides = {k: v for k, v in (detect or {}).items() if v is not None}
     result = evaluate(pipe, cases.images, cases.masks, case_ids=cases.case_ids, group_ids=cases.group_ids,
                       foreground=cases.foreground, batch_size=batch_size, seed=seed, progress=show_progress(), **overrides)
-    result.metrics["model"] = {"folder": str(model), "config": pipe.config.to_dict()}
+    result.metrics["model"] = {"folder": str(model), "config": pipe.config.to_dict(), "precision": precision}
     result.metrics["data"] = {"images": list(data), "masks": list(masks),
                               "foreground masks": None if foreground_masks is None else list(foreground_masks)}
     write_evaluation(result, output, overwrite=overwrite)

@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import hashlib
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from synomaly import _atomic
 from synomaly._json import json_plain, read_json
 from synomaly.config import DetectConfig
 from synomaly.data import load_file, pair_sources
-from synomaly.devices import resolve_device, show_progress
+from synomaly.devices import show_progress
 from synomaly.errors import ConfigError, InputError, OutputExistsError, SynomalyError
 from synomaly.pipeline import SynomalyPipeline
 from synomaly.preprocess import Preprocessing, restore_size
@@ -102,6 +103,8 @@ def run_detect(
     detect: dict[str, Any] | None = None,
     batch_size: int = 32,
     device: str = "auto",
+    precision: str = "32",
+    compile: bool = False,
     seed: int = 0,
     slice_axis: int = 2,
     slice_range: tuple[int, int] | None = None,
@@ -122,7 +125,8 @@ def run_detect(
     """
     if on_error not in ("skip", "stop"):
         raise ConfigError("on_error", f"must be skip or stop, got {on_error!r}")
-    pipe = SynomalyPipeline.from_pretrained(model, device=resolve_device(device))
+    rank, world = process_shard()
+    pipe = SynomalyPipeline.open(model, _rank_device(device, world), precision, compile)
     overrides = {k: v for k, v in (detect or {}).items() if v is not None}
     settings = pipe.detect_config(**overrides)
     pre = pipe.preprocessing
@@ -130,27 +134,89 @@ def run_detect(
     assert pipe.folder is not None  # from_pretrained records the folder it read
     # The model is identified by its files' digest, not its path: a moved or renamed folder is the same model.
     made_with = json_plain({"model_sha256": model_fingerprint(pipe.folder),
-                            "detect": dataclasses.asdict(settings), "seed": seed, "slice_axis": slice_axis,
+                            "detect": dataclasses.asdict(settings), "seed": seed, "precision": precision, "slice_axis": slice_axis,
                             "slice_range": slice_range, "foreground_masks": foreground_masks})
     if foreground_masks is not None and len(foreground_masks) != len(inputs):
         raise InputError(foreground_masks[0] if foreground_masks else "foreground_masks",
                          f"{len(foreground_masks)} foreground mask sources given for {len(inputs)} inputs")
-    with _atomic.folder_lock(output, "synomaly detect"):
+    # One process locks the folder; each process of a sharded run locks its own place in it.
+    with _atomic.folder_lock(output if world == 1 else output / f".rank-{rank}-of-{world}", "synomaly detect"):
         if not overwrite:
             _check_earlier_run(output, made_with)
         summary: dict[str, Any] = {"synomaly": synomaly.__version__, "model": str(model),
-                                   "detect": dataclasses.asdict(settings), "made_with": made_with, "cases": [], "failed": [],
-                                   "stems": {}}
+                                   "detect": dataclasses.asdict(settings), "made_with": made_with, "cases": [], "failed": []}
         jobs = [(spec, source, fg) for i, spec in enumerate(inputs)
                 for source, fg in _expand_or_report(spec, None if foreground_masks is None else foreground_masks[i],
                                                     summary, on_error)]
-        for spec, source, fg in tqdm(jobs, desc="detect", unit="input", disable=not show_progress()):
-            _detect_one(pipe, pre, source, fg, Path(spec), output, summary, settings, batch_size, made_with,
+        stems = _output_stems([(source, Path(spec)) for spec, source, _ in jobs], output)  # over all jobs: every process agrees
+        for (_, source, fg), stem in tqdm(list(zip(jobs, stems))[rank::world], desc="detect", unit="input",
+                                             disable=not show_progress()):
+            _detect_one(pipe, pre, source, fg, stem, output, summary, settings, batch_size, made_with,
                         slice_axis, slice_range, on_error, overwrite)
-        del summary["stems"]
-        _atomic.write_json(output / "summary.json", summary)
+        if world > 1:
+            summary = _gather_shards(summary, stems, rank, world)
+        if rank == 0:
+            _atomic.write_json(output / "summary.json", summary)
+    if world > 1:
+        (output / f".rank-{rank}-of-{world}").rmdir()
     log.info("%d inputs done, %d failed; summary in %s", len(summary["cases"]), len(summary["failed"]), output / "summary.json")
     return summary
+
+
+def process_shard() -> tuple[int, int]:
+    """This process's rank and the number of processes, as ``torchrun`` (or any launcher setting ``RANK`` and
+    ``WORLD_SIZE``) started it; ``(0, 1)`` for a plain run. Process ``r`` of ``n`` takes inputs ``r, r + n, ...``."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world < 1 or not 0 <= rank < world:
+        raise ConfigError("RANK", f"RANK={rank} and WORLD_SIZE={world} do not describe a process of a run")
+    return rank, world
+
+
+def _rank_device(device: str, world: int) -> str:
+    """Each process of a sharded run on GPUs takes the GPU of its ``LOCAL_RANK``."""
+    from synomaly.devices import resolve_device
+
+    name = resolve_device(device)
+    return f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if world > 1 and name == "cuda" else name
+
+
+def _gather_shards(summary: dict[str, Any], stems: list[str], rank: int, world: int) -> dict[str, Any]:
+    """Every process's summary merged into one, cases in input order (``torch.distributed``, gloo: CPU or GPU)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    started = not dist.is_initialized()
+    if started:  # the processes wait for the slowest one, so the timeout is long
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(days=7))
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, summary)
+    if started:
+        dist.destroy_process_group()
+    order = {stem: i for i, stem in enumerate(stems)}
+    cases = sorted((case for part in parts for case in part["cases"]), key=lambda case: order.get(case["output"], len(order)))
+    return {**summary, "cases": cases, "failed": [f for part in parts for f in part["failed"]], "processes": world}
+
+
+def _output_stems(sources: list[tuple[Any, Path]], output: Path) -> list[str]:
+    """One output folder name per input: its file name (with the bundle key), made unique with a digest of the
+    input's path when two inputs share it (``a.png`` and ``a.tif``) or an earlier run's case holds it."""
+    from synomaly.io import output_stem
+
+    stems: list[str] = []
+    owners: dict[str, str] = {}
+    for source, root in sources:
+        stem = output_stem(source.path, root if root.is_dir() else source.path) + (f"__{source.key}" if source.key else "")
+        owner = f"{source.path.resolve()}:{source.key or ''}"
+        marker = output / stem / "case.json"
+        earlier = read_json(marker) if marker.is_file() else None
+        taken = earlier is not None and f"{Path(earlier.get('input', '')).resolve()}:{earlier.get('key') or ''}" != owner
+        if owners.setdefault(stem, owner) != owner or taken:  # e.g. a.png and a.tif, or p1/x.png and p1__x.png
+            stem = f"{stem}-{hashlib.sha256(owner.encode()).hexdigest()[:8]}"
+            owners[stem] = owner
+        stems.append(stem)
+    return stems
 
 
 def model_fingerprint(folder: str | Path) -> str:
@@ -210,19 +276,9 @@ def _expand_or_report(spec: str, fg_spec: str | None, summary: dict[str, Any], o
         return []
 
 
-def _detect_one(pipe: SynomalyPipeline, pre: Preprocessing, source: Any, fg_spec: str | None, root: Path, output: Path,
+def _detect_one(pipe: SynomalyPipeline, pre: Preprocessing, source: Any, fg_spec: str | None, stem: str, output: Path,
                 summary: dict[str, Any], settings: DetectConfig, batch_size: int, made_with: dict[str, Any],
                 slice_axis: int, slice_range: tuple[int, int] | None, on_error: str, overwrite: bool) -> None:
-    from synomaly.io import output_stem
-
-    stem = output_stem(source.path, root if root.is_dir() else source.path) + (f"__{source.key}" if source.key else "")
-    owner = f"{source.path.resolve()}:{source.key or ''}"
-    marker = output / stem / "case.json"
-    earlier = read_json(marker) if marker.is_file() else None
-    taken = earlier is not None and f"{Path(earlier.get('input', '')).resolve()}:{earlier.get('key') or ''}" != owner
-    if summary["stems"].setdefault(stem, owner) != owner or taken:  # e.g. a.png and a.tif, or p1/x.png and p1__x.png
-        stem = f"{stem}-{hashlib.sha256(owner.encode()).hexdigest()[:8]}"
-        summary["stems"][stem] = owner
     case_dir = output / stem
     if case_dir.is_symlink():
         raise InputError(case_dir, "is a symbolic link: outputs are never written through links; remove it or choose "

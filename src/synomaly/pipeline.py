@@ -33,6 +33,12 @@ log = logging.getLogger(__name__)
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 THRESHOLDS_NAME = "thresholds.json"
+CPU_FORWARD_BATCH = 8  # per-image forward time is lowest near here on CPUs (docs/benchmarks.md, "Speed")
+
+
+def default_forward_batch(device: torch.device) -> int | None:
+    """Most images per network call on ``device``: :data:`CPU_FORWARD_BATCH` on CPUs, no limit on GPUs."""
+    return CPU_FORWARD_BATCH if device.type == "cpu" else None
 
 
 def model_folder(name: str | Path) -> Path:
@@ -101,13 +107,28 @@ class SynomalyPipeline:
         unet: The epsilon-prediction network ``unet(x_t, t)``.
         config: The model folder's configuration.
         bf16: Run the network under bfloat16 autocast.
+        forward_batch: Most images per network call; larger batches are split into chunks of this size
+            (outputs are identical). ``None``: the device's default (:func:`default_forward_batch`).
+        channels_last: Run the network in the channels-last memory format (``None``: on CPUs, where oneDNN's
+            convolutions are faster in it; the outputs are the same).
+        compile: Run the network through ``torch.compile`` (compiled on first use). The batches that shrink
+            from stage to stage compile at most twice (static, then with a dynamic batch size; a batch of
+            one runs as two). Do not share the network with another pipeline while it runs compiled.
     """
 
-    def __init__(self, unet: nn.Module, config: PipelineConfig, bf16: bool = False) -> None:
+    def __init__(self, unet: nn.Module, config: PipelineConfig, bf16: bool = False, *, forward_batch: int | None = None,
+                 channels_last: bool | None = None, compile: bool = False) -> None:
         self.unet = unet.eval()
         self.config = config
         self.method = get_method(config.method)
         self.bf16 = bf16
+        if forward_batch is not None and forward_batch < 1:
+            raise ValueError(f"forward_batch must be >= 1, got {forward_batch}")
+        self._forward_batch = forward_batch
+        self.compile = compile
+        self.channels_last = self.device.type == "cpu" if channels_last is None else channels_last
+        self._runner: Any = None  # the network as run: converted to channels-last and compiled on first use
+        self._compile_backend: Any = "inductor"
         self.folder: Path | None = None  # the model folder it was loaded from
         self.schedule = DiffusionSchedule.from_config(config.schedule).to(self.device)
 
@@ -117,13 +138,36 @@ class SynomalyPipeline:
         tensor = next(itertools.chain(self.unet.parameters(), self.unet.buffers()), None)
         return tensor.device if tensor is not None else torch.device("cpu")
 
+    @property
+    def forward_batch(self) -> int | None:
+        """Most images per network call (``None``: no limit)."""
+        return self._forward_batch if self._forward_batch is not None else default_forward_batch(self.device)
+
     def network(self, x: Tensor, t: Tensor) -> Tensor:
         """``unet(x, t)`` in float32; with ``bf16`` only this call runs under bfloat16 autocast.
 
-        Everything around it (noising, ``x_0`` prediction, maps, masks, fusion) stays float32.
+        Everything around it (noising, ``x_0`` prediction, maps, masks, fusion) stays float32. A batch
+        larger than :attr:`forward_batch` runs in chunks (each image's output does not depend on the others).
         """
+        chunk = self.forward_batch or x.shape[0]
+        if x.shape[0] <= chunk:
+            return self._forward(x, t)
+        return torch.cat([self._forward(xc, tc) for xc, tc in zip(x.split(chunk), t.split(chunk))])
+
+    def _forward(self, x: Tensor, t: Tensor) -> Tensor:
+        if self._runner is None:
+            if self.channels_last:
+                self.unet.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # kept by a later .to(device)
+            self._runner = torch.compile(self.unet, backend=self._compile_backend) if self.compile else self.unet
+        n = x.shape[0]
+        if self.compile:
+            # Fresh tensors (a chunk's storage offset would be guarded on), and a batch of one run as two
+            # (torch.compile specialises size one): one graph less to compile each.
+            x, t = x.repeat(2 if n == 1 else 1, 1, 1, 1), t.repeat(2 if n == 1 else 1)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            return self.unet(x, t).float()
+            return self._runner(x, t)[:n].float()
 
     def to(self, device: str | torch.device) -> SynomalyPipeline:
         """Move the network and schedule to ``device``; returns ``self``."""
@@ -132,10 +176,25 @@ class SynomalyPipeline:
         return self
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu", bf16: bool = False) -> SynomalyPipeline:
+    def open(cls, folder: str | Path, device: str = "auto", precision: str = "32", compile: bool = False) -> SynomalyPipeline:
+        """:meth:`from_pretrained` with the command line's vocabulary: a device name checked before any work
+        (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``) and ``precision`` ``32`` or ``bf16``."""
+        from synomaly.devices import resolve_device
+
+        if precision not in ("32", "bf16"):
+            raise ConfigError("--precision", f"must be 32 or bf16, got {precision!r}")
+        return cls.from_pretrained(folder, device=resolve_device(device), bf16=precision == "bf16", compile=compile)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu", bf16: bool = False, *,
+                        forward_batch: int | None = None, channels_last: bool | None = None,
+                        compile: bool = False) -> SynomalyPipeline:
         """Load a model folder written by ``save_pretrained`` or by training; ``"demo"`` is the shipped demo model.
 
-        A folder named ``demo`` in the working directory wins over the shipped model.
+        A folder named ``demo`` in the working directory wins over the shipped model. The network runs with
+        fused attention (``scaled_dot_product_attention``) whatever the folder recorded: the weights are the
+        same and the outputs agree to float rounding. The execution options
+        (``bf16``, ``forward_batch``, ``channels_last``, ``compile``): see the class.
         """
         folder = model_folder(folder)
         if not folder.is_dir():
@@ -147,10 +206,11 @@ class SynomalyPipeline:
             check_network_size(config)
         except ConfigError as error:
             raise InputError(folder / CONFIG_NAME, str(error)) from None
-        unet = method.build(config)
+        unet = method.build(dataclasses.replace(config, model=dataclasses.replace(config.model, use_flash_attention=True)))
         if method.trained:
             load_weights(unet, folder / WEIGHTS_NAME)
-        pipe = cls(unet.to(device), config, bf16=bf16)
+        pipe = cls(unet.to(device), config, bf16=bf16, forward_batch=forward_batch, channels_last=channels_last,
+                   compile=compile)
         pipe.folder = folder.resolve()
         return pipe
 
