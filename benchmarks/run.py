@@ -109,6 +109,12 @@ METHODS = {
     "ddpm-simplex": Method({"noise": "simplex"}, detect={"sampler": "chain", "chain_steps": 10},
                            note="AnoDDPM reverse chain from t, 10 network evaluations"),
     "ddpm-simplex-1step": Method({}, shares="ddpm-simplex", note="one-step"),
+    # AutoDDPM's map is the inpainted residual times a [0, 1] weight, so its thresholds lie below the others' grid.
+    "autoddpm-ssim": Method({}, shares="ddpm-gaussian", detect={"sampler": "autoddpm", "chain_steps": 10, "inpaint_t": 50,
+                            "resamplings": 4, "perceptual": "ssim", "dilation": 3}, kernel=(1, 3, 5, 7),
+                            threshold=(0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3),
+                            note="AutoDDPM (Bercea et al. 2023), SSIM in place of LPIPS: reverse chain from t (10 evaluations), "
+                            "mask, RePaint from t = 50 with 4 resamplings (210 evaluations); map: inpainted residual x first map"),
     "ddpm-coarse": Method({"noise": "coarse"}, note="one stage"),
     "ddpm-pyramid": Method({"noise": "pyramid"}, note="one stage"),
     "supervised-unet": Method({"method": "supervised"}, t=(0,), kernel=(1, 3, 5), threshold=(0.3, 0.4, 0.5, 0.6, 0.7),

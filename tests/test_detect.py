@@ -200,8 +200,8 @@ class ConstantNet(nn.Module):
 
 def test_dae_reconstruction_is_one_forward_of_the_clean_input():
     images, _ = lesion_images()
-    recon, cost = reconstruct(ConstantNet(), SCHED, images, DetectConfig(t=0), gaussian, method="dae")
-    assert cost == 1 and torch.equal(recon, images)
+    recon, weight, cost = reconstruct(ConstantNet(), SCHED, images, DetectConfig(t=0), gaussian, method="dae")
+    assert cost == 1 and weight is None and torch.equal(recon, images)
 
 
 def test_supervised_map_is_the_blurred_lesion_probability():

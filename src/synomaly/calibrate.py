@@ -147,9 +147,9 @@ class _Runner:
         """Move the progress bar past a pass scored in an earlier run."""
         self.bar.update(_count_batches(len(index), self.batch_size))
 
-    def reconstruct(self, images: Tensor, t: int, generator: torch.Generator) -> Tensor:
-        """The first stage's reconstruction, exactly as ``pipeline.detect`` computes it."""
-        return self.pipeline.reconstruct(images, generator, t=t)
+    def reconstruct(self, images: Tensor, t: int, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
+        """The first stage's reconstruction and map weight, exactly as ``pipeline.detect`` computes them."""
+        return self.pipeline.reconstruct_weighted(images, generator, t=t)
 
 
 def calibrate(
@@ -297,9 +297,9 @@ def _single_stage_rows(run: _Runner, grid: CalibrationGrid, index: Tensor) -> li
             generator = run.generator()
             for images, target, fg in run.batches(index):
                 assert target is not None  # the lesioned slices have masks
-                recon = run.reconstruct(images, t, generator)
+                recon, weight = run.reconstruct(images, t, generator)
                 for j, kernel in enumerate(grid.kernel):
-                    sums[j] += _threshold_dice(images, recon, target, fg, kernel, grid.threshold, base).sum(1).cpu()
+                    sums[j] += _threshold_dice(images, recon, target, fg, kernel, grid.threshold, base, weight).sum(1).cpu()
             nfe = len(index) * stage_cost(pipe.detect_config(t=t), pipe.config.method)
             done = run.finished.put(key, [
                 grid_row((t, kernel, threshold, 1, base.fusion), float(sums[j, m]), nfe, len(index))
@@ -313,11 +313,11 @@ def _single_stage_rows(run: _Runner, grid: CalibrationGrid, index: Tensor) -> li
 
 def _threshold_dice(
     images: Tensor, recon: Tensor, target: Tensor, fg: Tensor | None, kernel: int,
-    thresholds: tuple[float, ...], base: DetectConfig,
+    thresholds: tuple[float, ...], base: DetectConfig, weight: Tensor | None = None,
 ) -> Tensor:
     """Per-slice Dice ``[len(thresholds), B]`` of the one-stage mask (``detect.stage_mask``) at every threshold."""
     config = dataclasses.replace(base, kernel=kernel)
-    _, masks, _ = stage_mask(images, recon, config, fg, torch.tensor(thresholds, dtype=torch.float64))
+    _, masks, _ = stage_mask(images, recon, config, fg, torch.tensor(thresholds, dtype=torch.float64), weight)
     counts = confusion_counts(masks, target.repeat(len(thresholds), 1, 1, 1))
     return dice(counts).view(len(thresholds), -1)
 
@@ -371,7 +371,8 @@ def _healthy_percentile(run: _Runner, index: Tensor, t: int, kernel: int, percen
     quantile = UpperPercentile(n_values, percentile)
     generator = run.generator()
     for images, _, fg in run.batches(index):
-        diff = difference_map(images, run.reconstruct(images, t, generator), kernel)
+        recon, weight = run.reconstruct(images, t, generator)
+        diff = difference_map(images, recon, kernel, weight)
         quantile.update(diff.flatten() if fg is None else diff[fg])
     return quantile.compute()
 

@@ -16,8 +16,9 @@ from synomaly.errors import SynomalyError, readable
 
 log = logging.getLogger("synomaly")
 
-DETECT_OPTIONS = ("t", "max_stages", "kernel", "threshold", "min_size", "fusion", "sampler", "chain_steps")
-FIXED_OPTIONS = ("min_size", "sampler", "chain_steps")  # calibrate searches the others
+AUTODDPM_OPTIONS = ("inpaint_t", "resamplings", "perceptual", "dilation", "mask_threshold")
+DETECT_OPTIONS = ("t", "max_stages", "kernel", "threshold", "min_size", "fusion", "sampler", "chain_steps", *AUTODDPM_OPTIONS)
+FIXED_OPTIONS = ("min_size", "sampler", "chain_steps", *AUTODDPM_OPTIONS)  # calibrate searches the others
 DETECT_HELP = {
     "t": "diffusion timestep each stage noises to, 0..T-1 (larger hides larger lesions, and more anatomy)",
     "max_stages": "most stages (network evaluations) per image; 1 is single-stage",
@@ -25,8 +26,15 @@ DETECT_HELP = {
     "threshold": "anomaly-map value (difference on the [-1, 1] image scale) at and above which a pixel is flagged",
     "min_size": "smallest connected component kept, in pixels at the model's size",
     "fusion": "how each stage's mask fuses the reconstruction into the next input: binary or continuous",
-    "sampler": "one-step (predict the image from t in one evaluation) or chain (AnoDDPM's reverse chain)",
-    "chain_steps": "network evaluations of the reverse chain (sampler chain only)",
+    "sampler": "one-step (predict the image from t in one evaluation), chain (AnoDDPM's reverse chain) or autoddpm "
+               "(the chain, then AutoDDPM's mask, stitch and re-sample)",
+    "chain_steps": "network evaluations of the reverse chain (samplers chain and autoddpm)",
+    "inpaint_t": "timestep AutoDDPM's inpainting starts from; it costs inpaint_t x resamplings evaluations (sampler autoddpm)",
+    "resamplings": "network evaluations per inpainting timestep, 1 is none (sampler autoddpm)",
+    "perceptual": "perceptual map of AutoDDPM's mask: ssim (lpips is refused: no ImageNet network here) (sampler autoddpm)",
+    "dilation": "odd side of the square dilating AutoDDPM's mask, in pixels at the model's size; 1 is none (sampler autoddpm)",
+    "mask_threshold": "value of AutoDDPM's perceptual-residual map, 0..1, above which a pixel is inpainted; unset: each "
+                      "image's 95th percentile (sampler autoddpm)",
 }
 SOURCES_HELP = "image sources: files, folders (searched recursively; a folder of .dcm files is one series) or bundle.npz:key"
 MASKS_HELP = "one mask source per image source, in the same order ('none' for healthy inputs)"

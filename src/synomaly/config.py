@@ -22,7 +22,11 @@ T = TypeVar("T")
 
 FUSION_MODES = ("binary", "continuous")
 SCHEDULES = ("cosine", "linear")
-SAMPLERS = ("one-step", "chain")
+SAMPLERS = ("one-step", "chain", "autoddpm")
+PERCEPTUAL_MAPS = ("ssim",)
+# Why AutoDDPM's original perceptual term is refused (docs/method.md, AutoDDPM).
+LPIPS_UNAVAILABLE = ("'lpips' is not available: its network is the lpips package's over torchvision with ImageNet weights, which "
+                     "this package neither depends on (torchvision wheels pin their own torch) nor downloads; use 'ssim'")
 LOSSES = ("mse", "hybrid")
 PRECISIONS = {"32": "32-true", "bf16": "bf16-mixed"}  # to Lightning's names
 FLIPS = {"both": (-1, -2), "horizontal": (-1,), "vertical": (-2,), "none": ()}  # the tensor axes flipped
@@ -180,7 +184,17 @@ class DetectConfig:
             ``chain`` (AnoDDPM: the ancestral reverse chain from t to 0, the inference noise drawn
             at every step).
         chain_steps: Network evaluations of the reverse chain: the chain visits this many
-            timesteps spaced evenly from t down to 0 (``t + 1`` is the full chain).
+            timesteps spaced evenly from t down to 0 (``t + 1`` is the full chain). Also the first
+            reconstruction of ``autoddpm``.
+        inpaint_t: ``autoddpm``: the timestep its RePaint inpainting starts from; every timestep
+            from there down to 1 is visited.
+        resamplings: ``autoddpm``: network evaluations per inpainting timestep (RePaint's jumps back
+            by one step; 1 is none).
+        perceptual: ``autoddpm``: the perceptual map of its mask: ``ssim`` (the local SSIM
+            dissimilarity; the original's LPIPS is refused, see ``LPIPS_UNAVAILABLE``).
+        dilation: ``autoddpm``: odd side of the square that dilates its mask (1: none).
+        mask_threshold: ``autoddpm``: value of the perceptual-residual map (in [0, 1]) above which a
+            pixel is inpainted; ``None``: each image's 95th percentile of that map.
     """
 
     t: int = 200
@@ -195,6 +209,11 @@ class DetectConfig:
     noise: str = "gaussian"
     sampler: str = "one-step"
     chain_steps: int = 10
+    inpaint_t: int = 50
+    resamplings: int = 4
+    perceptual: str = "ssim"
+    dilation: int = 3
+    mask_threshold: float | None = None
 
     def __post_init__(self) -> None:
         _check(self.t >= 0, "detect.t", f"must be >= 0, got {self.t}")
@@ -214,10 +233,30 @@ class DetectConfig:
         _check(self.sampler in SAMPLERS, "detect.sampler", f"must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
         _check(self.chain_steps >= 1, "detect.chain_steps", f"must be >= 1, got {self.chain_steps}")
         _at_most(self.chain_steps, limits.MAX_CHAIN_STEPS, "detect.chain_steps")
+        self._check_autoddpm()
+
+    def _check_autoddpm(self) -> None:
+        _check(self.inpaint_t >= 1, "detect.inpaint_t", f"must be >= 1, got {self.inpaint_t}")
+        _check(self.inpaint_t < limits.MAX_TIMESTEPS, "detect.inpaint_t",
+               f"must be < {limits.MAX_TIMESTEPS} (the limit of T), got {self.inpaint_t}")
+        _check(self.resamplings >= 1, "detect.resamplings", f"must be >= 1, got {self.resamplings}")
+        _at_most(self.resamplings, limits.MAX_RESAMPLINGS, "detect.resamplings")
+        _check(self.perceptual != "lpips", "detect.perceptual", LPIPS_UNAVAILABLE)
+        _check(self.perceptual in PERCEPTUAL_MAPS, "detect.perceptual",
+               f"must be one of {', '.join(PERCEPTUAL_MAPS)}, got {self.perceptual!r}")
+        _check(self.dilation >= 1 and self.dilation % 2 == 1, "detect.dilation", f"must be a positive odd integer, got {self.dilation}")
+        _at_most(self.dilation, limits.MAX_KERNEL, "detect.dilation")
+        if self.mask_threshold is not None:
+            number = isinstance(self.mask_threshold, (int, float)) and not isinstance(self.mask_threshold, bool)
+            _check(number and 0.0 <= self.mask_threshold <= 1.0, "detect.mask_threshold",
+                   f"must be a number in [0, 1] or null (each image's 95th percentile), got {self.mask_threshold!r}")
+            object.__setattr__(self, "mask_threshold", float(self.mask_threshold))
 
     def check_timestep(self, num_timesteps: int) -> None:
-        """Raise ``ConfigError`` unless ``t`` is a valid timestep of a ``num_timesteps`` schedule."""
+        """Raise ``ConfigError`` unless ``t`` (and ``autoddpm``'s ``inpaint_t``) are timesteps of a ``num_timesteps`` schedule."""
         _check(self.t < num_timesteps, "detect.t", f"must be < T={num_timesteps}, got {self.t}")
+        if self.sampler == "autoddpm":
+            _check(self.inpaint_t < num_timesteps, "detect.inpaint_t", f"must be < T={num_timesteps}, got {self.inpaint_t}")
 
 
 @dataclass(frozen=True)

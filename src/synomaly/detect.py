@@ -7,13 +7,15 @@ mask area changes by less than ``tol`` (relative); stopped images leave the batc
 further network evaluations.
 
 The same loop serves every method of ``synomaly.methods``: each supplies one stage's
-reconstruction (the one-step prediction, AnoDDPM's reverse chain, a denoising autoencoder's forward
-pass, or ``x - p`` for a method whose output is a score map ``p``).
+reconstruction (the one-step prediction, AnoDDPM's reverse chain, AutoDDPM's inpainting, a
+denoising autoencoder's forward pass, or ``x - p`` for a method whose output is a score map ``p``),
+and optionally a weight map the difference is multiplied by (AutoDDPM's).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -26,8 +28,8 @@ from synomaly.methods.base import Network, NoiseFn
 from synomaly.methods.diffusion import chain_reconstruction, chain_timesteps, one_step_reconstruction
 from synomaly.schedule import DiffusionSchedule
 
-__all__ = ["DetectionOutput", "chain_reconstruction", "chain_timesteps", "multistage_detect", "one_step_reconstruction",
-           "reconstruct", "stage_cost", "stage_mask"]
+__all__ = ["DetectionOutput", "StageReconstruction", "chain_reconstruction", "chain_timesteps", "multistage_detect",
+           "one_step_reconstruction", "reconstruct", "stage_cost", "stage_mask"]
 
 
 @dataclass
@@ -36,8 +38,8 @@ class DetectionOutput:
 
     Attributes:
         reconstruction: Counterfactual healthy images of the last stage, ``[B, 1, H, W]``.
-        anomaly_map: Raw ``|blur(x_0) - blur(x0_hat)|`` of the last stage (not thresholded; zero
-            outside the foreground), ``[B, 1, H, W]``.
+        anomaly_map: Raw ``|blur(x_0) - blur(x0_hat)|`` of the last stage, times the method's weight
+            map where it has one (AutoDDPM), not thresholded, zero outside the foreground, ``[B, 1, H, W]``.
         mask: Binary anomaly mask of the last stage, ``[B, 1, H, W]`` bool.
         stages: Stages run per image, ``[B]``.
         converged: Whether each image stopped by the convergence rule (False: hit ``max_stages``).
@@ -46,7 +48,8 @@ class DetectionOutput:
         stage_masks: Mask after each stage, ``[B, S, 1, H, W]`` bool, padded the same way.
         score: Image-level anomaly score: the mask area in pixels (the paper's image score), ``[B]``.
         nfe: Network evaluations spent per image, ``[B]`` (``stages`` times the evaluations of one
-            reconstruction: 1, or ``chain_steps`` for the reverse chain).
+            reconstruction: 1, ``chain_steps`` for the reverse chain, ``chain_steps + inpaint_t *
+            resamplings`` for AutoDDPM).
     """
 
     reconstruction: Tensor
@@ -60,20 +63,29 @@ class DetectionOutput:
     nfe: Tensor
 
 
+class StageReconstruction(NamedTuple):
+    """One stage's reconstruction, the weight its difference map is multiplied by (``None``: none), and its cost."""
+
+    image: Tensor
+    weight: Tensor | None
+    nfe: int
+
+
 def stage_mask(
     images: Tensor, reconstructions: Tensor, config: DetectConfig, foreground: Tensor | None = None,
-    thresholds: Tensor | None = None,
+    thresholds: Tensor | None = None, weight: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, np.ndarray]:
     """Anomaly map and mask of one stage (docs/method.md §4).
 
     ``thresholds`` (``[L]``, optional) replaces ``config.threshold`` by ``L`` thresholds at once: the mask
     is then ``[L * N, 1, H, W]``, threshold-major (the blur runs once, the components in one call).
+    ``weight`` (a method's, from :func:`reconstruct`) multiplies the difference map.
 
     Returns:
         The raw difference map, the mask (difference >= threshold, inside the foreground, small
         components removed) and the mask areas as a host array.
     """
-    diff = difference_map(images, reconstructions, config.kernel)
+    diff = difference_map(images, reconstructions, config.kernel, weight)
     if foreground is not None:
         diff = diff * foreground
     if thresholds is None:
@@ -92,10 +104,11 @@ def stage_cost(config: DetectConfig, method: str = "diffusion") -> int:
 def reconstruct(
     model: Network, schedule: DiffusionSchedule, images: Tensor, config: DetectConfig, noise: NoiseFn,
     generator: torch.Generator | None = None, method: str = "diffusion",
-) -> tuple[Tensor, int]:
-    """One stage's reconstruction of ``images`` by ``method`` and the network evaluations it took."""
+) -> StageReconstruction:
+    """One stage's reconstruction of ``images`` by ``method``, its map weight and the network evaluations it took."""
     chosen = get_method(method)
-    return chosen.reconstruct(model, schedule, images, config, noise, generator), chosen.cost(config)
+    image, weight = chosen.reconstruct_weighted(model, schedule, images, config, noise, generator)
+    return StageReconstruction(image, weight, chosen.cost(config))
 
 
 @torch.no_grad()
@@ -129,10 +142,10 @@ def multistage_detect(
     for _ in range(config.max_stages):
         x0 = images[active]
         fg_a = fg[active] if fg is not None else None
-        x0_hat, cost = reconstruct(model, schedule, fused[active], config, noise, generator, method)
-        diff, m, area = stage_mask(x0, x0_hat, config, fg_a)
-        weight = m.to(images.dtype) if config.fusion == "binary" else diff * m
-        fused[active] = weight * x0_hat + (1.0 - weight) * x0
+        x0_hat, weight, cost = reconstruct(model, schedule, fused[active], config, noise, generator, method)
+        diff, m, area = stage_mask(x0, x0_hat, config, fg_a, weight=weight)
+        share = m.to(images.dtype) if config.fusion == "binary" else diff * m
+        fused[active] = share * x0_hat + (1.0 - share) * x0
         recon[active], amap[active], mask[active] = x0_hat, diff, m
         history.append((recon.clone(), mask.clone()))
         stages[active_idx] += 1

@@ -29,6 +29,7 @@ MAX_TIMESTEPS = 100_000  # diffusion steps T: 100x the paper's 1000; the schedul
 MAX_KERNEL = 1023  # blur kernel side, in pixels at the model size: half the largest model input
 MAX_STAGES = 100  # detection stages per image (the paper stops within 5)
 MAX_CHAIN_STEPS = MAX_TIMESTEPS  # reverse-chain evaluations: the full chain visits at most T timesteps
+MAX_RESAMPLINGS = 1000  # AutoDDPM's evaluations per inpainting timestep (the authors use 4-5, RePaint 10)
 MAX_AREA = MAX_IMAGE_SIZE**2  # pixel counts (detect.min_size, detect.min_area): a whole model input
 MAX_BATCH_SIZE = 4096  # images per batch (detection or a training step and device)
 MAX_STEPS = 100_000_000  # training steps (and the step intervals of checkpoints, previews, log rows)

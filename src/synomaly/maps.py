@@ -14,11 +14,12 @@ def blur(images: Tensor, kernel: int) -> Tensor:
     return separable_filter(images, opencv_kernel1d(kernel, device=images.device, dtype=images.dtype))
 
 
-def difference_map(images: Tensor, reconstructions: Tensor, kernel: int) -> Tensor:
-    """``d = |blur(x_0) - blur(x0_hat)|``, one blur call for both."""
+def difference_map(images: Tensor, reconstructions: Tensor, kernel: int, weight: Tensor | None = None) -> Tensor:
+    """``d = |blur(x_0) - blur(x0_hat)|``, one blur call for both; times ``weight`` when a method gives one (AutoDDPM)."""
     both = blur(torch.cat([images, reconstructions]), kernel)
     original, recon = both.chunk(2)
-    return (original - recon).abs()
+    diff = (original - recon).abs()
+    return diff if weight is None else diff * weight
 
 
 def above_threshold(diff: Tensor, threshold: float | Tensor) -> Tensor:

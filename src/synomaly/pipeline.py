@@ -276,13 +276,18 @@ class SynomalyPipeline:
         return multistage_detect(self.network, self.schedule, images, config, self.inference_noise(config.noise),
                                  generator, foreground, self.config.method)
 
-    @torch.no_grad()
     def reconstruct(self, images: Tensor, generator: torch.Generator | None = None, **overrides: Any) -> Tensor:
         """The first stage's reconstruction of a checked batch, exactly as ``detect`` computes it."""
+        return self.reconstruct_weighted(images, generator, **overrides)[0]
+
+    @torch.no_grad()
+    def reconstruct_weighted(self, images: Tensor, generator: torch.Generator | None = None,
+                             **overrides: Any) -> tuple[Tensor, Tensor | None]:
+        """:meth:`reconstruct` and the weight its difference map is multiplied by (``None`` unless AutoDDPM)."""
         config = self.detect_config(**overrides)
-        recon, _ = reconstruct(self.network, self.schedule, images, config, self.inference_noise(config.noise),
-                               generator, self.config.method)
-        return recon
+        recon, weight, _ = reconstruct(self.network, self.schedule, images, config, self.inference_noise(config.noise),
+                                       generator, self.config.method)
+        return recon, weight
 
     @property
     def preprocessing(self) -> Preprocessing:

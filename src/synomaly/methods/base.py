@@ -56,6 +56,15 @@ class Method:
         """One stage's reconstruction of ``[B, 1, H, W]`` images in [-1, 1]."""
         raise NotImplementedError
 
+    def reconstruct_weighted(self, model: Network, schedule: DiffusionSchedule, images: Tensor, config: DetectConfig,
+                             noise: NoiseFn, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor | None]:
+        """One stage's reconstruction and the weight its difference map is multiplied by (``None``: no weight).
+
+        The detection map is ``|blur(x) - blur(x_hat)|``, times this weight where the method defines one
+        (AutoDDPM: its first pass's perceptual-residual map, which the authors' final map multiplies in).
+        """
+        return self.reconstruct(model, schedule, images, config, noise, generator), None
+
     def cost(self, config: DetectConfig) -> int:
         """Network evaluations of one stage."""
         return 1

@@ -2,8 +2,9 @@
 
 Training adds the training noise (Synomaly: Gaussian plus intensity-shifted blobs; or Gaussian,
 simplex, coarse, pyramid) at a random timestep and learns to predict it. Inference noises the
-input to ``t`` and predicts ``x_0`` in one evaluation (the paper's rule), or walks AnoDDPM's
-reverse chain from ``t`` (``sampler="chain"``).
+input to ``t`` and predicts ``x_0`` in one evaluation (the paper's rule), walks AnoDDPM's
+reverse chain from ``t`` (``sampler="chain"``), or inpaints that chain's suspected region by
+AutoDDPM's mask, stitch and re-sample (``sampler="autoddpm"``, ``synomaly.methods.autoddpm``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from synomaly.config import DetectConfig
+from synomaly.methods.autoddpm import autoddpm_reconstruction, inpainting_cost
 from synomaly.methods.base import Method, Network, NoiseFn
 from synomaly.schedule import DiffusionSchedule
 
@@ -74,12 +76,22 @@ class Diffusion(Method):
 
     def reconstruct(self, model: Network, schedule: DiffusionSchedule, images: Tensor, config: DetectConfig,
                     noise: NoiseFn, generator: torch.Generator | None = None) -> Tensor:
+        return self.reconstruct_weighted(model, schedule, images, config, noise, generator)[0]
+
+    def reconstruct_weighted(self, model: Network, schedule: DiffusionSchedule, images: Tensor, config: DetectConfig,
+                             noise: NoiseFn, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor | None]:
+        if config.sampler == "one-step":
+            return one_step_reconstruction(model, schedule, images, config.t, noise, generator), None
+        chain = chain_reconstruction(model, schedule, images, config.t, config.chain_steps, noise, generator)
         if config.sampler == "chain":
-            return chain_reconstruction(model, schedule, images, config.t, config.chain_steps, noise, generator)
-        return one_step_reconstruction(model, schedule, images, config.t, noise, generator)
+            return chain, None
+        return autoddpm_reconstruction(model, schedule, images, chain, config, noise, generator)
 
     def cost(self, config: DetectConfig) -> int:
-        return len(chain_timesteps(config.t, config.chain_steps)) if config.sampler == "chain" else 1
+        if config.sampler == "one-step":
+            return 1
+        chain = len(chain_timesteps(config.t, config.chain_steps))
+        return chain + inpainting_cost(config) if config.sampler == "autoddpm" else chain
 
     def detect_defaults(self, noise: str, areas: dict[str, Any]) -> DetectConfig:
         # Synomaly noise is for training only: inference adds Gaussian noise. The DDPM baselines add their own.
