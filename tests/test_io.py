@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -41,6 +43,8 @@ def write_dicom(
     slope: float = 1.0,
     intercept: float = 0.0,
     series: str = "1.2.826.0.1.3680043.8.498.1",
+    orientation: tuple[float, ...] = (1, 0, 0, 0, 1, 0),
+    spacing: tuple[float, float] = (0.5, 0.75),
 ) -> None:
     """A minimal single-frame CT file with ``pixels`` (uint16 ``[rows, cols]``) written by pydicom."""
     from pydicom.dataset import FileDataset, FileMetaDataset
@@ -57,10 +61,10 @@ def write_dicom(
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
     ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-    ds.PixelSpacing = [0.5, 0.75]
+    ds.PixelSpacing = list(spacing)
     if position is not None:
         ds.ImagePositionPatient = list(position)
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImageOrientationPatient = list(orientation)
     if instance is not None:
         ds.InstanceNumber = instance
     ds.PixelData = pixels.astype(np.uint16).tobytes()
@@ -337,6 +341,66 @@ def test_folder_with_two_series_is_refused(tmp_path):
     write_dicom(tmp_path / "b.dcm", pattern(), instance=2, series="1.2.4")
     with pytest.raises(InputError, match="2 DICOM series"):
         read_images(tmp_path)
+
+
+@pytest.mark.parametrize("orientation, spacing, problem", [
+    ((0, 0, 0, 0, 0, 0), (0.5, 0.75), r"ImageOrientationPatient \(0, 0, 0, 0, 0, 0\) is not two perpendicular unit vectors"),
+    ((1, 0, 0, 1, 0, 0), (0.5, 0.75), "ImageOrientationPatient .* is not two perpendicular unit vectors"),
+    ((1, 0, 0, 0, 1, 0), (0.0, 0.75), r"PixelSpacing \(0, 0.75\) is not two positive numbers"),
+])
+def test_dicom_geometry_that_describes_no_grid_is_refused_naming_the_file(tmp_path, orientation, spacing, problem):
+    write_dicom(tmp_path / "a.dcm", pattern(), position=(0, 0, 0), orientation=orientation, spacing=spacing)
+    with pytest.raises(InputError, match=problem) as error:  # before: a nibabel traceback when the output was written
+        read_images(tmp_path / "a.dcm")
+    assert str(error.value).startswith(str(tmp_path / "a.dcm")) and "\n" not in str(error.value)
+    folder = tmp_path / "series"
+    folder.mkdir()
+    for k in range(2):
+        write_dicom(folder / f"s{k}.dcm", pattern(), position=(0, 0, k), orientation=orientation, spacing=spacing)
+    with pytest.raises(InputError, match=problem):
+        read_images(folder)
+
+
+def test_a_series_with_two_slices_at_one_position_is_refused_naming_the_folder(tmp_path):
+    for k, z in enumerate((0.0, 2.0, 2.0, 4.0)):  # e.g. two echoes of one slice in the folder
+        write_dicom(tmp_path / f"s{k}.dcm", pattern(offset=k), position=(0, 0, z), instance=k + 1)
+    with pytest.raises(InputError, match="2 slices lie at the same position .s1.dcm and s2.dcm at 2 mm") as error:
+        read_images(tmp_path)
+    assert str(error.value).startswith(f"{tmp_path}: ") and "own folder" in str(error.value)
+
+
+def test_a_series_mixing_orientations_is_read_by_instance_number_with_one_warning(tmp_path, caplog):
+    for k, orientation in enumerate([(1, 0, 0, 0, 1, 0), (0, 1, 0, 0, 0, -1), (1, 0, 0, 0, 1, 0)]):
+        write_dicom(tmp_path / f"s{k}.dcm", pattern(offset=k), position=(0, 0, 2 * k), instance=3 - k, orientation=orientation)
+    with caplog.at_level(logging.WARNING, logger="synomaly.io"):
+        images, props = read_images(tmp_path)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith(f"{tmp_path}: the slices of this series have 2 different orientations")
+    assert props.extra["sorted_by"] == "instance" and props.affine is None
+    assert [images[n, 0, 0] for n in range(3)] == [2.0, 1.0, 0.0]
+
+
+def test_npz_ids_that_are_not_one_per_slice_are_ignored_with_a_warning(tmp_path, caplog):
+    from synomaly.io import read_npz_ids
+
+    np.savez(tmp_path / "b.npz", images=np.zeros((2, 8, 8)), images_ids=np.array("p1"), other_ids=np.array(["a", "b"]))
+    with caplog.at_level(logging.WARNING, logger="synomaly.io"):
+        assert read_npz_ids(tmp_path / "b.npz", "images", 2) is None  # before: a 0-d array raised a TypeError
+    assert f"{tmp_path / 'b.npz'}: images_ids of shape () is not one id per slice (2 slices read)" in caplog.text
+    assert read_npz_ids(tmp_path / "b.npz", "other", 2) == ["a", "b"]
+    np.savez(tmp_path / "o.npz", images=np.zeros((2, 8, 8)), images_ids=np.array([{"a": 1}, "b"], dtype=object))
+    with pytest.raises(InputError, match="o.npz: cannot read images_ids"):
+        read_npz_ids(tmp_path / "o.npz", "images", 2)
+
+
+def test_a_scale_slope_beyond_float32_is_refused_without_numpy_warnings(tmp_path):
+    image = nib.Nifti1Image(np.full((8, 8, 2), 1000, np.int16), np.eye(4))
+    image.header.set_slope_inter(1e38, 0)
+    nib.save(image, tmp_path / "slope.nii.gz")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(InputError, match="slope.nii.gz: contains NaN or infinite values .or values beyond float32"):
+            read_images(tmp_path / "slope.nii.gz")
 
 
 @pytest.mark.parametrize("name, shape", [("CT_small.dcm", (1, 128, 128)), ("MR_small.dcm", (1, 64, 64))])

@@ -7,8 +7,10 @@ exactly the lines these cases print. After changing a message, regenerate the pa
 
 from __future__ import annotations
 
+import errno
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -40,13 +42,18 @@ class Case:
     argv: str
     code: int = 2
     expect: str = ""
+    summary: bool = False  # a run stopped by a bad input still writes summary.json (skipped inputs always do)
+
+    @property
+    def writes_summary(self) -> bool:
+        return self.code == 1 or self.summary
 
 
 CASES = [
     # detect: files
     Case("detect-corrupt-png", "corrupt PNG", "detect {f}/corrupt.png -m {m} -o {o}", 1, "corrupt.png: cannot read image"),
     Case("detect-corrupt-png-stop", "corrupt PNG after a good one, `--on-error stop`",
-         "detect {f}/good.png {f}/corrupt.png -m {m} -o {o} --on-error stop", 2, "corrupt.png: cannot read image"),
+         "detect {f}/good.png {f}/corrupt.png -m {m} -o {o} --on-error stop", 2, "corrupt.png: cannot read image", summary=True),
     Case("detect-empty-file", "empty file", "detect {f}/empty.png -m {m} -o {o}", 1, "empty.png: file is empty"),
     Case("detect-suffix", "unsupported suffix", "detect {f}/notes.xyz -m {m} -o {o}", 1, "notes.xyz: unsupported file type"),
     Case("detect-missing", "missing file", "detect {f}/missing.png -m {m} -o {o}", 1, "missing.png: does not exist"),
@@ -69,6 +76,24 @@ CASES = [
          "wide3.npy: 3 slices of 16000x16 take 768,000,000 pixels once fitted to 32x32 (letterbox); at most 536,870,912"),
     Case("detect-npz-bomb", "`.npz` whose array unpacks to 14.9 GiB", "detect {f}/bomb.npz -m {m} -o {o}", 1,
          "bomb.npz: array 'images' of shape (1000, 2000, 2000) takes 14.9 GiB once decompressed; at most 2 GiB (the limit)"),
+    # detect: headers and arrays that fail after reading (a skipped input leaves no case folder behind)
+    Case("detect-nan-sform", "NIfTI with a NaN in its sform", "detect {f}/nansform.nii.gz -m {m} -o {o}", 1,
+         "nansform.nii.gz: the affine (sform/qform) holds NaN or infinite values"),
+    Case("detect-zero-orientation", "DICOM with an all-zero `ImageOrientationPatient`", "detect {f}/zeroiop.dcm -m {m} -o {o}", 1,
+         "zeroiop.dcm: ImageOrientationPatient (0, 0, 0, 0, 0, 0) is not two perpendicular unit vectors"),
+    Case("detect-same-position", "DICOM series with two slices at one position", "detect {f}/twice -m {m} -o {o}", 1,
+         "twice: 2 slices lie at the same position (s0.dcm and s1.dcm at 0 mm along the slice normal)"),
+    Case("detect-slope-overflow", "NIfTI whose scale slope takes values beyond float32", "detect {f}/slope.nii.gz -m {m} -o {o}", 1,
+         "slope.nii.gz: contains NaN or infinite values (or values beyond float32 range)"),
+    Case("detect-ids-object", "`.npz` whose `images_ids` is an object array", "detect {f}/idsobj.npz:images -m {m} -o {o}", 1,
+         "idsobj.npz: cannot read images_ids (Object arrays cannot be loaded when allow_pickle=False)"),
+    Case("detect-ids-object-stop", "the same, `--on-error stop`", "detect {f}/idsobj.npz:images -m {m} -o {o} --on-error stop", 2,
+         "idsobj.npz: cannot read images_ids", summary=True),
+    # detect: outputs
+    Case("detect-output-file", "`--output` is a file", "detect {f}/good.png -m {m} -o {f}/notes.xyz", 2,
+         "notes.xyz: is a file, not a folder; choose another output folder"),
+    Case("detect-output-under-file", "`--output` sits under a file", "detect {f}/good.png -m {m} -o {f}/notes.xyz/out", 2,
+         "notes.xyz/out: sits under"),
     # detect: model folders
     Case("model-missing", "model folder missing", "detect {f}/good.png -m {f}/nomodel -o {o}", 2, "nomodel: model folder not found"),
     Case("model-no-config", "`config.json` missing", "detect {f}/good.png -m {f}/m_noconfig -o {o}", 2, "config.json: missing"),
@@ -96,6 +121,8 @@ CASES = [
          "config.json: model: the network would have 1,543,778,305 parameters; at most 1,000,000,000 (the limit)"),
     Case("model-digits", "`config.json` with an integer of 5,001 digits", "detect {f}/good.png -m {f}/m_digits -o {o}", 2,
          "config.json: not valid JSON (a number of 5001 digits; at most 4300 digits are read)"),
+    Case("model-deep", "`config.json` nested 100,000 levels deep", "detect {f}/good.png -m {f}/m_deep -o {o}", 2,
+         "config.json: not valid JSON (nested too deeply)"),
     # detect: options
     Case("option-threshold", "`--threshold 5`", "detect {f}/good.png -m {m} -o {o} --threshold 5", 2, "detect.threshold: must be in [0, 2)"),
     Case("option-t", "`--t 1000` (T = 1000)", "detect {f}/good.png -m {m} -o {o} --t 1000", 2, "detect.t: must be < T=1000"),
@@ -150,6 +177,11 @@ CASES = [
          "train.weight_decay: must be a finite number >= 0, got -1.0"),
     Case("train-size-limit", "`--image-size 4096`", "train {f}/good.png -o {o} --image-size 4096", 2,
          "model.image_size: must be <= 2048 (the limit), got 4096"),
+    Case("train-output-file", "`--output` is a file", "train {f}/good.png -o {f}/notes.xyz", 2, "notes.xyz: is a file, not a folder"),
+    Case("train-resume-finished", "`--resume` of a finished run with another `--model`", "train {f}/good.png -o {m} --resume --model small",
+         2, "/config.json holds another network (model.channels [8, 8, 8] there, [32, 64, 128] now"),
+    Case("train-resume-checkpoint", "`--resume` of an interrupted run with another `--model`",
+         "train {f}/good.png -o {f}/m_ckpt --resume --model small", 2, "last.ckpt was saved by a run with another network"),
     # calibrate
     Case("calibrate-mask-shape", "mask of another size than its image", "calibrate {f}/good.png -m {mc} --masks {f}/mask16.png", 2,
          "mask16.png: mask shape (1, 16, 16) of 1 slices does not match image shape (1, 32, 32)"),
@@ -184,10 +216,18 @@ CASES = [
          "--device: must be auto, cpu"),
     Case("evaluate-exists", "evaluation folder already written", "evaluate {f}/good.png --masks {f}/mask255.png -m {m} -o {f}/done", 2,
          "metrics.json: already exists"),
+    Case("evaluate-output-under-file", "`--output` sits under a file",
+         "evaluate {f}/good.png --masks {f}/mask255.png -m {m} -o {f}/notes.xyz/eval", 2, "notes.xyz/eval: sits under"),
     # report
     Case("report-not-evaluation", "folder without `metrics.json`", "report {f}/emptydir -o {o}/r.html", 2, "metrics.json: missing"),
     Case("report-missing", "folder missing", "report {f}/missingdir", 2, "missingdir: not a folder"),
     Case("report-corrupt", "`metrics.json` not JSON", "report {f}/badeval -o {o}/r.html", 2, "metrics.json: not valid JSON"),
+    Case("report-rows", "`metrics.json` whose `per_case` is not a list of objects", "report {f}/ev_rows -o {o}/r.html", 2,
+         'metrics.json: "per_case" must be a list of objects'),
+    Case("report-value", "`metrics.json` with text where numbers belong", "report {f}/ev_value -o {o}/r.html", 2,
+         "metrics.json: malformed (ValueError: could not convert string to float"),
+    Case("report-output-folder", "`--output` is a folder", "report {f}/evaluation -o {f}/emptydir", 2,
+         "emptydir: is a folder; give the report's file name"),
 ]
 TRAIN_OPTIONS = ["--model", "tiny", "--image-size", "32", "--device", "cpu", "--train.steps", "2", "--train.progress", "false"]
 SEEN: dict[str, tuple[int, str]] = {}
@@ -257,7 +297,40 @@ def files(tmp_path_factory, tiny_model_dir) -> Path:
     (root / "done" / "metrics.json").write_text("{}")
     (root / "badeval").mkdir()
     (root / "badeval" / "metrics.json").write_text("{oops")
+    bad_headers(root)
+    damaged("m_deep", lambda d: (d / "config.json").write_text('{"model": ' + "[" * 100_000 + "]" * 100_000 + "}"))
+    shutil.copytree(tiny_model_dir / "checkpoints", root / "m_ckpt" / "checkpoints")  # an interrupted run
+    assert main(["--quiet", "evaluate", str(root / "good.png"), "--masks", str(root / "mask255.png"), "-m", str(tiny_model_dir),
+                 "-o", str(root / "evaluation"), "--device", "cpu"]) == 0
+    for name, change in (("ev_rows", lambda m: m.update(per_case="x")),
+                         ("ev_value", lambda m: m["aggregate"].update(dice_per_stage="x"))):
+        shutil.copytree(root / "evaluation", root / name)
+        metrics = json.loads((root / name / "metrics.json").read_text())
+        change(metrics)
+        (root / name / "metrics.json").write_text(json.dumps(metrics))
     return root
+
+
+def bad_headers(root: Path) -> None:
+    """Files whose header or side arrays fail after the pixels are read: NIfTI, DICOM, .npz."""
+    import nibabel as nib
+    from test_io import write_dicom
+
+    pixels = (np.random.default_rng(2).random((32, 32)) * 1000).astype(np.uint16)
+    image = nib.Nifti1Image(np.zeros((32, 32, 3), np.float32), None)  # the header's sform is kept as set
+    affine = np.eye(4)
+    affine[0, 1] = np.nan
+    image.header.set_sform(affine, code=1)
+    image.header.set_qform(None, code=0)
+    nib.save(image, root / "nansform.nii.gz")
+    scaled = nib.Nifti1Image(np.full((32, 32, 2), 1000, np.int16), np.eye(4))
+    scaled.header.set_slope_inter(1e38, 0)
+    nib.save(scaled, root / "slope.nii.gz")
+    write_dicom(root / "zeroiop.dcm", pixels, position=(0, 0, 0), orientation=(0, 0, 0, 0, 0, 0))
+    (root / "twice").mkdir()
+    for k, z in enumerate((0.0, 0.0, 2.0)):
+        write_dicom(root / "twice" / f"s{k}.dcm", pixels, position=(0, 0, z), instance=k + 1)
+    np.savez(root / "idsobj.npz", images=np.zeros((2, 32, 32)), images_ids=np.array([{"a": 1}, "b"], dtype=object))
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -284,11 +357,14 @@ def test_bad_input_gives_one_line_and_writes_nothing(case, files, tiny_model_dir
     assert (snapshot(files), snapshot(tiny_model_dir), snapshot(copy)) == before
     written = sorted(snapshot(out)) if out.exists() else []
     finished = [name for name in written if name.startswith("good/")]  # inputs done before a stop stay done
-    assert sorted(set(written) - set(finished)) == (["summary.json"] if case.code == 1 else [])
+    assert sorted(set(written) - set(finished)) == (["summary.json"] if case.writes_summary else [])
     assert not finished or "good/case.json" in finished
-    if case.code == 1:
-        failed = json.loads((out / "summary.json").read_text())["failed"]
-        assert len(failed) == 1 and case.expect in failed[0]["error"]
+    folders = sorted(p.name for p in out.iterdir() if p.is_dir()) if out.exists() else []
+    assert folders == (["good"] if finished else [])  # no empty or half-written case folder
+    if case.writes_summary:
+        summary = json.loads((out / "summary.json").read_text())
+        assert len(summary["failed"]) == 1 and case.expect in summary["failed"][0]["error"]
+        assert (case.code == 2) == (case.expect in summary.get("stopped", ""))
 
 
 @pytest.mark.parametrize("argv, line", [
@@ -394,6 +470,267 @@ def test_detect_killed_midway_completes_the_missing_cases_on_rerun(tiny_model_di
     assert sum("outputs exist, skipped" in line for line in rerun.stderr.splitlines()) == len(done_before)
 
 
+# ---------------------------------------------------------------- failures after reading, --on-error
+
+
+def _three_pngs(folder: Path) -> list[Path]:
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    paths = [folder / f"{name}.png" for name in ("a", "b", "c")]
+    for path in paths:
+        Image.fromarray((rng.random((32, 32)) * 255).astype(np.uint8)).save(path)
+    return paths
+
+
+@pytest.mark.parametrize("on_error", ["skip", "stop"])
+def test_a_failure_after_reading_is_one_named_input_and_summary_json_is_always_written(tiny_model_dir, tmp_path, monkeypatch,
+                                                                                       capsys, on_error):
+    from nibabel.spatialimages import HeaderDataError
+
+    import synomaly.detect_files as detect_files
+
+    inputs = _three_pngs(tmp_path / "in")
+    original = detect_files._write_case_outputs
+
+    def failing(case_dir, *args, **kwargs):  # one output written, then the writer fails as nibabel does
+        if case_dir.name == "b":
+            case_dir.mkdir()
+            np.save(case_dir / "mask.npy", np.zeros(1))
+            raise HeaderDataError("Could not decompose affine")
+        return original(case_dir, *args, **kwargs)
+
+    monkeypatch.setattr(detect_files, "_write_case_outputs", failing)
+    out = tmp_path / "out"
+    code = main(["--quiet", "detect", *map(str, inputs), "-m", str(tiny_model_dir), "-o", str(out), "--device", "cpu",
+                 "--on-error", on_error])
+    err = capsys.readouterr().err
+    line = f"{inputs[1]}: cannot be processed (HeaderDataError: Could not decompose affine)"
+    assert "Traceback" not in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["failed"] == [{"input": str(inputs[1]), "error": line}]
+    assert not (out / "b").exists()  # nothing half-written is left behind
+    if on_error == "skip":
+        assert code == 1 and err.strip().splitlines()[-1] == f"synomaly detect: 1 input(s) skipped ({line}); see summary.json"
+        assert [c["output"] for c in summary["cases"]] == ["a", "c"] and "stopped" not in summary
+    else:
+        assert code == 2 and err.strip().splitlines() == [f"synomaly detect: error: {line}"]
+        assert [c["output"] for c in summary["cases"]] == ["a"]
+        assert summary["stopped"] == line and summary["not_run"] == [str(inputs[2])]
+
+
+# ---------------------------------------------------------------- faults: full disk, read-only places
+
+
+def test_a_full_disk_stops_detect_with_one_line_keeping_finished_cases_and_a_rerun_completes(tiny_model_dir, tmp_path,
+                                                                                            monkeypatch, capsys):
+    from synomaly import _atomic
+
+    _three_pngs(tmp_path / "in")
+    out = tmp_path / "out"
+    commit = _atomic._commit
+
+    def full_from_b(tmp, path):  # the disk fills while the second input's outputs are written
+        if path.parent.name in ("b", "c") or path.name == "summary.json":
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+        commit(tmp, path)
+
+    argv = ["--quiet", "detect", str(tmp_path / "in"), "-m", str(tiny_model_dir), "-o", str(out), "--device", "cpu"]
+    monkeypatch.setattr(_atomic, "_commit", full_from_b)
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert re.fullmatch(rf"synomaly detect: error: {re.escape(str(out))}/b/\w+\.\w+: cannot be written: no space left on the device; free space "
+                        r"and run the same command again\n", err), err
+    assert sorted(p.name for p in out.iterdir()) == ["a"] and (out / "a" / "case.json").is_file()
+    assert not [p for p in out.rglob(".*")]  # no temporary file is left
+    monkeypatch.setattr(_atomic, "_commit", commit)  # space freed
+    assert main(argv) == 0, capsys.readouterr().err
+    assert [c["output"] for c in json.loads((out / "summary.json").read_text())["cases"]] == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("make", ["runtime", "oserror"])
+def test_a_write_failing_for_lack_of_space_is_one_line_naming_the_file_whatever_the_writer_raises(tmp_path, monkeypatch, make):
+    from synomaly import _atomic
+    from synomaly.errors import OutputError
+
+    target = tmp_path / "weights.bin"
+    target.write_bytes(b"old")
+
+    def writer(tmp):  # torch and safetensors wrap the OSError of a full disk in their own errors
+        cause = OSError(errno.ENOSPC, "No space left on device")
+        if make == "oserror":
+            raise cause
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed") from cause
+
+    with pytest.raises(OutputError, match=f"^{target}: cannot be written: no space left on the device"):
+        with _atomic.atomic_path(target) as tmp:
+            writer(tmp)
+    assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["weights.bin"]
+    with pytest.raises(RuntimeError, match="unrelated"):  # other failures pass through unchanged
+        with _atomic.atomic_path(target):
+            raise RuntimeError("unrelated")
+
+
+def _read_only(monkeypatch, root: Path) -> None:
+    """Make ``root`` and everything under it refuse new files, as a read-only file system does (the tests run as root)."""
+    from synomaly import _atomic
+
+    real = _atomic._mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir).resolve().is_relative_to(root.resolve()):
+            raise OSError(errno.EROFS, "Read-only file system", str(dir))
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(_atomic, "_mkstemp", mkstemp)
+
+
+def _no_work(*args, **kwargs):
+    raise AssertionError("work started before the output place was checked")
+
+
+@pytest.mark.parametrize("command", ["detect", "evaluate", "train", "calibrate", "report"])
+def test_a_read_only_output_or_model_folder_is_refused_before_any_work(files, tiny_model_dir, tmp_path, monkeypatch, capsys,
+                                                                      command):
+    import synomaly.calibrate
+    import synomaly.commands
+    import synomaly.detect_files
+    import synomaly.report
+
+    read_only = tmp_path / "read_only"
+    shutil.copytree(tiny_model_dir, read_only / "model", ignore=shutil.ignore_patterns("checkpoints", "logs", "previews"))
+    out = read_only / "out"
+    for module, name in ((synomaly.detect_files, "load_file"), (synomaly.commands, "load_cases"),
+                         (synomaly.calibrate, "calibrate"), (synomaly.report, "_load")):
+        monkeypatch.setattr(module, name, _no_work)
+    _read_only(monkeypatch, read_only)
+    argv = {
+        "detect": ["detect", str(files / "good.png"), "-m", str(tiny_model_dir), "-o", str(out)],
+        "evaluate": ["evaluate", str(files / "good.png"), "--masks", str(files / "mask255.png"), "-m", str(tiny_model_dir), "-o", str(out)],
+        "train": ["train", str(files / "good.png"), "-o", str(out), *TRAIN_OPTIONS],
+        "calibrate": ["calibrate", str(files / "good.png"), "--masks", str(files / "mask255.png"), "-m", str(read_only / "model")],
+        "report": ["report", str(files / "evaluation"), "-o", str(out / "report.html")],
+    }[command]
+    before = snapshot(read_only)
+    code = main(["--quiet", *argv])
+    err = capsys.readouterr().err
+    if command == "calibrate":
+        where, hint = f"{read_only / 'model'}: cannot be written", "copy the model folder somewhere writable and calibrate the copy"
+    else:
+        where, hint = f"{out}: cannot be written (it would be made in {read_only})", "choose a writable output folder"
+    assert code == 2 and err == f"synomaly {command}: error: {where}: the file system is read-only; {hint}\n"
+    assert snapshot(read_only) == before and not out.exists()
+
+
+def test_write_checks_name_a_file_in_the_way_and_leave_nothing_behind(tmp_path):
+    from synomaly import _atomic
+    from synomaly.errors import OutputError
+
+    (tmp_path / "file").write_text("x")
+    for folder, problem in ((tmp_path / "file", "is a file, not a folder"),
+                            (tmp_path / "file" / "a" / "b", f"sits under {tmp_path / 'file'}, which is a file")):
+        with pytest.raises(OutputError, match=f"^{folder}: {problem}; choose another output folder$"):
+            _atomic.check_writable(folder)
+        with pytest.raises(OutputError, match=problem):
+            _atomic.write_text(folder / "x.txt", "text")
+    _atomic.check_writable(tmp_path / "new" / "deeper")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # checking makes no folder and leaves no probe file
+
+
+# ---------------------------------------------------------------- warnings: probably wrong inputs
+
+
+@dataclass(frozen=True)
+class Warned:
+    """An input that is processed (exit 0) with one warning line naming it (``{ms}``: a model that records training statistics)."""
+
+    id: str
+    what: str
+    argv: str
+    expect: str
+
+
+WARNINGS = [
+    Warned("blank", "a blank (constant) image", "detect {f}/blank.png -m {ms} -o {o}", "blank.png: the image is blank"),
+    Warned("blank-slices", "a stack with 2 blank slices of 3", "detect {f}/blank2.npy -m {ms} -o {o}", "blank2.npy: 2 of 3 slices are blank"),
+    Warned("hot-pixel", "a 16-bit PNG with one pixel at 65535 (the rest below 256)", "detect {f}/hot.png -m {ms} -o {o}",
+           "hot.png: the image is dominated by a few extreme pixels"),
+    Warned("inverted", "contrast inverted (another modality)", "detect {f}/inverted.npy -m {ms} -o {o}",
+           "inverted.npy: intensities far from the training images'"),
+    Warned("mixed-orientations", "a DICOM series mixing orientations", "detect {f}/mixed -m {ms} -o {o}",
+           "mixed: the slices of this series have 2 different orientations"),
+    Warned("preprocess-size", "`config.json` with `preprocess.size` 64 for a 32 px network", "detect {f}/phantom.npy -m {f}/m_size -o {o}",
+           "m_size/config.json: preprocess.size 64 differs from model.image_size 32"),
+    Warned("npz-ids", "`.npz` whose `images_ids` is 0-d", "detect {f}/ids0.npz:images -m {ms} -o {o}",
+           "ids0.npz: images_ids of shape () is not one id per slice"),
+    Warned("evaluate-blank", "a blank image given to `evaluate`", "evaluate {f}/blank.png --masks none -m {ms} -o {o}",
+           "blank.png: the image is blank"),
+]
+SEEN_WARNINGS: dict[str, str] = {}
+
+
+@pytest.fixture(scope="module")
+def odd_inputs(files, tiny_model_dir, phantom_train, phantom_test) -> Path:
+    """Inputs that deserve a warning, and model copies: one recording training statistics as ``synomaly train`` does."""
+    from test_io import write_dicom
+
+    from synomaly.input_checks import intensity_statistics
+    from synomaly.preprocess import Preprocessing
+
+    healthy = phantom_test[0][:, 0].numpy()
+    np.save(files / "phantom.npy", healthy[0])
+    np.save(files / "phantoms.npy", healthy)
+    np.save(files / "inverted.npy", -healthy[1])
+    Image.fromarray(np.full((32, 32), 7, np.uint8)).save(files / "blank.png")
+    np.save(files / "blank2.npy", np.stack([healthy[2], np.zeros((32, 32)), np.ones((32, 32))]))
+    hot = ((healthy[3] + 1) * 100).astype(np.uint16)
+    hot[5, 5] = 65535
+    Image.fromarray(hot).save(files / "hot.png")
+    (files / "mixed").mkdir()
+    for k, orientation in enumerate([(1, 0, 0, 0, 1, 0), (0, 1, 0, 0, 0, -1), (1, 0, 0, 0, 1, 0)]):
+        pixels = ((healthy[4 + k] + 1) * 100).astype(np.uint16)
+        write_dicom(files / "mixed" / f"s{k}.dcm", pixels, position=(0, 0, 2 * k), instance=k + 1, orientation=orientation)
+    np.savez(files / "ids0.npz", images=healthy[:1], images_ids=np.array("p1"))
+    stats = intensity_statistics(Preprocessing(size=32).apply(phantom_train[:, 0].numpy())[0])
+    for name, preprocess in (("m_stats", {}), ("m_size", {"size": 64})):
+        shutil.copytree(tiny_model_dir, files / name, ignore=shutil.ignore_patterns("checkpoints", "logs", "previews"))
+        config = json.loads((files / name / "config.json").read_text())
+        config["training"]["intensity"], config["preprocess"] = stats, preprocess
+        (files / name / "config.json").write_text(json.dumps(config))
+    return files
+
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name.startswith("synomaly")]
+
+
+@pytest.mark.parametrize("case", WARNINGS, ids=[c.id for c in WARNINGS])
+def test_a_probably_wrong_input_gives_one_warning_naming_it(case, odd_inputs, tmp_path, caplog, capsys):
+    argv = case.argv.format(f=odd_inputs, ms=odd_inputs / "m_stats", o=tmp_path / "out").split()
+    with caplog.at_level(logging.WARNING):
+        code = main(["--quiet", *argv, "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    named = case.expect.split(": ")[0]
+    lines = [line for line in _warnings(caplog) if line.split(": ")[0].endswith(named)]
+    assert len(lines) == 1 and case.expect in lines[0], _warnings(caplog)  # once per input, naming it
+    SEEN_WARNINGS[case.id] = "WARNING " + lines[0].replace(f"{odd_inputs}/", "")
+
+
+def test_typical_inputs_give_no_warning(odd_inputs, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        code = main(["--quiet", "detect", str(odd_inputs / "phantom.npy"), str(odd_inputs / "phantoms.npy"), "-m",
+                     str(odd_inputs / "m_stats"), "-o", str(tmp_path / "out"), "--device", "cpu"])
+    assert code == 0 and _warnings(caplog) == []
+
+
+def test_training_records_the_statistics_the_checks_compare_with(tiny_model_dir):
+    from synomaly.input_checks import QUANTILES
+
+    stats = json.loads((tiny_model_dir / "config.json").read_text())["training"]["intensity"]
+    assert stats["quantiles"] == list(QUANTILES) and len(stats["reference"]) == len(QUANTILES)
+    assert stats["reference"] == sorted(stats["reference"]) and 0 < stats["distance_p99"] < 1 and stats["slices"] == 512
+
+
 def _table() -> str:
     rows = ["| command | bad input | exit | what the user sees (stderr) |", "|---|---|---:|---|"]
     for case in CASES:
@@ -415,6 +752,31 @@ def test_docs_reliability_shows_what_the_cases_print():
         start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
     assert text[start:end].strip() == table, "docs/reliability.md is out of date: regenerate it (see the module docstring)"
     assert re.search(r"test_sigkill_mid_training_then_resume_reaches_the_same_step", text)
+
+
+def _warnings_table() -> str:
+    rows = ["| input | what the user sees (stderr) |", "|---|---|"]
+    rows += [f"| {case.what} | `{SEEN_WARNINGS[case.id].replace('|', '¦')}` |" for case in WARNINGS]
+    return "\n".join(rows)
+
+
+def test_docs_reliability_shows_the_warnings_and_names_existing_tests():
+    missing = [c.id for c in WARNINGS if c.id not in SEEN_WARNINGS]
+    if missing:
+        pytest.skip(f"run the whole module to check the page ({len(missing)} cases did not run)")
+    text = DOC.read_text(encoding="utf-8")
+    begin, end = "<!-- warnings table: generated by tests/test_reliability.py -->", "<!-- end of warnings -->"
+    start, stop = text.index(begin) + len(begin), text.index(end)
+    table = _warnings_table()
+    if os.environ.get("SYNOMALY_WRITE_DOCS"):
+        DOC.write_text(text[:start] + "\n" + table + "\n" + text[stop:], encoding="utf-8")
+        text = DOC.read_text(encoding="utf-8")
+        start, stop = text.index(begin) + len(begin), text.index(end)
+    assert text[start:stop].strip() == table, "docs/reliability.md is out of date: regenerate it (see the module docstring)"
+    module = None
+    for file, name in re.findall(r"`(?:(tests/test_\w+\.py))?::(test_\w+)", text):  # every test the page cites exists
+        module = file or module
+        assert re.search(rf"^def {name}\(", (DOC.parents[1] / module).read_text(), re.M), f"{module}::{name}"
 
 
 def test_a_released_model_folder_needs_only_json_and_safetensors(tiny_model_dir, tmp_path):

@@ -12,11 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import synomaly
+from synomaly import _atomic
 from synomaly.config import PipelineConfig, model_preset
 from synomaly.data import Cases, load_cases
 from synomaly.detect_files import model_fingerprint, run_detect
 from synomaly.devices import DEVICES, lightning_accelerator, resolve_device, show_progress
-from synomaly.errors import ConfigError, InputError, OutputExistsError
+from synomaly.errors import ConfigError, InputError, OutputError, OutputExistsError
+from synomaly.input_checks import warn_input
 from synomaly.methods import METHODS, check_network_size, get_method
 from synomaly.pipeline import SynomalyPipeline, model_folder
 from synomaly.preprocess import MODALITY_PRESETS, Preprocessing, noise_params_for, preset_flips
@@ -90,6 +92,9 @@ def run_train(
     pre = Preprocessing.from_preset(preset, size=size, **(preprocess or {}))
     chosen = get_method(method)
     check_network_size(PipelineConfig(model=unet, method=method))  # before any data is read
+    _atomic.check_writable(output)
+    if resume:
+        _check_resume(Path(output), PipelineConfig(model=unet, method=method))
     train_config = train_config or TrainConfig()
     if train_config.flips is None:
         train_config = dataclasses.replace(train_config, flips=preset_flips(preset))
@@ -110,6 +115,46 @@ def run_train(
                  target=cases.masks if chosen.needs_masks else None, resume=resume, overwrite=overwrite)
 
 
+def _check_resume(output: Path, config: PipelineConfig) -> None:
+    """Refuse ``--resume`` with another network than the run in ``output`` has (before any data is read).
+
+    A finished run is compared by its ``config.json``, an interrupted one by the tensor shapes of its checkpoint.
+    """
+    import torch
+
+    from synomaly._json import json_plain, read_json
+    from synomaly.train import CHECKPOINT
+
+    hint = "resume with the options of the first run (--model, --image-size, --method), or pass --overwrite to start again"
+    written = output / "config.json"
+    if written.is_file():
+        earlier = read_json(written)
+        earlier_model = earlier.get("model") if isinstance(earlier, dict) else None
+        wanted = json_plain(dataclasses.asdict(config.model))
+        if isinstance(earlier_model, dict) and earlier_model != wanted:
+            changed = sorted(k for k in wanted if earlier_model.get(k) != wanted[k])
+            detail = ", ".join(f"model.{k} {earlier_model.get(k)} there, {wanted[k]} now" for k in changed[:3])
+            raise ConfigError("--model", f"{written} holds another network ({detail}); {hint}")
+    checkpoint = output / CHECKPOINT
+    if not checkpoint.is_file():
+        return
+    try:
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
+    except Exception as error:  # torch raises several types for damaged files
+        raise InputError(checkpoint, f"not a readable checkpoint ({type(error).__name__}: {error}); pass --overwrite to "
+                                     "start again") from None
+    with torch.device("meta"):
+        network = get_method(config.method).build(config)
+    wanted_shapes = {f"unet.{k}": tuple(v.shape) for k, v in network.state_dict().items()}
+    saved_shapes = {k: tuple(v.shape) for k, v in saved.items() if k.startswith("unet.")}
+    differ = sorted(k for k in wanted_shapes.keys() | saved_shapes.keys() if wanted_shapes.get(k) != saved_shapes.get(k))
+    if differ:
+        key = differ[0]
+        raise ConfigError("--model", f"{checkpoint} was saved by a run with another network ({len(differ)} tensors differ, "
+                                     f"e.g. {key.removeprefix('unet.')} {saved_shapes.get(key)} there, "
+                                     f"{wanted_shapes.get(key)} now); {hint}")
+
+
 def _noise_config(preset: str, size: int, overrides: dict[str, Any], default: str = "synomaly") -> dict[str, Any]:
     """The preset's Synomaly noise (``default`` when no name is given), or another registered noise with its defaults."""
     name = overrides.get("name") or default
@@ -119,9 +164,15 @@ def _noise_config(preset: str, size: int, overrides: dict[str, Any], default: st
 
 def load_labelled(pipe: SynomalyPipeline, data: list[str], masks: list[str] | None, slice_axis: int,
                   slice_range: tuple[int, int] | None, foreground_masks: list[str] | None = None) -> Cases:
-    """Read images (and masks, and foreground masks) with the model folder's preprocessing."""
-    return load_cases(data, pipe.preprocessing, masks, slice_axis=slice_axis, slice_range=slice_range,
-                      foreground_specs=foreground_masks)
+    """Read images (and masks, and foreground masks) with the model folder's preprocessing; warns of odd inputs."""
+    cases = load_cases(data, pipe.preprocessing, masks, slice_axis=slice_axis, slice_range=slice_range,
+                       foreground_specs=foreground_masks)
+    start = 0
+    for record in cases.files:
+        name = f"{record.source.path}:{record.source.key}" if record.source.key else str(record.source.path)
+        warn_input(name, cases.images[start : start + len(record.raw)].numpy(), pipe.preprocessing, pipe.config.training)
+        start += len(record.raw)
+    return cases
 
 
 def run_calibrate(
@@ -160,6 +211,8 @@ def run_calibrate(
                                      "my-model) and calibrate the copy")
     if (folder / "thresholds.json").exists() and not overwrite:
         raise OutputExistsError(folder / "thresholds.json")
+    if folder.is_dir():  # thresholds.json and the progress file go here: a read-only folder is refused before the search
+        _atomic.check_writable(folder, "copy the model folder somewhere writable and calibrate the copy")
     pipe = SynomalyPipeline.open(folder, device, precision, compile)
     fixed = {k: v for k, v in (detect or {}).items() if v is not None}
     pipe.config = dataclasses.replace(pipe.config, detect=pipe.detect_config(**fixed))
@@ -196,6 +249,7 @@ def run_evaluate(
     output = Path(output)
     if (output / "metrics.json").exists() and not overwrite:
         raise OutputExistsError(output / "metrics.json")
+    _atomic.check_writable(output)
     pipe = SynomalyPipeline.open(model, device, precision, compile)
     cases = load_labelled(pipe, data, masks, slice_axis, slice_range, foreground_masks)
     if cases.masks is None:
@@ -217,6 +271,11 @@ def run_report(evaluation: str | Path, output: str | Path | None = None, *, titl
     """Render the HTML report of an evaluation folder."""
     from synomaly.report import build_report
 
+    target = Path(evaluation) / "report.html" if output is None else Path(output)
+    if target.is_dir():
+        raise OutputError(target, "is a folder; give the report's file name (e.g. report.html)")
+    if output is not None or Path(evaluation).is_dir():  # a missing evaluation folder is reported as such
+        _atomic.check_writable(target.parent)
     path = build_report(evaluation, output, title=title, notes=notes, overwrite=overwrite)
     log.info("report written to %s", path)
     return path

@@ -5,11 +5,13 @@ A rerun skips the cases made with the same model and settings, and refuses to mi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -23,8 +25,9 @@ from synomaly import _atomic
 from synomaly._json import json_plain, read_json
 from synomaly.config import DetectConfig
 from synomaly.data import load_file, pair_sources
-from synomaly.devices import show_progress
-from synomaly.errors import ConfigError, InputError, OutputExistsError, SynomalyError
+from synomaly.devices import resolve_device, show_progress
+from synomaly.errors import ConfigError, InputError, OutputError, OutputExistsError, SynomalyError, readable
+from synomaly.input_checks import warn_input
 from synomaly.pipeline import SynomalyPipeline
 from synomaly.preprocess import Preprocessing, restore_size
 
@@ -125,6 +128,7 @@ def run_detect(
     """
     if on_error not in ("skip", "stop"):
         raise ConfigError("on_error", f"must be skip or stop, got {on_error!r}")
+    _atomic.check_writable(output)  # a file, a folder under a file or a read-only place: refused before any work
     rank, world = process_shard()
     pipe = SynomalyPipeline.open(model, _rank_device(device, world), precision, compile)
     overrides = {k: v for k, v in (detect or {}).items() if v is not None}
@@ -145,22 +149,38 @@ def run_detect(
             _check_earlier_run(output, made_with)
         summary: dict[str, Any] = {"synomaly": synomaly.__version__, "model": str(model),
                                    "detect": dataclasses.asdict(settings), "made_with": made_with, "cases": [], "failed": []}
-        jobs = [(spec, source, fg) for i, spec in enumerate(inputs)
-                for source, fg in _expand_or_report(spec, None if foreground_masks is None else foreground_masks[i],
-                                                    summary, on_error)]
-        stems = _output_stems([(source, Path(spec)) for spec, source, _ in jobs], output)  # over all jobs: every process agrees
-        for (_, source, fg), stem in tqdm(list(zip(jobs, stems))[rank::world], desc="detect", unit="input",
-                                             disable=not show_progress()):
-            _detect_one(pipe, pre, source, fg, stem, output, summary, settings, batch_size, made_with,
-                        slice_axis, slice_range, on_error, overwrite)
+        mine: list[tuple[tuple[Any, ...], str]] = []
+        done = 0
+        try:
+            jobs = [(spec, source, fg) for i, spec in enumerate(inputs)
+                    for source, fg in _expand_or_report(spec, None if foreground_masks is None else foreground_masks[i],
+                                                        summary, on_error)]
+            stems = _output_stems([(source, Path(spec)) for spec, source, _ in jobs], output)  # over all inputs: every process agrees
+            mine = list(zip(jobs, stems))[rank::world]
+            for (_, source, fg), stem in tqdm(mine, desc="detect", unit="input", disable=not show_progress()):
+                _detect_one(pipe, pre, source, fg, stem, output, summary, settings, batch_size, made_with,
+                            slice_axis, slice_range, on_error, overwrite)
+                done += 1
+        except BaseException as error:  # the run stops: summary.json still says what was done and what failed
+            summary["stopped"] = readable(str(error)) or type(error).__name__
+            failed = {entry["input"] for entry in summary["failed"]}
+            summary["not_run"] = [_spec_of(source) for (_, source, _), _ in mine[done:] if _spec_of(source) not in failed]
+            with contextlib.suppress(SynomalyError):  # e.g. the disk is full: the first error is the one to show
+                _write_summary(output, summary, rank, world)
+            raise
         if world > 1:
             summary = _gather_shards(summary, stems, rank, world)
         if rank == 0:
-            _atomic.write_json(output / "summary.json", summary)
+            _write_summary(output, summary)
     if world > 1:
         (output / f".rank-{rank}-of-{world}").rmdir()
     log.info("%d inputs done, %d failed; summary in %s", len(summary["cases"]), len(summary["failed"]), output / "summary.json")
     return summary
+
+
+def _write_summary(output: Path, summary: dict[str, Any], rank: int = 0, world: int = 1) -> None:
+    """Write ``summary.json`` (a process of a sharded run that stops writes its own ``summary.rank-R-of-N.json``)."""
+    _atomic.write_json(output / ("summary.json" if world == 1 else f"summary.rank-{rank}-of-{world}.json"), summary)
 
 
 def process_shard() -> tuple[int, int]:
@@ -175,8 +195,6 @@ def process_shard() -> tuple[int, int]:
 
 def _rank_device(device: str, world: int) -> str:
     """Each process of a sharded run on GPUs takes the GPU of its ``LOCAL_RANK``."""
-    from synomaly.devices import resolve_device
-
     name = resolve_device(device)
     return f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if world > 1 and name == "cuda" else name
 
@@ -217,6 +235,11 @@ def _output_stems(sources: list[tuple[Any, Path]], output: Path) -> list[str]:
             owners[stem] = owner
         stems.append(stem)
     return stems
+
+
+def _spec_of(source: Any) -> str:
+    """The input as the user names it: a path, or ``bundle.npz:key``."""
+    return f"{source.path}:{source.key}" if source.key else str(source.path)
 
 
 def model_fingerprint(folder: str | Path) -> str:
@@ -269,10 +292,10 @@ def _expand_or_report(spec: str, fg_spec: str | None, summary: dict[str, Any], o
     try:
         return pair_sources([spec], [fg_spec] if fg_spec is not None else None)
     except SynomalyError as error:
+        summary["failed"].append({"input": spec, "error": str(error)})
         if on_error == "stop":
             raise
         log.error("%s", error)
-        summary["failed"].append({"input": spec, "error": str(error)})
         return []
 
 
@@ -288,15 +311,35 @@ def _detect_one(pipe: SynomalyPipeline, pre: Preprocessing, source: Any, fg_spec
         log.info("%s: outputs exist, skipped (use --overwrite to redo)", source.name)
         summary["cases"].append(read_json(marker))
         return
+    created = not case_dir.exists()
     try:
-        record, images, foreground = load_file(source, pre, slice_axis, slice_range, fg_spec)
-    except SynomalyError as error:
-        if on_error == "stop":
+        marker.unlink(missing_ok=True)  # redone with --overwrite: not done until its new outputs are all written
+        summary["cases"].append(_detect_case(pipe, pre, source, fg_spec, case_dir, stem, settings, batch_size, made_with,
+                                             slice_axis, slice_range))
+    except BaseException as error:
+        if created:  # nothing half-written stays behind: a rerun starts the input afresh
+            shutil.rmtree(case_dir, ignore_errors=True)
+        if not isinstance(error, Exception) or isinstance(error, OutputError):  # interrupted, disk full, read-only
             raise
-        log.error("%s", error)
-        summary["failed"].append({"input": str(source.path), "error": str(error)})
-        return
+        failure = error if isinstance(error, SynomalyError) else InputError(
+            _spec_of(source), f"cannot be processed ({type(error).__name__}: {readable(str(error))})")
+        summary["failed"].append({"input": _spec_of(source), "error": str(failure)})
+        if on_error == "stop":
+            if failure is error:
+                raise
+            raise failure from error
+        log.error("%s", failure)
+        log.debug("%s", source.name, exc_info=error)
+
+
+def _detect_case(pipe: SynomalyPipeline, pre: Preprocessing, source: Any, fg_spec: str | None, case_dir: Path, stem: str,
+                 settings: DetectConfig, batch_size: int, made_with: dict[str, Any], slice_axis: int,
+                 slice_range: tuple[int, int] | None) -> dict[str, Any]:
+    """Read, detect and write one input; returns its ``case.json`` entry (written last, marking it done)."""
+    marker = case_dir / "case.json"
+    record, images, foreground = load_file(source, pre, slice_axis, slice_range, fg_spec)
     _warn_orientation(pipe, record)
+    warn_input(_spec_of(source), images, pre, pipe.config.training)
     start = time.perf_counter()
     generator = _case_generator(pipe.device, made_with["seed"], stem)
     outputs = _batched_detect(pipe, torch.from_numpy(images), torch.from_numpy(foreground), batch_size, generator, settings)
@@ -310,4 +353,4 @@ def _detect_one(pipe: SynomalyPipeline, pre: Preprocessing, source: Any, fg_spec
              "stages": outputs["stages"].tolist(),
              "seconds": round(seconds, 4), "foreground_mask": fg_spec, "made_with": made_with}
     _atomic.write_json(marker, entry)  # written last: marks the input as done
-    summary["cases"].append(entry)
+    return entry

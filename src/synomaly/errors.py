@@ -65,6 +65,20 @@ class OutputExistsError(SynomalyError, FileExistsError):
         super().__init__(f"{path}: already exists; {hint}")
 
 
+class OutputError(SynomalyError, OSError):
+    """An output cannot be written: its folder is a file or sits under one, is read-only, or the disk is full.
+
+    Args:
+        path: The output file or folder.
+        problem: What is wrong, in a few words.
+    """
+
+    def __init__(self, path: str | Path, problem: str) -> None:
+        self.path = Path(path)
+        self.problem = problem
+        super().__init__(f"{path}: {problem}")
+
+
 class Interrupted(SynomalyError):
     """A run stopped by a signal (SIGTERM from a batch scheduler, SIGINT); its finished work is kept.
 

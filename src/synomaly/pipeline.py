@@ -59,6 +59,11 @@ def load_config(folder: str | Path) -> PipelineConfig:
         raise InputError(path, str(error)) from None
     if config.version.split(".")[:1] != synomaly.__version__.split(".")[:1]:
         log.warning("%s was written by synomaly %s; this is %s", path, config.version or "?", synomaly.__version__)
+    pre, size = config.preprocess, config.model.image_size
+    if pre is not None and pre.size != size:  # the network takes image_size only; a hand-edited size would fail every input
+        log.warning("%s: preprocess.size %d differs from model.image_size %d; images are fitted to %dx%d, the network's "
+                    "input size", path, pre.size, size, size, size)
+        config = dataclasses.replace(config, preprocess=dataclasses.replace(pre, size=size))
     return config
 
 

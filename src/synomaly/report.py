@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -83,15 +84,19 @@ def build_report(
     if not eval_dir.is_dir():
         raise InputError(eval_dir, f"not a folder; {_FOLDER_HINT}")
     metrics, cases = _load(eval_dir)
+    try:  # metrics.json is checked for its layout; a value of the wrong type inside it surfaces here
+        from_metrics = {"chance": chance_warning(metrics["aggregate"]), "setup": setup_tables(metrics, model_info),
+                        **metrics_context(metrics)}
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError) as error:
+        raise InputError(eval_dir / "metrics.json", f"malformed ({type(error).__name__}: {error}); write it again with "
+                                                    "synomaly evaluate --overwrite") from None
     context = {
         "title": title,
         "notes": [code_spans(part.strip()) for part in (notes or "").split("\n\n") if part.strip()],
-        "chance": chance_warning(metrics["aggregate"]),
         "generated": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "version": __version__,
         "source": str(eval_dir),
-        "setup": setup_tables(metrics, model_info),
-        **metrics_context(metrics),
+        **from_metrics,
         **_cases_context(metrics, cases, max_cases),
         "outlines_foreground": "foreground" in cases and not cases["foreground"].all(),
     }
@@ -109,6 +114,10 @@ def _load(eval_dir: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     metrics, cases = read_evaluation(eval_dir)
     if not isinstance(metrics, dict) or not isinstance(metrics.get("aggregate"), dict):
         raise InputError(eval_dir / "metrics.json", 'has no "aggregate" object')
+    for key in ("per_case", "per_volume"):
+        rows = metrics.get(key)
+        if rows is not None and not (isinstance(rows, list) and all(isinstance(row, dict) for row in rows)):
+            raise InputError(eval_dir / "metrics.json", f'"{key}" must be a list of objects, got {json.dumps(rows)[:60]}')
     _check_cases(eval_dir / "cases.npz", cases)
     cases["mask"], cases["target"] = cases["mask"].astype(bool), cases["target"].astype(bool)
     if "foreground" in cases:  # folders of earlier versions have none

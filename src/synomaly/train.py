@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from synomaly import _atomic
 from synomaly.config import FLIPS, PRECISIONS, DetectConfig, ModelConfig, PipelineConfig, ScheduleConfig, TrainConfig
 from synomaly.errors import Interrupted, OutputExistsError, TrainingDiverged
+from synomaly.input_checks import intensity_statistics
 from synomaly.io._nifti import CANONICAL
 from synomaly.methods import check_network_size, get_method
 from synomaly.model import check_image_size
@@ -212,7 +213,7 @@ def train(
         (output_dir / WEIGHTS_NAME).unlink(missing_ok=True)  # a method without weights leaves none behind
         _retire_thresholds(output_dir)
         summary = {"images": len(images), "final_step": 0, "note": f"{method}: nothing to train",
-                   "nifti_orientation": "".join(CANONICAL)}
+                   "nifti_orientation": "".join(CANONICAL), "intensity": intensity_statistics(images, foreground)}
         SynomalyPipeline(chosen.build(config), dataclasses.replace(config, training=summary)).save_pretrained(
             output_dir, overwrite=True)
         log.info("model folder written to %s (%s needs no training)", output_dir, method)
@@ -248,7 +249,7 @@ def train(
     seconds = time.perf_counter() - start
     if trainer.is_global_zero:
         summary = {**dataclasses.asdict(train_config), "images": len(dataset), "final_step": trainer.global_step,
-                   "nifti_orientation": "".join(CANONICAL),
+                   "nifti_orientation": "".join(CANONICAL), "intensity": intensity_statistics(dataset.tensors[0], foreground),
                    "seconds_last_run": round(seconds, 3), "device": str(trainer.strategy.root_device),
                    "world_size": trainer.world_size}
         config = dataclasses.replace(config, training=summary)

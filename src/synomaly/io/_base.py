@@ -110,7 +110,8 @@ def as_checked_float32(path: str | Path, stack: np.ndarray) -> np.ndarray:
         raise InputError(path, f"array of type {stack.dtype} is not numeric image data")
     if stack.ndim != 3 or 0 in stack.shape:
         raise InputError(path, f"no image data (slice stack of shape {tuple(stack.shape)})")
-    out = np.ascontiguousarray(stack, dtype=np.float32)
+    with np.errstate(over="ignore"):  # values beyond float32 become inf, refused below with the file's name
+        out = np.ascontiguousarray(stack, dtype=np.float32)
     if not np.isfinite(out).all():
         raise InputError(path, "contains NaN or infinite values (or values beyond float32 range)")
     return out

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -103,13 +103,56 @@ def _pixels(path: Path, ds) -> tuple[np.ndarray, np.ndarray]:
     return pixels.reshape(frames, *pixels.shape[-2:]), raw
 
 
-def _spacing(ds) -> tuple[float, float] | None:
-    """``(row spacing, column spacing)`` in mm from the dataset or its shared functional groups."""
+def _spacing(path: Path, ds) -> tuple[float, float] | None:
+    """``(row spacing, column spacing)`` in mm from the dataset or its shared functional groups.
+
+    Raises:
+        InputError: ``PixelSpacing`` is not two positive finite numbers.
+    """
     source = ds if "PixelSpacing" in ds else _shared_item(ds, "PixelMeasuresSequence")
     if source is None or "PixelSpacing" not in source:
         return None
-    row, col = (float(v) for v in source.PixelSpacing)
-    return row, col
+    values = np.asarray(_numbers(source.PixelSpacing), dtype=np.float64)
+    if values.shape != (2,) or not (np.isfinite(values).all() and (values > 0).all()):
+        raise InputError(path, f"PixelSpacing {_shown(values)} is not two positive numbers; fix the header (or remove "
+                               "the tag to read the pixels without geometry)")
+    return float(values[0]), float(values[1])
+
+
+def _numbers(value) -> list[float]:
+    """A DICOM multi-value (or single value) as floats."""
+    return [float(v) for v in (value if isinstance(value, Sequence) and not isinstance(value, str) else [value])]
+
+
+def _shown(values: np.ndarray) -> str:
+    """Numbers as a DICOM header shows them: ``(1, 0, 0.5)``."""
+    return "(" + ", ".join(f"{v:g}" for v in values) + ")"
+
+
+def _orientation(path: Path, ds) -> np.ndarray:
+    """``ImageOrientationPatient`` as 6 floats (row and column direction cosines).
+
+    Raises:
+        InputError: The two directions are not finite perpendicular unit vectors (e.g. all zero).
+    """
+    iop = np.asarray(_numbers(ds.ImageOrientationPatient), dtype=np.float64)
+    ok = bool(iop.shape == (6,) and np.isfinite(iop).all())
+    if ok:
+        norms = np.linalg.norm(iop.reshape(2, 3), axis=1)
+        ok = bool(np.allclose(norms, 1.0, atol=0.01) and abs(iop[:3] @ iop[3:]) < 0.01)
+    if not ok:
+        raise InputError(path, f"ImageOrientationPatient {_shown(iop)} is not two perpendicular unit vectors; fix the "
+                               "header (or remove the tag to read the pixels without geometry)")
+    return iop
+
+
+def _position(path: Path, ds) -> np.ndarray:
+    """``ImagePositionPatient`` as 3 finite floats (mm)."""
+    ipp = np.asarray(_numbers(ds.ImagePositionPatient), dtype=np.float64)
+    if ipp.shape != (3,) or not np.isfinite(ipp).all():
+        raise InputError(path, f"ImagePositionPatient {_shown(ipp)} is not three finite numbers; fix the header (or "
+                               "remove the tag to read the pixels without geometry)")
+    return ipp
 
 
 def _affine(ipp0, iop, spacing: tuple[float, float], rows: int, step: np.ndarray) -> list[list[float]]:
@@ -153,13 +196,13 @@ def read_dicom_file(path: Path) -> tuple[np.ndarray, dict]:
 def _read_dicom_file(path: Path) -> tuple[np.ndarray, dict]:
     ds = _dcmread(path)
     stack, raw = _pixels(path, ds)
-    spacing = _spacing(ds)
+    spacing = _spacing(path, ds)
     affine = None
     geometry = ("ImagePositionPatient" in ds and "ImageOrientationPatient" in ds and spacing is not None)
     if geometry and spacing is not None and stack.shape[0] == 1:
-        iop = [float(v) for v in ds.ImageOrientationPatient]
+        iop = _orientation(path, ds)
         step = np.cross(iop[:3], iop[3:]) * _slice_step(ds)
-        affine = _affine(ds.ImagePositionPatient, iop, spacing, stack.shape[1], step)
+        affine = _affine(_position(path, ds), iop, spacing, stack.shape[1], step)
     props = {
         "format": "dicom",
         "shape": tuple(raw.shape),
@@ -172,15 +215,33 @@ def _read_dicom_file(path: Path) -> tuple[np.ndarray, dict]:
 
 
 def _series_order(files: list[Path], datasets: list) -> tuple[np.ndarray, str, np.ndarray | None]:
-    """Sort order of a series' slices, the rule used, and the sorted positions along the normal."""
+    """Sort order of a series' slices, the rule used, and the sorted positions along the normal.
+
+    Raises:
+        InputError: A slice's geometry is unusable, or two slices lie at the same position (the folder
+            holds more than one volume).
+    """
+    folder = files[0].parent
     geometry = all("ImagePositionPatient" in ds and "ImageOrientationPatient" in ds for ds in datasets)
     if geometry:
-        iops = np.array([[float(v) for v in ds.ImageOrientationPatient] for ds in datasets])
+        iops = np.array([_orientation(path, ds) for path, ds in zip(files, datasets)])
+        kinds = len({tuple(np.round(iop, 2)) for iop in iops})
         geometry = np.allclose(iops, iops[0], atol=1e-4)
+        if not geometry:
+            logger.warning("%s: the slices of this series have %d different orientations (ImageOrientationPatient); "
+                           "they are sorted by InstanceNumber (or file name) and no NIfTI geometry is written: check that the folder "
+                           "holds one series", folder, max(kinds, 2))
     if geometry:
         normal = np.cross(iops[0, :3], iops[0, 3:])
-        positions = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in datasets])
-        order = np.argsort(positions @ normal, kind="stable")
+        positions = np.array([_position(path, ds) for path, ds in zip(files, datasets)])
+        along = positions @ normal
+        order = np.argsort(along, kind="stable")
+        same = np.flatnonzero(np.diff(along[order]) < 1e-4)
+        if len(same):
+            first, second = files[order[same[0]]].name, files[order[same[0] + 1]].name
+            raise InputError(folder, f"{len(same) + 1} slices lie at the same position ({first} and {second} at "
+                                     f"{along[order[same[0]]]:g} mm along the slice normal): the folder holds more than "
+                                     "one volume (echoes, repeats, time points); put each volume in its own folder")
         return order, "position", positions[order]
     if all("InstanceNumber" in ds for ds in datasets):
         return np.argsort([int(ds.InstanceNumber) for ds in datasets], kind="stable"), "instance", None
@@ -191,7 +252,7 @@ def _series_order(files: list[Path], datasets: list) -> tuple[np.ndarray, str, n
 
 def _series_affine(ds, positions: np.ndarray, spacing: tuple[float, float], rows: int) -> list[list[float]]:
     """Affine of a sorted series from its first and last slice positions."""
-    iop = [float(v) for v in ds.ImageOrientationPatient]
+    iop = [float(v) for v in ds.ImageOrientationPatient]  # checked by _series_order
     if len(positions) == 1:
         step = np.cross(iop[:3], iop[3:]) * _slice_step(ds)
     else:
@@ -236,7 +297,7 @@ def _read_dicom_series(folder: Path) -> tuple[np.ndarray, dict]:
         raw_dtype = raw.dtype.name
     order, rule, positions = _series_order(files, datasets)
     stack = np.concatenate([slices[i] for i in order])
-    spacing = _spacing(datasets[0])
+    spacing = _spacing(files[0], datasets[0])
     affine = _series_affine(datasets[order[0]], positions, spacing, stack.shape[1]) if (
         positions is not None and spacing is not None) else None
     extra = {**_extra(datasets[0]), "files": [files[i].name for i in order], "sorted_by": rule}

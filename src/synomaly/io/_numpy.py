@@ -6,6 +6,7 @@ indexed ``array[row, col]`` with no reorientation.
 
 from __future__ import annotations
 
+import logging
 import math
 import zipfile
 import zlib
@@ -16,6 +17,8 @@ import numpy as np
 from synomaly.errors import InputError
 from synomaly.io._base import check_array_size
 from synomaly.limits import MAX_DECOMPRESSED_BYTES
+
+logger = logging.getLogger(__name__)
 
 # np.load raises these for truncated, foreign or pickled content.
 _LOAD_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
@@ -83,7 +86,9 @@ def read_npz_ids(path: Path, key: str, count: int) -> list[str] | None:
             if name not in bundle.files:
                 return None
             shape, dtype = _member_header(bundle.zip, _member_name(bundle.zip, name))
-            if not shape or shape[0] != count or math.prod(shape) * dtype.itemsize > MAX_DECOMPRESSED_BYTES:
+            if len(shape) != 1 or shape[0] != count or math.prod(shape) * dtype.itemsize > MAX_DECOMPRESSED_BYTES:
+                logger.warning("%s: %s of shape %s is not one id per slice (%d slices read); it is not used to group "
+                               "slices into volumes", path, name, tuple(shape), count)
                 return None
             return [str(g) for g in bundle[name]]
     except _LOAD_ERRORS as error:
