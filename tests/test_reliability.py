@@ -99,7 +99,7 @@ CASES = [
     # detect: options
     Case("option-threshold", "`--threshold 5`", "detect {f}/good.png -m {m} -o {o} --threshold 5", 2, "detect.threshold: must be in [0, 2)"),
     Case("option-t", "`--t 1000` (T = 1000)", "detect {f}/good.png -m {m} -o {o} --t 1000", 2, "detect.t: must be < T=1000"),
-    Case("option-stages", "`--max_stages 0`", "detect {f}/good.png -m {m} -o {o} --max_stages 0", 2, "detect.max_stages: must be >= 1"),
+    Case("option-stages", "`--max-stages 0`", "detect {f}/good.png -m {m} -o {o} --max-stages 0", 2, "detect.max_stages: must be >= 1"),
     Case("option-kernel", "`--kernel 4`", "detect {f}/good.png -m {m} -o {o} --kernel 4", 2, "detect.kernel: must be a positive odd integer"),
     Case("option-batch", "`--batch-size 0`", "detect {f}/good.png -m {m} -o {o} --batch-size 0", 2, "--batch-size: must be >= 1"),
     Case("option-device", "`--device foo`", "detect {f}/good.png -m {m} -o {o} --device foo", 2,
@@ -107,10 +107,10 @@ CASES = [
     Case("option-sampler", "`--sampler magic`", "detect {f}/good.png -m {m} -o {o} --sampler magic", 2, "detect.sampler: must be one of"),
     Case("option-kernel-limit", "`--kernel 99999999`", "detect {f}/good.png -m {m} -o {o} --kernel 99999999", 2,
          "detect.kernel: must be <= 1023 (the limit), got 99999999"),
-    Case("option-chain-steps", "`--chain_steps 1000000000`", "detect {f}/good.png -m {m} -o {o} --chain_steps 1000000000", 2,
+    Case("option-chain-steps", "`--chain-steps 1000000000`", "detect {f}/good.png -m {m} -o {o} --chain-steps 1000000000", 2,
          "detect.chain_steps: must be <= 100000 (the limit)"),
-    Case("option-chain-steps-float", "`--chain_steps 1e9`", "detect {f}/good.png -m {m} -o {o} --chain_steps 1e9", 2,
-         "--chain_steps: expected an integer, got 1000000000.0; see synomaly detect --help"),
+    Case("option-chain-steps-float", "`--chain-steps 1e9`", "detect {f}/good.png -m {m} -o {o} --chain-steps 1e9", 2,
+         "--chain-steps: expected an integer, got 1000000000.0; see synomaly detect --help"),
     Case("option-batch-limit", "`--batch-size 5000`", "detect {f}/good.png -m {m} -o {o} --batch-size 5000", 2,
          "--batch-size: must be <= 4096 (the limit)"),
     Case("option-seed", "`--seed` 2^70", f"detect {{f}}/good.png -m {{m}} -o {{o}} --seed {2**70}", 2,
@@ -125,7 +125,7 @@ CASES = [
     Case("train-nan", "NaN values", "train {f}/nan.npy -o {o}", 2, "nan.npy: contains NaN or infinite values"),
     Case("train-size", "`--image-size 30` (not a multiple of 4)", "train {f}/good.png -o {o} --image-size 30", 2,
          "model.image_size: 30 is not divisible by 4"),
-    Case("train-preset", "`--model huge`", "train {f}/good.png -o {o} --model huge", 2, "unknown model preset 'huge'"),
+    Case("train-preset", "`--network huge`", "train {f}/good.png -o {o} --network huge", 2, "--network: invalid choice: 'huge'"),
     Case("train-steps", "`--train.steps 0`", "train {f}/good.png -o {o} --train.steps 0", 2, "train.steps: must be >= 1"),
     Case("train-lr", "`--train.lr -1`", "train {f}/good.png -o {o} --train.lr -1", 2, "train.lr: must be > 0"),
     Case("train-sigma", "`--sigma -1`", "train {f}/good.png -o {o} --sigma -1", 2, "sigma must be > 0"),
@@ -137,7 +137,7 @@ CASES = [
          "--device: must be auto, cpu, cuda, cuda:N or mps, got 'foo'"),
     Case("train-exists", "output folder already holds a model", "train {f}/good.png -o {m}", 2, "model.safetensors: already exists"),
     Case("train-seed", "`--seed` 2^70", f"train {{f}}/good.png -o {{o}} --seed {2**70}", 2, "--seed: must be in [0, 4294967295]"),
-    Case("train-workers", "`--train.num_workers -1`", "train {f}/good.png -o {o} --train.num_workers -1", 2,
+    Case("train-workers", "`--train.num-workers -1`", "train {f}/good.png -o {o} --train.num-workers -1", 2,
          "train.num_workers: must be >= 0"),
     Case("train-weight-decay", "`--train.weight_decay -1`", "train {f}/good.png -o {o} --train.weight_decay -1", 2,
          "train.weight_decay: must be a finite number >= 0, got -1.0"),
@@ -161,7 +161,7 @@ CASES = [
          "percentile: must be in [0, 100]"),
     Case("calibrate-device", "`--device foo`", "calibrate {f}/good.png -m {mc} --device foo", 2, "--device: must be auto, cpu"),
     Case("calibrate-grid-size", "a grid of 120,000 points",
-         "calibrate {f}/good.png -m {mc} --grid.t " + ",".join(map(str, range(1000))) + " --grid.max_stages 1,2,3,4,5", 2,
+         "calibrate {f}/good.png -m {mc} --grid.t " + ",".join(map(str, range(1000))) + " --grid.max-stages 1,2,3,4,5", 2,
          "grid: 120000 points (the product of the value counts); at most 100000 (the limit)"),
     Case("calibrate-grid-digits", "`--grid.t` with 5,001 digits", "calibrate {f}/good.png -m {mc} --grid.t " + "9" * 5001, 2,
          "grid.t: expected int values (one, a comma-separated list or a list), got '999999...(5001 digits)'"),
@@ -182,7 +182,7 @@ CASES = [
     Case("report-missing", "folder missing", "report {f}/missingdir", 2, "missingdir: not a folder"),
     Case("report-corrupt", "`metrics.json` not JSON", "report {f}/badeval -o {o}/r.html", 2, "metrics.json: not valid JSON"),
 ]
-TRAIN_OPTIONS = ["--model", "tiny", "--image-size", "32", "--device", "cpu", "--train.steps", "2", "--train.progress", "false"]
+TRAIN_OPTIONS = ["--network", "tiny", "--image-size", "32", "--device", "cpu", "--train.steps", "2", "--train.progress", "false"]
 SEEN: dict[str, tuple[int, str]] = {}
 
 
@@ -290,7 +290,7 @@ def test_bad_input_gives_one_line_and_writes_nothing(case, files, tiny_model_dir
     (["detect", "x.png", "-m", "m", "-o", "o", "--slice-range", "0", "x"],
      "synomaly detect: error: --slice-range (element 2): expected an integer, got x"),
     (["detect", "x.png", "-m", "m", "-o", "o", "--on-error", "x"], "synomaly detect: error: --on-error: invalid choice: 'x'"),
-    (["train", "x.png", "-o", "o", "--train.num_workers", "x"], "synomaly train: error: --train.num_workers: expected an integer"),
+    (["train", "x.png", "-o", "o", "--train.num-workers", "x"], "synomaly train: error: --train.num-workers: expected an integer"),
     (["evaluate", "x.png", "-o", "o"], "synomaly evaluate: error: --model: required; see synomaly evaluate --help"),
     (["nosuchcommand"], "synomaly: error: command: invalid choice: 'nosuchcommand'"),
     ([], "synomaly: error: expected \"command\""),
