@@ -378,6 +378,9 @@ def test_masks_beside_their_images_kaggle_style(tiny_model_dir, disk_data, tmp_p
     assert code == 2 and f"{folder / 'case 2_mask.png'}: does not exist: the mask of case 2.png" in err  # names the mask
     code, _, err = run(["--quiet", "evaluate", str(folder), "-m", str(tiny_model_dir), "-o", str(tmp_path / "ev3")], capsys)
     assert code == 2 and "--masks" in err
+    code, _, err = run(["--quiet", "evaluate", str(folder), "--masks", str(folder), "-m", str(tiny_model_dir),
+                        "-o", str(tmp_path / "ev4"), "--device", "cpu"], capsys)
+    assert code == 2 and f"{folder / 'case 0.png'}: is the image itself, not its mask" in err
 
 
 def test_a_masks_subfolder_is_not_taken_for_images_unless_recursive(tiny_model_dir, disk_data, tmp_path, capsys):

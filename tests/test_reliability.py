@@ -139,7 +139,7 @@ CASES = [
     Case("train-seed", "`--seed` 2^70", f"train {{f}}/good.png -o {{o}} --seed {2**70}", 2, "--seed: must be in [0, 4294967295]"),
     Case("train-workers", "`--train.num-workers -1`", "train {f}/good.png -o {o} --train.num-workers -1", 2,
          "train.num_workers: must be >= 0"),
-    Case("train-weight-decay", "`--train.weight_decay -1`", "train {f}/good.png -o {o} --train.weight_decay -1", 2,
+    Case("train-weight-decay", "`--train.weight-decay -1`", "train {f}/good.png -o {o} --train.weight-decay -1", 2,
          "train.weight_decay: must be a finite number >= 0, got -1.0"),
     Case("train-size-limit", "`--image-size 4096`", "train {f}/good.png -o {o} --image-size 4096", 2,
          "model.image_size: must be <= 2048 (the limit), got 4096"),

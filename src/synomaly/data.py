@@ -131,6 +131,9 @@ def load_mask(spec: str, record: FileCases, preprocessing: Preprocessing) -> np.
     if spec.lower() == HEALTHY:
         return np.zeros((n, 1, preprocessing.size, preprocessing.size), dtype=bool)
     source = Source.parse(spec)
+    if source.path.resolve() == record.source.path.resolve() and source.key == record.source.key:
+        raise InputError(spec, "is the image itself, not its mask: give the masks' files or folder, or --mask-suffix "
+                               "for masks that lie beside their images (X_mask.png beside X.png)")
     mask = read_mask(source.path, record.properties, key=source.key)
     fitted, _ = fit_to_size(mask, preprocessing.size, preprocessing.fit, kind="mask")
     return np.asarray(fitted, dtype=bool)[:, None]
