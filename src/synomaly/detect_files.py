@@ -113,22 +113,46 @@ def _write_pictures(case_dir: Path, pictures: dict[str, np.ndarray], record: Any
 
 def _scales(spatial: bool, formats: tuple[str, ...], threshold: float, map_top: float, dtype: str) -> dict[str, str]:
     """What the values of each written output mean, for ``case.json``."""
-    exact = "NIfTI" if spatial else "npy"
-    scales = {"mask": f"{exact}: 1 flagged, 0 not",
-              "anomaly_map": f"{exact}: the map (difference of the blurred images on the model's [-1, 1] intensity scale; "
-                             f"flagged from {threshold:g})",
-              "reconstruction": f"{exact}: the model's [-1, 1] intensity scale"}
+    texts: dict[str, list[str]] = {"mask": [], "anomaly_map": [], "reconstruction": []}
+    exact = "NIfTI" if spatial else "npy" if "npy" in formats else None
+    if exact:
+        texts["mask"].append(f"{exact}: 1 flagged, 0 not")
+        texts["anomaly_map"].append(f"{exact}: the map, a difference of blurred images on the model's [-1, 1] intensity "
+                                    f"scale, flagged from {threshold:g}")
+        texts["reconstruction"].append(f"{exact}: the model's [-1, 1] intensity scale")
     if not spatial and set(formats) - {"npy"}:
-        stored = {"uint8": "8-bit", "uint16": "16-bit"}.get(dtype)
-        scales["mask"] += "; PNG/TIFF: 255 flagged, 0 not"
         where = "twice the threshold, which is at 128" if threshold > 0 else "the threshold is 0"
-        scales["anomaly_map"] += f"; PNG/TIFF: 8-bit, value v stands for v / 255 * {map_top:g}, so 255 means {map_top:g} or more ({where})"
-        scales["reconstruction"] += ("; PNG/TIFF: the input's own intensities, the preprocessing's intensity fit inverted ("
-                                     + (f"{stored}, as the input)" if stored else "32-bit float in TIFF; 16-bit PNG scaled from "
-                                        "its own min..max, recorded in its synomaly.value_range text chunk)"))
-    if not spatial and "npy" not in formats:
-        scales = {name: text.split("; ", 1)[1] for name, text in scales.items()}
-    return scales
+        stored = {"uint8": "8-bit, as the input", "uint16": "16-bit, as the input"}.get(
+            dtype, "32-bit float in TIFF; in PNG 16-bit, scaled from its own min..max as its synomaly.value_range text says")
+        texts["mask"].append("PNG/TIFF: 255 flagged, 0 not")
+        texts["anomaly_map"].append(f"PNG/TIFF: 8-bit, value v stands for v / 255 * {map_top:g}, so 255 means {map_top:g} "
+                                    f"or more ({where})")
+        texts["reconstruction"].append(f"PNG/TIFF: the input's own intensities, the preprocessing's intensity fit inverted ({stored})")
+    return {name: "; ".join(parts) for name, parts in texts.items()}
+
+
+def _write_maps(case_dir: Path, record: Any, restored: dict[str, np.ndarray], settings: DetectConfig, pre: Preprocessing,
+                formats: tuple[str, ...]) -> dict[str, Any]:
+    """Write the mask, anomaly map and reconstruction; returns ``files`` (what ``score`` reads), ``pictures`` and ``scales``."""
+    from synomaly.io import write_image
+
+    props = record.properties
+    spatial = props.format in ("nifti", "dicom", "dicom-series") and props.affine is not None
+    files: dict[str, str] = {}
+    for suffix in [".nii.gz"] if spatial else [".npy"] if "npy" in formats else []:
+        for name, array in restored.items():
+            path = case_dir / f"{name}{suffix}"
+            write_image(path, array.astype(np.uint8) if name == "mask" else array.astype(np.float32),
+                        like=props if spatial else None)
+            files[name] = path.name
+    map_top = 2 * settings.threshold if settings.threshold > 0 else 1.0
+    kinds = [] if spatial else [fmt for fmt in formats if fmt != "npy"]
+    stacks = _pictures(restored, record, pre, map_top) if kinds else {}
+    pictures = {fmt: _write_pictures(case_dir, stacks, record, fmt) for fmt in kinds}
+    for name in restored if kinds else ():  # without .npy, score reads the first pictures
+        files.setdefault(name, pictures[kinds[0]][name])
+    return {"files": files, "pictures": pictures or None, "scales": _scales(spatial, formats, settings.threshold, map_top, props.dtype),
+            "anomaly_map_255": map_top if pictures else None}
 
 
 def _write_case_outputs(case_dir: Path, record: Any, images: np.ndarray, outputs: dict[str, torch.Tensor],
@@ -142,7 +166,6 @@ def _write_case_outputs(case_dir: Path, record: Any, images: np.ndarray, outputs
     mask area there (px) and the lesion totals.
     """
     from synomaly.figures import gray_rgb, heat_rgb, overlay_rgb, write_png
-    from synomaly.io import write_image
     from synomaly.lesions import (
         LESIONS_NAME,
         SLICE_COLUMNS,
@@ -159,19 +182,8 @@ def _write_case_outputs(case_dir: Path, record: Any, images: np.ndarray, outputs
         "anomaly_map": restore_size(outputs["anomaly_map"][:, 0].numpy(), record.fit, kind="image"),
         "reconstruction": restore_size(outputs["reconstruction"][:, 0].numpy(), record.fit, kind="image"),
     }
-    files: dict[str, str] = {}
-    for suffix in [".nii.gz"] if spatial else [".npy"] if "npy" in formats else []:
-        for name, array in restored.items():
-            path = case_dir / f"{name}{suffix}"
-            write_image(path, array.astype(np.uint8) if name == "mask" else array.astype(np.float32),
-                        like=props if spatial else None)
-            files[name] = path.name
-    map_top = 2 * settings.threshold if settings.threshold > 0 else 1.0
-    kinds = [] if spatial else [fmt for fmt in formats if fmt != "npy"]
-    stacks = _pictures(restored, record, pre, map_top) if kinds else {}
-    pictures = {fmt: _write_pictures(case_dir, stacks, record, fmt) for fmt in kinds}
-    for name in restored if kinds else ():  # without .npy, score reads the first pictures
-        files.setdefault(name, pictures[kinds[0]][name])
+    fields = _write_maps(case_dir, record, restored, settings, pre, formats)
+    files = fields["files"]
     best = int(outputs["score"].argmax())
     image = images[best, 0]
     mask = outputs["mask"][best, 0].numpy()
@@ -190,9 +202,6 @@ def _write_case_outputs(case_dir: Path, record: Any, images: np.ndarray, outputs
         columns = SLICE_COLUMNS
     write_lesions(case_dir / LESIONS_NAME, rows, columns)
     files["lesions"] = LESIONS_NAME
-    fields = {"files": files, "pictures": pictures or None,
-              "scales": _scales(spatial, formats, settings.threshold, map_top, props.dtype),
-              "anomaly_map_255": map_top if pictures else None}
     return fields, restored["mask"].reshape(len(restored["mask"]), -1).sum(1), lesions
 
 
