@@ -414,7 +414,10 @@ def test_detect_reports_lesion_areas_at_the_inputs_resolution(tiny_model_dir, di
     assert cases["vol"]["area_px"] == mask.reshape(len(mask), -1).sum(1).tolist()
     assert cases["vol"]["area_mm2"] == pytest.approx([a * 0.81 for a in cases["vol"]["area_px"]])  # 0.9 x 0.9 mm
     assert cases["l0"]["area_px"] == [int((np.load(out / "l0" / "mask.npy") > 0).sum())] and cases["l0"]["area_mm2"] is None
-    assert "32x32" in cases["l0"]["score_unit"]
+    # The score is the flagged area at the input's resolution: mm^2 where the spacing is known, else the input's pixels.
+    assert cases["vol"]["score"] == pytest.approx(cases["vol"]["area_mm2"]) and cases["vol"]["score_unit"].startswith("mm^2")
+    assert cases["l0"]["score"] == cases["l0"]["area_px"] and cases["l0"]["score_unit"].startswith("pixels of the 40x32 input")
+    assert cases["vol"]["pictures"] is None and cases["vol"]["files"]["mask"] == "mask.nii.gz"  # volumes: NIfTI on their grid
 
 
 @pytest.mark.parametrize("place", ["before", "after"])
@@ -572,12 +575,3 @@ def test_image_inputs_get_pictures_with_stated_scales_and_a_score_at_their_own_r
         assert json.loads((scored / "metrics.json").read_text())["aggregate"]["n_cases"] == 12
     code, _, err = run([*base, str(png), "-o", str(tmp_path / "bad"), "--format", "gif"], capsys)
     assert code == 2 and "--format" in err
-
-
-def test_volume_scores_are_in_square_millimetres(tiny_model_dir, disk_data, tmp_path, capsys):
-    out = tmp_path / "out"
-    assert run(["--quiet", "detect", str(disk_data / "vol.nii.gz"), "-m", str(tiny_model_dir), "-o", str(out), "--device", "cpu",
-                "--threshold", "0.05"], capsys)[0] == 0
-    case = json.loads((out / "summary.json").read_text())["cases"][0]
-    assert case["score"] == pytest.approx(case["area_mm2"]) and case["score_unit"].startswith("mm^2")
-    assert case["pictures"] is None and case["files"]["mask"] == "mask.nii.gz"
