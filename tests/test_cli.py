@@ -564,6 +564,8 @@ def test_image_inputs_get_pictures_with_stated_scales_and_a_score_at_their_own_r
     assert run([*base, f"{disk_data / 'bundle.npz'}:anomalous", "-o", str(tmp_path / "tif"), "--format", "tiff"], capsys)[0] == 0
     case = json.loads((tmp_path / "tif" / "summary.json").read_text())["cases"][0]
     assert case["files"]["mask"] == "mask.tif" and not list((tmp_path / "tif").rglob("*.npy"))
+    assert run([*base, str(png), "-o", str(tmp_path / "out"), "--format", "tiff", "--overwrite"], capsys)[0] == 0
+    assert sorted(p.name for p in (tmp_path / "out" / "l0").glob("[amr]*")) == ["anomaly_map.tif", "mask.tif", "reconstruction.tif"]
     np.testing.assert_array_equal(read_images(tmp_path / "tif" / case["output"] / "mask.tif")[0] > 0,
                                   np.load(tmp_path / "out" / "bundle__anomalous" / "mask.npy") > 0)
     for name, fmt in (("tif", "tiff"), ("png_only", "png")):

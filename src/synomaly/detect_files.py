@@ -131,6 +131,19 @@ def _scales(spatial: bool, formats: tuple[str, ...], threshold: float, map_top: 
     return {name: "; ".join(parts) for name, parts in texts.items()}
 
 
+def _remove_stale(case_dir: Path, names: Any, written: set[str]) -> None:
+    """Remove outputs an earlier run (``--overwrite``, another ``--format``) left that this one did not write."""
+    import shutil
+
+    for name in names:
+        for entry in (f"{name}.npy", f"{name}.png", f"{name}.tif", name):
+            path = case_dir / entry
+            if entry not in written and path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif entry not in written and (path.is_file() or path.is_symlink()):
+                path.unlink()
+
+
 def _write_maps(case_dir: Path, record: Any, restored: dict[str, np.ndarray], settings: DetectConfig, pre: Preprocessing,
                 formats: tuple[str, ...]) -> dict[str, Any]:
     """Write the mask, anomaly map and reconstruction; returns ``files`` (what ``score`` reads), ``pictures`` and ``scales``."""
@@ -151,6 +164,7 @@ def _write_maps(case_dir: Path, record: Any, restored: dict[str, np.ndarray], se
     pictures = {fmt: _write_pictures(case_dir, stacks, record, fmt) for fmt in kinds}
     for name in restored if kinds else ():  # without .npy, score reads the first pictures
         files.setdefault(name, pictures[kinds[0]][name])
+    _remove_stale(case_dir, restored, {*files.values(), *(f for written in pictures.values() for f in written.values())})
     return {"files": files, "pictures": pictures or None, "scales": _scales(spatial, formats, settings.threshold, map_top, props.dtype),
             "anomaly_map_255": map_top if pictures else None}
 
