@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -62,14 +63,14 @@ def test_help_lists_every_subcommand():
 def test_train_from_png_folder_writes_a_model_folder(disk_data, tmp_path, capsys):
     out = tmp_path / "model"
     code, _, err = run(["--quiet", "train", str(disk_data / "png_healthy"), str(disk_data / "bundle.npz:healthy"),
-                        "-o", str(out), "--model", "tiny", "--image-size", "32", "--train.steps", "3",
+                        "-o", str(out), "--network", "tiny", "--image-size", "32", "--train.steps", "3",
                         "--batch-size", "4", "--train.progress", "false", "--device", "cpu"], capsys)
     assert code == 0, err
     config = json.loads((out / "config.json").read_text())
     assert config["preprocess"]["size"] == 32 and config["training"]["images"] == 18
     assert config["noise"]["name"] == "synomaly" and config["noise"]["sigma"] == pytest.approx(0.75)
     assert config["detect"]["min_size"] == 2  # 30 px at 128, scaled by area
-    code, _, err = run(["train", str(disk_data / "png_healthy"), "-o", str(out), "--model", "tiny", "--image-size", "32"], capsys)
+    code, _, err = run(["train", str(disk_data / "png_healthy"), "-o", str(out), "--network", "tiny", "--image-size", "32"], capsys)
     assert code == 2 and "--resume" in err and "Traceback" not in err
 
 
@@ -136,7 +137,7 @@ def test_calibrate_with_masks_then_evaluate_and_report(model_copy, disk_data, tm
     bundle = disk_data / "bundle.npz"
     code, _, err = run(["--quiet", "calibrate", f"{bundle}:healthy", f"{bundle}:anomalous", "--masks", "none", f"{bundle}:masks",
                         "-m", str(model_copy), "--grid.t", "[100, 200]", "--grid.kernel", "[3]",
-                        "--grid.threshold", "[0.1, 0.2]", "--grid.max_stages", "[1, 3]", "--device", "cpu"], capsys)
+                        "--grid.threshold", "[0.1, 0.2]", "--grid.max-stages", "[1, 3]", "--device", "cpu"], capsys)
     assert code == 0, err
     thresholds = json.loads((model_copy / "thresholds.json").read_text())
     assert thresholds["calibration"]["method"] == "dice-grid" and thresholds["detect"]["t"] in (100, 200)
@@ -165,7 +166,7 @@ def test_calibrate_without_masks_uses_healthy_percentile(model_copy, disk_data, 
 
 def test_print_config_round_trips_through_a_yaml_file(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        main(["detect", "x.png", "-m", "m", "-o", "o", "--threshold", "0.3", "--print_config"])
+        main(["detect", "x.png", "-m", "m", "-o", "o", "--threshold", "0.3", "--print-config"])
     yaml = capsys.readouterr().out
     assert "threshold: 0.3" in yaml
     (tmp_path / "c.yaml").write_text(yaml)
@@ -178,7 +179,7 @@ def test_print_config_round_trips_through_a_yaml_file(tmp_path, capsys):
 @pytest.mark.parametrize("option, deprecated", [("--blob-threshold", False), ("--threshold", True)])
 def test_train_blob_threshold_and_its_deprecated_spelling(disk_data, tmp_path, capsys, caplog, option, deprecated):
     out = tmp_path / "model"
-    code, _, err = run(["--quiet", "train", str(disk_data / "png_healthy"), "-o", str(out), "--model", "tiny",
+    code, _, err = run(["--quiet", "train", str(disk_data / "png_healthy"), "-o", str(out), "--network", "tiny",
                         "--image-size", "32", "--train.steps", "1", "--batch-size", "4", "--train.progress", "false",
                         "--device", "cpu", option, "120"], capsys)
     assert code == 0, err
@@ -284,7 +285,7 @@ def test_a_second_detect_into_a_folder_in_use_is_refused(tiny_model_dir, disk_da
 def test_calibrate_grid_takes_one_value_a_comma_list_or_a_list(model_copy, disk_data, capsys, spelling, expected):
     bundle = disk_data / "bundle.npz"
     code, _, err = run(["--quiet", "calibrate", f"{bundle}:anomalous", "--masks", f"{bundle}:masks", "-m", str(model_copy),
-                        "--grid.t", spelling, "--grid.kernel", "3", "--grid.threshold", "0.1,0.2", "--grid.max_stages", "1",
+                        "--grid.t", spelling, "--grid.kernel", "3", "--grid.threshold", "0.1,0.2", "--grid.max-stages", "1",
                         "--device", "cpu"], capsys)
     assert code == 0, err
     calibration = json.loads((model_copy / "thresholds.json").read_text())["calibration"]
@@ -312,11 +313,11 @@ def test_detect_never_writes_through_a_symbolic_link_in_its_output_folder(tiny_m
 def test_quiet_silences_the_progress_bars_of_every_command(model_copy, disk_data, tmp_path, capfd):
     bundle = disk_data / "bundle.npz"
     assert main(["--quiet", "calibrate", f"{bundle}:anomalous", "--masks", f"{bundle}:masks", "-m", str(model_copy),
-                 "--grid.t", "200", "--grid.kernel", "3", "--grid.threshold", "0.2", "--grid.max_stages", "1,2",
+                 "--grid.t", "200", "--grid.kernel", "3", "--grid.threshold", "0.2", "--grid.max-stages", "1,2",
                  "--device", "cpu"]) == 0
     assert main(["--quiet", "evaluate", f"{bundle}:anomalous", "--masks", f"{bundle}:masks", "-m", str(model_copy),
                  "-o", str(tmp_path / "ev"), "--device", "cpu"]) == 0
-    assert main(["--quiet", "train", f"{bundle}:healthy", "-o", str(tmp_path / "m"), "--model", "tiny", "--image-size", "32",
+    assert main(["--quiet", "train", f"{bundle}:healthy", "-o", str(tmp_path / "m"), "--network", "tiny", "--image-size", "32",
                  "--train.steps", "2", "--batch-size", "4", "--device", "cpu"]) == 0
     err = capfd.readouterr().err
     assert "calibrate:" not in err and "evaluate:" not in err and "Epoch" not in err and "it/s" not in err, err
@@ -366,12 +367,40 @@ def test_masks_beside_their_images_kaggle_style(tiny_model_dir, disk_data, tmp_p
     per_case = json.loads((tmp_path / "ev" / "metrics.json").read_text())["per_case"]
     assert sorted(row["case_id"] for row in per_case) == ["case 0.png", "case 1.png", "case 2.png"]
     assert all(row["anomalous"] for row in per_case)
+    code, _, err = run(["--quiet", "detect", str(folder), "--mask-suffix", "_mask", "-m", str(tiny_model_dir),
+                        "-o", str(tmp_path / "det"), "--device", "cpu"], capsys)
+    assert code == 0, err  # the masks are not taken for images
+    summary = json.loads((tmp_path / "det" / "summary.json").read_text())
+    assert sorted(Path(case["input"]).name for case in summary["cases"]) == ["case 0.png", "case 1.png", "case 2.png"]
     (folder / "case 2_mask.png").unlink()
     code, _, err = run(["--quiet", "evaluate", str(folder), "--mask-suffix", "_mask", "-m", str(tiny_model_dir),
                         "-o", str(tmp_path / "ev2"), "--device", "cpu"], capsys)
-    assert code == 2 and "case 2.png: no mask case 2_mask.png beside it" in err
+    assert code == 2 and f"{folder / 'case 2_mask.png'}: does not exist: the mask of case 2.png" in err  # names the mask
     code, _, err = run(["--quiet", "evaluate", str(folder), "-m", str(tiny_model_dir), "-o", str(tmp_path / "ev3")], capsys)
     assert code == 2 and "--masks" in err
+    code, _, err = run(["--quiet", "evaluate", str(folder), "--masks", str(folder), "-m", str(tiny_model_dir),
+                        "-o", str(tmp_path / "ev4"), "--device", "cpu"], capsys)
+    assert code == 2 and f"{folder / 'case 0.png'}: is the image itself, not its mask" in err
+
+
+def test_a_masks_subfolder_is_not_taken_for_images_unless_recursive(tiny_model_dir, disk_data, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "data"
+    (folder / "masks").mkdir(parents=True)
+    for i in range(2):
+        shutil.copy(disk_data / "png_lesioned" / f"l{i}.png", folder / f"l{i}.png")
+        shutil.copy(disk_data / "png_masks" / f"l{i}.png", folder / "masks" / f"l{i}.png")
+    base = ["--quiet", "detect", str(folder), "-m", str(tiny_model_dir), "--device", "cpu"]
+    for extra, expected in (([], ["l0", "l1"]), (["--recursive"], ["l0", "l1", "masks__l0", "masks__l1"])):
+        code, _, err = run([*base, "-o", str(tmp_path / f"out{len(extra)}"), *extra], capsys)
+        assert code == 0, err
+        summary = json.loads((tmp_path / f"out{len(extra)}" / "summary.json").read_text())
+        assert sorted(case["output"] for case in summary["cases"]) == expected
+    code, _, err = run(["--quiet", "evaluate", str(folder), "--masks", str(folder / "masks"), "-m", str(tiny_model_dir),
+                        "-o", str(tmp_path / "ev"), "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["aggregate"]["n_cases"] == 2
 
 
 def test_detect_reports_lesion_areas_at_the_inputs_resolution(tiny_model_dir, disk_data, tmp_path, capsys):
@@ -385,12 +414,15 @@ def test_detect_reports_lesion_areas_at_the_inputs_resolution(tiny_model_dir, di
     assert cases["vol"]["area_px"] == mask.reshape(len(mask), -1).sum(1).tolist()
     assert cases["vol"]["area_mm2"] == pytest.approx([a * 0.81 for a in cases["vol"]["area_px"]])  # 0.9 x 0.9 mm
     assert cases["l0"]["area_px"] == [int((np.load(out / "l0" / "mask.npy") > 0).sum())] and cases["l0"]["area_mm2"] is None
-    assert "32x32" in cases["l0"]["score_unit"]
+    # The score is the flagged area at the input's resolution: mm^2 where the spacing is known, else the input's pixels.
+    assert cases["vol"]["score"] == pytest.approx(cases["vol"]["area_mm2"]) and cases["vol"]["score_unit"].startswith("mm^2")
+    assert cases["l0"]["score"] == cases["l0"]["area_px"] and cases["l0"]["score_unit"].startswith("pixels of the 40x32 input")
+    assert cases["vol"]["pictures"] is None and cases["vol"]["files"]["mask"] == "mask.nii.gz"  # volumes: NIfTI on their grid
 
 
 @pytest.mark.parametrize("place", ["before", "after"])
 def test_quiet_works_before_or_after_the_command(disk_data, tmp_path, place):
-    argv = ["train", str(disk_data / "png_healthy"), "-o", str(tmp_path / "m"), "--method", "intensity", "--model",
+    argv = ["train", str(disk_data / "png_healthy"), "-o", str(tmp_path / "m"), "--method", "intensity", "--network",
             "tiny", "--image-size", "32", "--device", "cpu", "--overwrite"]
     command = [sys.executable, "-m", "synomaly.cli"]
     loud = subprocess.run(command + argv, capture_output=True, text=True)
@@ -418,3 +450,150 @@ def test_detect_sharded_over_two_torchrun_processes_matches_one_process(tiny_mod
             if name.endswith(".npy"):
                 assert np.array_equal(np.load(tmp_path / "one" / case["output"] / name), np.load(tmp_path / "two" / case["output"] / name))
     assert sorted(p.name for p in (tmp_path / "two").iterdir() if p.name.startswith(".")) == []  # no lock folders left
+
+
+# --- option names: dashes everywhere, earlier spellings kept for one release ---------------------
+
+
+DEPRECATED_OPTIONS = {"train": {"--model", "--threshold"}}  # kept for one release; their help says what replaced them
+
+
+def test_every_option_is_spelt_with_dashes_and_model_always_names_a_model_folder():
+    from synomaly.cli import build_parser
+
+    parsers = build_parser().subcommand_parsers
+    for command, parser in parsers.items():
+        names = [name for action in parser._actions for name in action.option_strings
+                 if name.startswith("--") and name not in DEPRECATED_OPTIONS.get(command, ())]
+        assert not [name for name in names if "_" in name], command
+        for action in parser._actions:
+            if "--model" in action.option_strings and command not in DEPRECATED_OPTIONS:
+                assert "model folder" in action.help, command
+    assert any("--network" in action.option_strings for action in parsers["train"]._actions)
+
+
+@pytest.mark.parametrize("old, new", [("--max_stages", "--max-stages"), ("--min_size", "--min-size"),
+                                      ("--chain_steps", "--chain-steps")])
+def test_detect_options_spelt_with_underscores_still_work_with_one_warning(tiny_model_dir, disk_data, tmp_path, capsys, caplog,
+                                                                          old, new):
+    png = str(disk_data / "png_lesioned" / "l0.png")
+    base = ["--quiet", "detect", png, "-m", str(tiny_model_dir), "--device", "cpu"]
+    assert run([*base, "-o", str(tmp_path / "old"), f"{old}=2"], capsys)[0] == 0
+    warnings = [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()]
+    assert warnings == [f"{old} is deprecated and will be removed in the next release: use {new}"]
+    caplog.clear()
+    assert run([*base, "-o", str(tmp_path / "new"), new, "2"], capsys)[0] == 0
+    assert "deprecated" not in caplog.text
+    made = [json.loads((tmp_path / d / "summary.json").read_text())["made_with"] for d in ("old", "new")]
+    assert made[0] == made[1] and made[0]["detect"][old[2:]] == 2
+
+
+def test_train_network_preset_and_its_earlier_spellings(disk_data, tmp_path, capsys, caplog):
+    base = ["--quiet", "train", str(disk_data / "png_healthy"), "--method", "intensity", "--image-size", "32", "--device", "cpu"]
+    assert run([*base, "-o", str(tmp_path / "new"), "--network", "tiny", "--train.num-workers", "0"], capsys)[0] == 0
+    assert "deprecated" not in caplog.text
+    assert run([*base, "-o", str(tmp_path / "old"), "--model", "tiny", "--train.num_workers", "0"], capsys)[0] == 0
+    assert "train --model is deprecated" in caplog.text and "--train.num_workers is deprecated" in caplog.text
+    configs = [json.loads((tmp_path / d / "config.json").read_text())["model"] for d in ("new", "old")]
+    assert configs[0] == configs[1] and configs[0]["channels"] != list(__import__("synomaly").config.model_preset("small").channels)
+
+
+def test_print_config_is_spelt_with_a_dash_and_config_files_keep_the_settings_names(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["calibrate", "x.png", "-m", "m", "--grid.max-stages", "1,2", "--min-size", "3", "--print-config"])
+    yaml = capsys.readouterr().out
+    assert "max_stages: 1,2" in yaml and "min_size: 3" in yaml
+    (tmp_path / "c.yaml").write_text(yaml)
+    from synomaly.cli import build_parser
+
+    args = build_parser().parse_args(["calibrate", "--config", str(tmp_path / "c.yaml")])
+    assert args.calibrate.grid.max_stages == "1,2" and args.calibrate.min_size == 3
+
+
+# --- training geometry: recorded in config.json, inputs unlike it warned about ---------------------
+
+
+def test_the_model_records_its_training_geometry_and_detect_warns_about_inputs_unlike_it(disk_data, tmp_path, capsys, caplog):
+    import nibabel as nib
+
+    volume = (np.random.default_rng(0).random((32, 32, 32)) * 200).astype(np.int16)
+    nib.save(nib.Nifti1Image(volume, np.diag([0.9, 0.9, 0.9, 1.0])), tmp_path / "ras.nii.gz")
+    flipped = np.diag([-0.9, -0.9, 0.9, 1.0])  # the same scan stored as LPS, a DICOM converter's habit
+    flipped[:2, 3] = 31 * 0.9
+    nib.save(nib.Nifti1Image(volume[::-1, ::-1].copy(), flipped), tmp_path / "lps.nii.gz")
+    nib.save(nib.Nifti1Image(volume, np.diag([0.4, 0.4, 0.9, 1.0])), tmp_path / "fine.nii.gz")
+    train = ["--quiet", "train", "--method", "intensity", "--network", "tiny", "--image-size", "32", "--device", "cpu"]
+    assert run([*train, str(tmp_path / "ras.nii.gz"), "-o", str(tmp_path / "m")], capsys)[0] == 0
+    training = json.loads((tmp_path / "m" / "config.json").read_text())["training"]
+    assert training["orientation"] == "LPS" and training["pixel_spacing_mm"] == pytest.approx([0.9, 0.9])
+    assert run([*train, str(disk_data / "png_healthy"), "-o", str(tmp_path / "png")], capsys)[0] == 0
+    training = json.loads((tmp_path / "png" / "config.json").read_text())["training"]
+    assert training["orientation"] is None and training["pixel_spacing_mm"] is None  # images record neither
+    detect = ["--quiet", "detect", "-m", str(tmp_path / "m"), "--device", "cpu"]
+
+    def warnings(*args):
+        caplog.clear()
+        assert run([*detect, *args, "-o", str(tmp_path / f"out{len(list(tmp_path.glob('out*')))}")], capsys)[0] == 0
+        return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+
+    assert warnings(str(tmp_path / "ras.nii.gz"), str(tmp_path / "lps.nii.gz")) == []
+    (line,) = warnings(str(tmp_path / "fine.nii.gz"))
+    assert line.startswith("fine.nii.gz: the model sees it at 0.4 x 0.4 mm per pixel where it was trained at 0.9 x 0.9")
+    (line,) = warnings(str(tmp_path / "ras.nii.gz"), "--slice-axis", "0")
+    assert line.startswith("ras.nii.gz: its slices run AIL") and "LPS" in line and "--slice-axis" in line
+    assert warnings(str(disk_data / "png_lesioned" / "l0.png")) == []  # nothing to compare
+    out = json.loads((tmp_path / "out0" / "summary.json").read_text())["cases"]
+    assert out[0]["area_px"] == out[1]["area_px"]  # RAS and LPS storage: the same result
+
+
+# --- outputs people can open ------------------------------------------------------------------------
+
+
+def test_image_inputs_get_pictures_with_stated_scales_and_a_score_at_their_own_resolution(disk_data, tmp_path, capsys):
+    from PIL import Image
+
+    from synomaly.io import read_images
+
+    model = tmp_path / "m"  # the intensity floor: its "reconstruction" is (x - 1) / 2, so each output is known in closed form
+    assert run(["--quiet", "train", str(disk_data / "png_healthy"), "-o", str(model), "--method", "intensity", "--network",
+                "tiny", "--image-size", "32", "--foreground", "none", "--device", "cpu"], capsys)[0] == 0
+    base = ["--quiet", "detect", "-m", str(model), "--device", "cpu", "--threshold", "0.3", "--min-size", "0", "--kernel", "1"]
+    png = disk_data / "png_lesioned" / "l0.png"  # 40x32: letterboxed to 40 and shrunk to 32 by the model, then restored
+    assert run([*base, str(png), f"{disk_data / 'bundle.npz'}:anomalous", "-o", str(tmp_path / "out")], capsys)[0] == 0
+    cases = {c["output"]: c for c in json.loads((tmp_path / "out" / "summary.json").read_text())["cases"]}
+    case, folder = cases["l0"], tmp_path / "out" / "l0"
+    assert case["files"]["mask"] == "mask.npy" and case["pictures"]["png"] == {
+        "mask": "mask.png", "anomaly_map": "anomaly_map.png", "reconstruction": "reconstruction.png"}
+    mask, amap = np.load(folder / "mask.npy")[0], np.load(folder / "anomaly_map.npy")[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(folder / "mask.png")), mask.astype(np.uint8) * 255)
+    assert case["anomaly_map_255"] == pytest.approx(0.6) and "255 means 0.6" in case["scales"]["anomaly_map"]
+    np.testing.assert_array_equal(np.asarray(Image.open(folder / "anomaly_map.png")),
+                                  np.rint(np.clip(amap / 0.6, 0, 1) * 255).astype(np.uint8))
+    assert np.asarray(Image.open(folder / "reconstruction.png")).dtype == np.uint8  # as the input
+    assert case["score"] == [int(mask.sum())] and case["score_unit"].startswith("pixels of the 40x32 input")
+    # An array of 12 slices: one PNG per slice, named by slice number.
+    case, folder = cases["bundle__anomalous"], tmp_path / "out" / "bundle__anomalous"
+    assert case["pictures"]["png"]["mask"] == "mask" and len(list((folder / "mask").glob("*.png"))) == 12
+    # On the input's own scale: minmax maps each slice's min..max to [-1, 1], so (x - 1) / 2 comes back as (raw - min) / 2 + min
+    # (32x32 slices on a 32 px model: no resizing, so exactly, up to rounding).
+    raw = np.load(disk_data / "bundle.npz")["anomalous"][7].astype(np.float64)
+    recon = np.asarray(Image.open(folder / "reconstruction" / "07.png")).astype(np.float64)
+    assert np.abs(recon - ((raw - raw.min()) / 2 + raw.min())).max() <= 1
+    assert "input's own intensities" in case["scales"]["reconstruction"]
+    # TIFF only: one multi-page picture per output, which score reads as it reads .npy.
+    assert run([*base, f"{disk_data / 'bundle.npz'}:anomalous", "-o", str(tmp_path / "tif"), "--format", "tiff"], capsys)[0] == 0
+    case = json.loads((tmp_path / "tif" / "summary.json").read_text())["cases"][0]
+    assert case["files"]["mask"] == "mask.tif" and not list((tmp_path / "tif").rglob("*.npy"))
+    assert run([*base, str(png), "-o", str(tmp_path / "out"), "--format", "tiff", "--overwrite"], capsys)[0] == 0
+    assert sorted(p.name for p in (tmp_path / "out" / "l0").glob("[amr]*")) == ["anomaly_map.tif", "mask.tif", "reconstruction.tif"]
+    np.testing.assert_array_equal(read_images(tmp_path / "tif" / case["output"] / "mask.tif")[0] > 0,
+                                  np.load(tmp_path / "out" / "bundle__anomalous" / "mask.npy") > 0)
+    for name, fmt in (("tif", "tiff"), ("png_only", "png")):
+        if fmt == "png":
+            assert run([*base, f"{disk_data / 'bundle.npz'}:anomalous", "-o", str(tmp_path / name), "--format", fmt], capsys)[0] == 0
+        scored = tmp_path / f"score_{name}"
+        code, _, err = run(["--quiet", "score", str(tmp_path / name), "-r", f"{disk_data / 'bundle.npz'}:masks", "-o", str(scored)], capsys)
+        assert code == 0, err
+        assert json.loads((scored / "metrics.json").read_text())["aggregate"]["n_cases"] == 12
+    code, _, err = run([*base, str(png), "-o", str(tmp_path / "bad"), "--format", "gif"], capsys)
+    assert code == 2 and "--format" in err

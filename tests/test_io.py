@@ -224,6 +224,31 @@ def test_the_same_scan_stored_in_any_orientation_gives_the_same_slices_and_write
     np.testing.assert_array_equal(out.get_fdata(), stored + 1.0)
 
 
+@pytest.mark.parametrize("codes", ["LAS", "RAS", "LPS", "PSR"])
+def test_slice_orientation_names_where_columns_rows_and_slices_run_however_the_scan_is_stored(tmp_path, codes):
+    from nibabel import orientations
+
+    from synomaly.io import slice_orientation
+
+    _, volume = make_volume(tmp_path)
+    transform = orientations.ornt_transform(orientations.axcodes2ornt(("L", "A", "S")), orientations.axcodes2ornt(tuple(codes)))
+    affine = AFFINE @ orientations.inv_ornt_aff(transform, volume.shape)
+    nib.save(nib.Nifti1Image(orientations.apply_orientation(volume, transform), affine), tmp_path / "v.nii.gz")
+    # Axial slices in the radiological view: columns to the patient's left, rows to posterior; sagittal and coronal.
+    for axis, expected in ((2, "LPS"), (0, "AIL"), (1, "LIA")):
+        assert slice_orientation(read_images(tmp_path / "v.nii.gz", slice_axis=axis)[1]) == expected
+
+
+def test_dicom_axial_slices_share_the_nifti_axial_orientation_and_images_have_none(tmp_path):
+    from synomaly.io import slice_orientation
+
+    for k in range(2):
+        write_dicom(tmp_path / f"{k}.dcm", pattern(), position=(0.0, 0.0, 2.0 * k), instance=k + 1)
+    assert slice_orientation(read_images(tmp_path)[1]) == "LPS"
+    Image.fromarray(pattern(np.uint8)).save(tmp_path / "a.png")
+    assert slice_orientation(read_images(tmp_path / "a.png")[1]) is None
+
+
 def test_a_nan_in_the_affine_is_one_line_naming_the_file(tmp_path):
     path, volume = make_volume(tmp_path)
     image = nib.load(path)
@@ -616,6 +641,13 @@ def test_properties_survive_json(tmp_path):
 # --- listing inputs and naming outputs ---------------------------------------------------------
 
 
+def _only_subfolders(root):
+    folder = root / "nested"
+    (folder / "deeper").mkdir(parents=True)
+    Image.fromarray(pattern(np.uint8)).save(folder / "deeper" / "x.png")
+    return folder
+
+
 def test_list_inputs_expands_folders_and_series(tmp_path):
     (tmp_path / "p1" / "ct").mkdir(parents=True)
     for k in range(2):
@@ -624,9 +656,13 @@ def test_list_inputs_expands_folders_and_series(tmp_path):
     Image.fromarray(pattern(np.uint8)).save(tmp_path / "a.PNG")
     (tmp_path / "readme.txt").write_text("not an image")
     (tmp_path / ".a.png.tmp.png").write_bytes(b"partial")
-    found = list_inputs(tmp_path)
+    found = list_inputs(tmp_path, recursive=True)
     assert found == [tmp_path / "a.PNG", tmp_path / "p1" / "b.npy", tmp_path / "p1" / "ct"]
     assert [read_images(p)[0].shape[0] for p in found] == [1, 1, 2]
+    assert list_inputs(tmp_path) == [tmp_path / "a.PNG"]  # subfolders only when asked for
+    assert list_inputs(tmp_path / "p1" / "ct") == [tmp_path / "p1" / "ct"]  # a folder of .dcm files is one series
+    with pytest.raises(InputError, match="subfolders are searched only with --recursive"):
+        list_inputs(_only_subfolders(tmp_path))
     assert list_inputs(tmp_path / "a.PNG") == [tmp_path / "a.PNG"]
     with pytest.raises(InputError, match="unsupported"):
         list_inputs(tmp_path / "readme.txt")

@@ -181,12 +181,12 @@ def test_foreground_masks_from_an_npz_key_replace_the_computed_foreground(tmp_pa
     np.savez(tmp_path / "d.npz", images=images, left=left, wrong=left[:, :20])
     model = tmp_path / "model"
     assert main(["--quiet", "train", f"{tmp_path / 'd.npz'}:images", "-o", str(model), "--method", "intensity",
-                 "--model", "tiny", "--image-size", "32", "--foreground", "given",
+                 "--network", "tiny", "--image-size", "32", "--foreground", "given",
                  "--foreground-masks", f"{tmp_path / 'd.npz'}:left"]) == 0
     assert json.loads((model / "config.json").read_text())["preprocess"]["foreground"] == "given"
     out = tmp_path / "out"
     args = ["--quiet", "detect", f"{tmp_path / 'd.npz'}:images", "-m", str(model), "-o", str(out), "--threshold", "0.5",
-            "--min_size", "0", "--on-error", "stop"]
+            "--min-size", "0", "--on-error", "stop"]
     assert main([*args, "--foreground-masks", f"{tmp_path / 'd.npz'}:left"]) == 0
     case = json.loads((out / "summary.json").read_text())["cases"][0]
     assert case["score"] == [0.0] * 4  # the squares lie outside the given foreground
@@ -204,12 +204,12 @@ def test_computed_foreground_is_used_without_masks_and_erosion_is_recorded(tmp_p
     np.savez(tmp_path / "d.npz", images=images)
     model = tmp_path / "model"
     assert main(["--quiet", "train", f"{tmp_path / 'd.npz'}:images", "-o", str(model), "--method", "intensity",
-                 "--model", "tiny", "--image-size", "32", "--foreground", "auto", "--foreground-erosion", "2"]) == 0
+                 "--network", "tiny", "--image-size", "32", "--foreground", "auto", "--foreground-erosion", "2"]) == 0
     pre = json.loads((model / "config.json").read_text())["preprocess"]
     assert pre["foreground"] == "auto" and pre["foreground_erosion"] == 2
     out = tmp_path / "out"
     assert main(["--quiet", "detect", f"{tmp_path / 'd.npz'}:images", "-m", str(model), "-o", str(out),
-                 "--threshold", "0.9", "--min_size", "0", "--kernel", "1"]) == 0
+                 "--threshold", "0.9", "--min-size", "0", "--kernel", "1"]) == 0
     assert json.loads((out / "summary.json").read_text())["cases"][0]["score"] == [16.0] * 4
 
 

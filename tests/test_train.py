@@ -184,8 +184,8 @@ def test_a_diverging_training_stops_with_one_line_and_writes_no_model(tmp_path, 
     images = (np.random.default_rng(0).random((8, 32, 32)) * 255).astype(np.uint8)
     np.savez(tmp_path / "d.npz", images=images)
     out = tmp_path / "model"
-    code = main(["--quiet", "train", f"{tmp_path / 'd.npz'}:images", "-o", str(out), "--model", "tiny", "--image-size", "32",
-                 "--device", "cpu", "--train.steps", "30", "--train.lr", "1e30", "--train.grad_clip", "0",
+    code = main(["--quiet", "train", f"{tmp_path / 'd.npz'}:images", "-o", str(out), "--network", "tiny", "--image-size", "32",
+                 "--device", "cpu", "--train.steps", "30", "--train.lr", "1e30", "--train.grad-clip", "0",
                  "--train.progress", "false", "--batch-size", "4"])
     err = capsys.readouterr().err
     assert code == 2 and "diverged" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
@@ -229,9 +229,9 @@ def test_sigterm_stops_training_with_a_nonzero_status_and_resume_keeps_the_loss_
     data = tmp_path / "d.npz"
     np.savez(data, images=(np.random.default_rng(0).random((16, 32, 32)) * 255).astype(np.uint8))
     out = tmp_path / "run"
-    argv = [sys.executable, "-m", "synomaly.cli", "train", f"{data}:images", "-o", str(out), "--model", "tiny",
+    argv = [sys.executable, "-m", "synomaly.cli", "train", f"{data}:images", "-o", str(out), "--network", "tiny",
             "--image-size", "32", "--device", "cpu", "--batch-size", "4", "--train.steps", "400",
-            "--train.checkpoint_every", "5", "--train.log_every", "1", "--train.progress", "false"]
+            "--train.checkpoint-every", "5", "--train.log-every", "1", "--train.progress", "false"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_checkpoint(proc, out, 1.0)
     proc.send_signal(signal.SIGTERM)

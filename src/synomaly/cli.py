@@ -1,7 +1,12 @@
 """``synomaly`` command: train, detect, calibrate, evaluate, report, demo (thin over ``synomaly.commands``).
 
-Every subcommand takes ``--config file.yaml`` and ``--print_config``. User errors (bad files, bad
+Every subcommand takes ``--config file.yaml`` and ``--print-config``. User errors (bad files, bad
 options, existing outputs) print one line and exit with status 2; ``--debug`` shows the traceback.
+
+Options are spelt with dashes (``--max-stages``, ``--train.ema-decay``); a config file uses the keys
+with underscores (``max_stages``, ``train: {ema_decay: ...}``), as the Python functions name them.
+Earlier spellings (``--max_stages``, ``train --model``, ``train --threshold``) still work for one
+release and print a one-line deprecation warning.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ import logging
 import re
 import sys
 import typing
+from pathlib import Path
 from typing import Any
 
 from synomaly.errors import SynomalyError, readable
@@ -36,8 +42,16 @@ DETECT_HELP = {
     "mask_threshold": "value of AutoDDPM's perceptual-residual map, 0..1, above which a pixel is inpainted; unset: each "
                       "image's 95th percentile (sampler autoddpm)",
 }
-SOURCES_HELP = "image sources: files, folders (searched recursively; a folder of .dcm files is one series) or bundle.npz:key"
+SOURCES_HELP = ("image sources: files, folders (the images directly inside; subfolders too with --recursive; a folder of "
+                ".dcm files is one series) or bundle.npz:key")
 MASKS_HELP = "one mask source per image source, in the same order ('none' for healthy inputs)"
+
+
+def _parser(description: str) -> Any:
+    """A subcommand's parser: errors are raised (``main`` prints them as one line), ``--print-config`` spelt with a dash."""
+    from jsonargparse import ArgumentParser
+
+    return ArgumentParser(exit_on_error=False, print_config="--print-config", description=description)
 
 
 def _common(parser: Any, device: bool = True) -> None:
@@ -60,36 +74,61 @@ def _execution(parser: Any) -> None:
                                                                "for large inputs; the first batch compiles)")
 
 
-def _mask_suffix(parser: Any) -> None:
+def _mask_suffix(parser: Any, paired: bool = True) -> None:
     parser.add_argument("--mask-suffix", default=None,
                         help="masks lie beside their images as NAME<suffix>.ext (e.g. _mask for X.png and X_mask.png, as "
-                             "Kaggle data sets ship them); those files are not taken as images")
+                             "Kaggle data sets ship them); those files are not taken as images" if paired else
+                             "files NAME<suffix>.ext beside an image NAME.ext are masks, not inputs (e.g. _mask for X.png and "
+                             "X_mask.png, as Kaggle data sets ship them)")
 
 
-def masks_beside_images(data: list[str], suffix: str) -> tuple[list[str], list[str]]:
-    """Every image of ``data`` (mask files left out) and the mask ``NAME<suffix>.ext`` beside each."""
+def _recursive(parser: Any) -> None:
+    parser.add_argument("--recursive", action="store_true",
+                        help="search the subfolders of input folders too (default: only the files directly inside)")
+
+
+def _split_masks(data: list[str], suffix: str, recursive: bool) -> list[tuple[Path, Path, bool]]:
+    """Every image file of ``data`` with the mask ``NAME<suffix>.ext`` beside it and whether that mask exists.
+
+    Files named like a mask are left out of the images; one whose image is missing is reported and ignored.
+    """
     from synomaly.data import Source, expand
     from synomaly.errors import InputError
     from synomaly.io import suffix_of
 
-    images, masks = [], []
+    pairs = []
     for spec in data:
         if Source.parse(spec).key is not None:
             raise InputError(spec, "--mask-suffix pairs files on disk; give arrays' masks with --masks bundle.npz:key")
-        for source in expand(spec):
+        for source in expand(spec, recursive):
             path = source.path
             ext = suffix_of(path.name)
             stem = path.name[: len(path.name) - len(ext)] if ext else path.name
-            if stem.endswith(suffix):
+            if stem.endswith(suffix) and len(stem) > len(suffix):
+                image = path.with_name(f"{stem[: -len(suffix)]}{ext}")
+                if not image.exists():
+                    log.warning("%s: no image %s beside this mask (--mask-suffix %s); ignored", path, image.name, suffix)
                 continue
             mask = path.with_name(f"{stem}{suffix}{ext}")
-            if not mask.exists():
-                raise InputError(path, f"no mask {mask.name} beside it (--mask-suffix {suffix})")
-            images.append(str(path))
-            masks.append(str(mask))
-    if not images:
+            pairs.append((path, mask, mask.exists()))
+    if not pairs:
         raise InputError(data[0], f"only masks (names ending in {suffix}) found, no images")
-    return images, masks
+    return pairs
+
+
+def masks_beside_images(data: list[str], suffix: str, recursive: bool = False) -> tuple[list[str], list[str]]:
+    """Every image of ``data`` (mask files left out) and the mask ``NAME<suffix>.ext`` beside each.
+
+    Raises:
+        InputError: A mask is missing (the message names the mask file), or there are only masks.
+    """
+    from synomaly.errors import InputError
+
+    pairs = _split_masks(data, suffix, recursive)
+    for image, mask, exists in pairs:
+        if not exists:
+            raise InputError(mask, f"does not exist: the mask of {image.name} (--mask-suffix {suffix})")
+    return [str(image) for image, _, _ in pairs], [str(mask) for _, mask, _ in pairs]
 
 
 def _slices(parser: Any) -> None:
@@ -100,22 +139,45 @@ def _slices(parser: Any) -> None:
                              "replaces the model's computed foreground")
 
 
+def option(name: str) -> str:
+    """The command-line spelling of a setting: ``max_stages`` -> ``--max-stages``, ``grid.max_stages`` -> ``--grid.max-stages``."""
+    return "--" + name.replace("_", "-")
+
+
 def _detect_overrides(parser: Any, names: tuple[str, ...] = DETECT_OPTIONS) -> None:
     from synomaly.config import DetectConfig
 
     types = typing.get_type_hints(DetectConfig)
     for name in names:
-        parser.add_argument(f"--{name}", type=types[name], default=None,
+        parser.add_argument(option(name), type=types[name], default=None,
                             help=f"{DETECT_HELP[name]} (default: the model folder's, calibrated or stored)")
 
 
-def _train_parser() -> Any:
-    from jsonargparse import ArgumentParser
+def _dataclass_options(parser: Any, cls: type, prefix: str, skip: set[str]) -> None:
+    """One ``--prefix.field-name`` option per field of ``cls`` (its docstring's attribute text as help).
 
+    jsonargparse's ``add_class_arguments`` would spell them ``--prefix.field_name``; the values land
+    under ``prefix.field_name`` either way, so config files keep the fields' names.
+    """
+    import dataclasses
+
+    from docstring_parser import parse
+
+    docs = {param.arg_name: " ".join((param.description or "").replace("``", "").split()) for param in parse(cls.__doc__ or "").params}
+    types = typing.get_type_hints(cls)
+    group = parser.add_argument_group((cls.__doc__ or prefix).splitlines()[0])
+    for field in dataclasses.fields(cls):
+        if field.name not in skip:
+            group.add_argument(option(f"{prefix}.{field.name}"), type=types[field.name], default=field.default,
+                               help=docs.get(field.name, ""))
+
+
+def _train_parser() -> Any:
     from synomaly.commands import preset_names
+    from synomaly.config import MODEL_PRESETS
     from synomaly.train import TrainConfig
 
-    p = ArgumentParser(exit_on_error=False, description="Train a diffusion model on healthy images (Synomaly noise by default).")
+    p = _parser("Train a diffusion model on healthy images (Synomaly noise by default).")
     p.add_argument("data", nargs="+", help=f"healthy {SOURCES_HELP}")
     p.add_argument("--output", "-o", required=True, help="model folder to write")
     from synomaly.methods import METHODS
@@ -124,13 +186,16 @@ def _train_parser() -> Any:
                    help="; ".join(f"{name}: {m.description}" for name, m in METHODS.items()))
     p.add_argument("--masks", nargs="+", default=None, help=f"{MASKS_HELP} (--method supervised only)")
     _mask_suffix(p)
+    _recursive(p)
     p.add_argument("--foreground", default=None, choices=["none", "auto", "disk", "given"],
                    help="region of the blobs in training and of the anomaly map at inference (default: the preset's); "
                         "given: from --foreground-masks, which every later command then needs")
     p.add_argument("--foreground-erosion", type=int, default=None, help="erode the foreground by this many pixels (model size)")
     p.add_argument("--preset", default="brain-flair", choices=preset_names(), help="modality preset (noise settings, foreground)")
-    p.add_argument("--model", default="small", help="UNet preset: paper, small or tiny")
-    p.add_argument("--image-size", type=int, default=None, help="square model input size (default: the UNet preset's)")
+    p.add_argument("--network", default=None, choices=list(MODEL_PRESETS),
+                   help="network size preset: paper (the paper's UNet), small or tiny; the VAE is sized by it too (default: small)")
+    p.add_argument("--model", default=None, help="deprecated spelling of --network (--model names the model folder elsewhere)")
+    p.add_argument("--image-size", type=int, default=None, help="square model input size (default: the network preset's)")
     p.add_argument("--noise", default=None, help="training noise: synomaly, gaussian, simplex, coarse, pyramid")
     p.add_argument("--sigma", type=float, default=None, help="Synomaly blob size in pixels (default: preset, scaled to the size)")
     p.add_argument("--blob-threshold", type=float, default=None, help="Synomaly blob threshold on the 0..255 scale")
@@ -141,20 +206,24 @@ def _train_parser() -> Any:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (several GPUs: --train.devices)")
     p.add_argument("--batch-size", type=int, default=8, help="images per step and device")
     p.add_argument("--seed", type=int, default=0, help="seed of data order, noise and initial weights")
-    p.add_class_arguments(TrainConfig, "train", skip={"batch_size", "seed", "accelerator"})
+    _dataclass_options(p, TrainConfig, "train", skip={"batch_size", "seed", "accelerator"})
     _slices(p)
     _common(p, device=False)
     return p
 
 
 def _detect_parser() -> Any:
-    from jsonargparse import ArgumentParser
-
-    p = ArgumentParser(exit_on_error=False, description="Detect anomalies: reconstruction, anomaly map and mask per input, and summary.json.")
+    p = _parser("Detect anomalies: reconstruction, anomaly map and mask per input, and summary.json.")
     p.add_argument("inputs", nargs="+", help=SOURCES_HELP)
     p.add_argument("--model", "-m", required=True, help="model folder")
     p.add_argument("--output", "-o", required=True, help="output folder")
     p.add_argument("--on-error", default="skip", choices=["skip", "stop"], help="skip a bad input (and report it) or stop")
+    p.add_argument("--format", type=list[str] | str, default="png,npy",
+                   help="what to write for each output of an image or array input (PNG, JPEG, TIFF, npy, npz): png (one "
+                        "picture per slice), tiff (one multi-page picture) and/or npy (the exact values), comma-separated; "
+                        "NIfTI and DICOM inputs get NIfTI volumes on their grid")
+    _mask_suffix(p, paired=False)
+    _recursive(p)
     _detect_overrides(p)
     _slices(p)
     _common(p)
@@ -163,19 +232,18 @@ def _detect_parser() -> Any:
 
 
 def _calibrate_parser() -> Any:
-    from jsonargparse import ArgumentParser
-
     from synomaly.calibrate import CalibrationGrid
 
-    p = ArgumentParser(exit_on_error=False, description="Choose t, kernel, threshold and stages on validation data; writes thresholds.json.")
+    p = _parser("Choose t, kernel, threshold and stages on validation data; writes thresholds.json.")
     p.add_argument("data", nargs="+", help=f"validation {SOURCES_HELP}")
     p.add_argument("--model", "-m", required=True, help="model folder (thresholds.json is written into it)")
     p.add_argument("--masks", nargs="+", default=None, help=f"{MASKS_HELP}; without masks the threshold is a percentile of healthy maps")
     _mask_suffix(p)
+    _recursive(p)
     p.add_argument("--percentile", type=float, default=99.0, help="percentile of healthy anomaly-map values (unsupervised rule)")
     defaults = CalibrationGrid()
     for name, kind in GRID_TYPES.items():
-        p.add_argument(f"--grid.{name}", type=list[kind] | kind | str,  # type: ignore[valid-type]  # built per field
+        p.add_argument(option(f"grid.{name}"), type=list[kind] | kind | str,  # type: ignore[valid-type]  # built per field
                        default=list(getattr(defaults, name)),
                        help=f"candidate {name} values: one value, a comma-separated list or a [list] (default: "
                             f"{','.join(str(v) for v in getattr(defaults, name))})")
@@ -187,12 +255,11 @@ def _calibrate_parser() -> Any:
 
 
 def _evaluate_parser() -> Any:
-    from jsonargparse import ArgumentParser
-
-    p = ArgumentParser(exit_on_error=False, description="Evaluate against masks: per-case and aggregate metrics (JSON, CSV).")
+    p = _parser("Evaluate against masks: per-case and aggregate metrics (JSON, CSV).")
     p.add_argument("data", nargs="+", help=SOURCES_HELP)
     p.add_argument("--masks", nargs="+", default=None, help=f"{MASKS_HELP} (or --mask-suffix)")
     _mask_suffix(p)
+    _recursive(p)
     p.add_argument("--model", "-m", required=True, help="model folder")
     p.add_argument("--output", "-o", required=True, help="evaluation folder")
     _detect_overrides(p)
@@ -203,9 +270,7 @@ def _evaluate_parser() -> Any:
 
 
 def _report_parser() -> Any:
-    from jsonargparse import ArgumentParser
-
-    p = ArgumentParser(exit_on_error=False, description="Write a self-contained HTML report of an evaluation folder.")
+    p = _parser("Write a self-contained HTML report of an evaluation folder.")
     p.add_argument("evaluation", help="folder written by 'synomaly evaluate'")
     p.add_argument("--output", "-o", default=None, help="HTML file (default: EVALUATION/report.html)")
     p.add_argument("--title", default="Synomaly report")
@@ -215,9 +280,7 @@ def _report_parser() -> Any:
 
 
 def _score_parser() -> Any:
-    from jsonargparse import ArgumentParser
-
-    p = ArgumentParser(exit_on_error=False, description="Score a detect output folder against reference masks, without running a model.")
+    p = _parser("Score a detect output folder against reference masks, without running a model.")
     p.add_argument("predictions", help="a synomaly detect output folder (summary.json and one folder per input)")
     p.add_argument("--references", "-r", nargs="+", required=True,
                    help="one folder of masks named like the inputs, or one mask source per input in the order of "
@@ -228,10 +291,7 @@ def _score_parser() -> Any:
 
 
 def _demo_parser() -> Any:
-    from jsonargparse import ArgumentParser
-
-    p = ArgumentParser(exit_on_error=False,
-                       description="Run the whole method on the MNI152 brain template with synthetic lesions; ends with an HTML report.")
+    p = _parser("Run the whole method on the MNI152 brain template with synthetic lesions; ends with an HTML report.")
     p.add_argument("--output", "-o", default="synomaly-demo", help="demo folder")
     p.add_argument("--train-steps", type=int, default=0, help="train the demo model from scratch for this many steps (0: use the shipped model)")
     _common(p)
@@ -307,10 +367,13 @@ def _run(command: str, a: Any) -> Any:
     for name in LIST_OPTIONS:
         if a.get(name) is not None:
             a[name] = as_list(a[name], name)
-    if a.get("mask_suffix"):
+    recursive = bool(a.get("recursive"))
+    if a.get("mask_suffix") and command == "detect":
+        a.inputs = [str(image) for image, _, _ in _split_masks(a.inputs, a.mask_suffix, recursive)]
+    elif a.get("mask_suffix"):
         if a.get("masks") is not None:
             raise ConfigError("--mask-suffix", "give either --masks or --mask-suffix, not both")
-        a.data, a.masks = masks_beside_images(a.data, a.mask_suffix)
+        a.data, a.masks = masks_beside_images(a.data, a.mask_suffix, recursive)
     elif command == "evaluate" and a.get("masks") is None:
         raise ConfigError("--masks", "evaluation needs masks: --masks (one source per input, 'none' for healthy ones) "
                                      "or --mask-suffix")
@@ -332,17 +395,19 @@ def _run(command: str, a: Any) -> Any:
         return _run_train(a, slices)
     if command == "detect":
         return commands.run_detect(a.model, a.inputs, a.output, detect=detect, batch_size=a.batch_size, device=a.device,
-                                   seed=a.seed, on_error=a.on_error, overwrite=a.overwrite, **execution, **slices)
+                                   seed=a.seed, on_error=a.on_error, overwrite=a.overwrite, recursive=recursive,
+                                   formats=a.format, **execution, **slices)
     if command == "calibrate":
         from synomaly.calibrate import CalibrationGrid
 
         grid = CalibrationGrid(**{k: tuple(grid_values(v, GRID_TYPES[k], k)) for k, v in a.grid.items()})
         return commands.run_calibrate(a.model, a.data, masks=a.masks, grid=grid, detect=detect, percentile=a.percentile,
-                                      batch_size=a.batch_size, device=a.device, seed=a.seed, overwrite=a.overwrite, **execution,
-                                      **slices)
+                                      batch_size=a.batch_size, device=a.device, seed=a.seed, overwrite=a.overwrite,
+                                      recursive=recursive, **execution, **slices)
     if command == "evaluate":
         return commands.run_evaluate(a.model, a.data, a.masks, a.output, detect=detect, batch_size=a.batch_size,
-                                     device=a.device, seed=a.seed, overwrite=a.overwrite, **execution, **slices)
+                                     device=a.device, seed=a.seed, overwrite=a.overwrite, recursive=recursive, **execution,
+                                     **slices)
     if command == "score":
         from synomaly.score import score_folder
 
@@ -367,13 +432,17 @@ def _run_train(a: Any, slices: dict[str, Any]) -> Any:
         log.warning("train --threshold is deprecated and will be removed in the next release: use --blob-threshold "
                     "(--threshold of detect, calibrate and evaluate is the anomaly-map threshold)")
         blob_threshold = a.threshold if blob_threshold is None else blob_threshold
+    if a.model is not None:
+        log.warning("train --model is deprecated and will be removed in the next release: use --network "
+                    "(--model of the other commands is the model folder)")
+    network = a.network or a.model or "small"
     noise = {"name": a.noise, "sigma": a.sigma, "threshold": blob_threshold, "offset": a.offset,
              "direction": list(a.direction) if a.direction else None}
     preprocess = {k: v for k, v in (("foreground", a.foreground), ("foreground_erosion", a.foreground_erosion))
                   if v is not None}
-    return commands.run_train(a.data, a.output, preset=a.preset, model=a.model, image_size=a.image_size, noise=noise,
+    return commands.run_train(a.data, a.output, preset=a.preset, model=network, image_size=a.image_size, noise=noise,
                               train_config=config, method=a.method, masks=a.masks, preprocess=preprocess,
-                              resume=a.resume, overwrite=a.overwrite, **slices)
+                              resume=a.resume, overwrite=a.overwrite, recursive=bool(a.recursive), **slices)
 
 
 _PARSER_KEY = re.compile(r'^Parser key "([^"]+)"\s*([^:]*):\s*(.*)$')
@@ -423,12 +492,33 @@ def _parse_error_line(parser: Any, argv: list[str], error: Exception) -> tuple[s
     return command, readable(f"{message.rstrip('.')}; see {where} --help")
 
 
+def modern_spelling(parser: Any, argv: list[str]) -> tuple[list[str], list[str]]:
+    """``argv`` with earlier option spellings replaced (``--max_stages`` -> ``--max-stages``), and a warning for each.
+
+    Only options the subcommand does not know as written are looked at, so values are left alone.
+    """
+    subparsers = getattr(parser, "subcommand_parsers", {})
+    command = next((i for i, arg in enumerate(argv) if arg in subparsers), None)
+    if command is None:
+        return argv, []
+    known = {name for action in subparsers[argv[command]]._actions for name in action.option_strings}
+    out, warnings = list(argv), []
+    for i, arg in enumerate(argv[command + 1 :], start=command + 1):
+        name, equals, value = arg.partition("=")
+        modern = name.replace("_", "-")
+        if name.startswith("--") and name not in known and modern in known:
+            out[i] = modern + equals + value
+            warnings.append(f"{name} is deprecated and will be removed in the next release: use {modern}")
+    return out, warnings
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``synomaly`` command; returns the exit status."""
     from argparse import ArgumentError
 
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
+    argv, deprecated = modern_spelling(parser, argv)
     try:
         args = parser.parse_args(argv)
     except (ArgumentError, ValueError) as error:  # one line instead of the usage block
@@ -442,6 +532,8 @@ def main(argv: list[str] | None = None) -> int:
     lightning_log = logging.getLogger("lightning.pytorch")
     lightning_log.propagate = False
     lightning_log.setLevel(level)
+    for line in deprecated:
+        log.warning("%s", line)
     command = args.command
     try:
         result = _run(command, args[command])

@@ -19,6 +19,7 @@ from synomaly.detect_files import model_fingerprint, run_detect
 from synomaly.devices import DEVICES, lightning_accelerator, resolve_device, show_progress
 from synomaly.errors import ConfigError, InputError, OutputError, OutputExistsError
 from synomaly.input_checks import warn_input
+from synomaly.io import training_geometry
 from synomaly.methods import METHODS, check_network_size, get_method
 from synomaly.pipeline import SynomalyPipeline, model_folder
 from synomaly.preprocess import MODALITY_PRESETS, Preprocessing, noise_params_for, preset_flips
@@ -58,6 +59,7 @@ def run_train(
     foreground_masks: list[str] | None = None,
     resume: bool = False,
     overwrite: bool = False,
+    recursive: bool = False,
 ) -> Path:
     """Train on healthy images; returns the model folder.
 
@@ -83,6 +85,7 @@ def run_train(
             they replace the computed foreground (blobs stay inside them).
         resume: Continue an interrupted run from its last checkpoint.
         overwrite: Replace an existing run in ``output``.
+        recursive: Search folders' subfolders for images too.
     """
     from synomaly.train import TrainConfig, train
 
@@ -104,15 +107,19 @@ def run_train(
     # Blobs go anywhere in the foreground; the erosion trims only the anomaly map at inference.
     training_pre = dataclasses.replace(pre, foreground_erosion=0)
     cases = load_cases(data, training_pre, masks, slice_axis=slice_axis, slice_range=slice_range,
-                       foreground_specs=foreground_masks)
+                       foreground_specs=foreground_masks, recursive=recursive)
     noise_config = _noise_config(preset, size, noise or {}, chosen.default_noise)
     # The reference's 30-pixel minimum component and 500-pixel convergence floor are for 128 px.
     detect = chosen.detect_defaults(noise_config["name"], {"min_size": scaled_area(size, 30),
                                                            "min_area": scaled_area(size, 500)})
     log.info("training (%s) on %d slices from %d inputs at %dx%d", method, len(cases), len(cases.files), size, size)
+    geometry = training_geometry((f.properties, f.fit, len(f.raw)) for f in cases.files)
+    if "orientations" in geometry:
+        log.warning("training slices come in several orientations (%s); the model records %s", geometry["orientations"],
+                    geometry["orientation"])
     return train(cases.images, output, model=unet, noise=noise_config, train_config=train_config,
                  detect=detect, preprocess=pre.to_dict(), foreground=cases.foreground, method=method,
-                 target=cases.masks if chosen.needs_masks else None, resume=resume, overwrite=overwrite)
+                 target=cases.masks if chosen.needs_masks else None, resume=resume, overwrite=overwrite, geometry=geometry)
 
 
 def _check_resume(output: Path, config: PipelineConfig) -> None:
@@ -163,10 +170,11 @@ def _noise_config(preset: str, size: int, overrides: dict[str, Any], default: st
 
 
 def load_labelled(pipe: SynomalyPipeline, data: list[str], masks: list[str] | None, slice_axis: int,
-                  slice_range: tuple[int, int] | None, foreground_masks: list[str] | None = None) -> Cases:
+                  slice_range: tuple[int, int] | None, foreground_masks: list[str] | None = None,
+                  recursive: bool = False) -> Cases:
     """Read images (and masks, and foreground masks) with the model folder's preprocessing; warns of odd inputs."""
     cases = load_cases(data, pipe.preprocessing, masks, slice_axis=slice_axis, slice_range=slice_range,
-                       foreground_specs=foreground_masks)
+                       foreground_specs=foreground_masks, recursive=recursive)
     start = 0
     for record in cases.files:
         name = f"{record.source.path}:{record.source.key}" if record.source.key else str(record.source.path)
@@ -192,6 +200,7 @@ def run_calibrate(
     slice_range: tuple[int, int] | None = None,
     foreground_masks: list[str] | None = None,
     overwrite: bool = False,
+    recursive: bool = False,
 ) -> dict[str, Any]:
     """Choose detection settings on validation data and write ``thresholds.json`` into the model folder.
 
@@ -216,7 +225,7 @@ def run_calibrate(
     pipe = SynomalyPipeline.open(folder, device, precision, compile)
     fixed = {k: v for k, v in (detect or {}).items() if v is not None}
     pipe.config = dataclasses.replace(pipe.config, detect=pipe.detect_config(**fixed))
-    cases = load_labelled(pipe, data, masks, slice_axis, slice_range, foreground_masks)
+    cases = load_labelled(pipe, data, masks, slice_axis, slice_range, foreground_masks, recursive)
     result = calibrate(pipe, cases.images, cases.masks, foreground=cases.foreground, grid=grid or CalibrationGrid(),
                        percentile=percentile, batch_size=batch_size, seed=seed, progress=show_progress(),
                        resume_file=folder / CALIBRATION_PROGRESS)
@@ -242,6 +251,7 @@ def run_evaluate(
     slice_range: tuple[int, int] | None = None,
     foreground_masks: list[str] | None = None,
     overwrite: bool = False,
+    recursive: bool = False,
 ) -> dict[str, Any]:
     """Evaluate against masks: per-case and aggregate metrics as JSON and CSV in ``output``."""
     from synomaly.evaluate import evaluate, write_evaluation
@@ -251,7 +261,7 @@ def run_evaluate(
         raise OutputExistsError(output / "metrics.json")
     _atomic.check_writable(output)
     pipe = SynomalyPipeline.open(model, device, precision, compile)
-    cases = load_labelled(pipe, data, masks, slice_axis, slice_range, foreground_masks)
+    cases = load_labelled(pipe, data, masks, slice_axis, slice_range, foreground_masks, recursive)
     if cases.masks is None:
         raise InputError(data[0], "evaluation needs masks (--masks, one per input; 'none' for healthy inputs)")
     overrides = {k: v for k, v in (detect or {}).items() if v is not None}

@@ -31,8 +31,10 @@ LOSSES = ("mse", "hybrid")
 PRECISIONS = {"32": "32-true", "bf16": "bf16-mixed"}  # to Lightning's names
 FLIPS = {"both": (-1, -2), "horizontal": (-1,), "vertical": (-2,), "none": ()}  # the tensor axes flipped
 # What config.json records about a training run beside its TrainConfig fields.
-TRAINING_OUTCOME = ("images", "final_step", "note", "nifti_orientation", "seconds_last_run", "device", "world_size",
-                    "intensity")  # intensity: statistics of the preprocessed training slices (synomaly.input_checks)
+# ``orientation`` and ``pixel_spacing_mm``: the training slices' geometry (``synomaly.io.training_geometry``);
+# ``intensity``: statistics of the preprocessed training slices (``synomaly.input_checks``).
+TRAINING_OUTCOME = ("images", "final_step", "note", "nifti_orientation", "orientation", "orientations", "pixel_spacing_mm",
+                    "seconds_last_run", "device", "world_size", "intensity")
 
 
 def _check(condition: bool, option: str, problem: str) -> None:

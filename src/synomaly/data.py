@@ -76,12 +76,12 @@ class Cases:
         return self.images.shape[0]
 
 
-def expand(spec: str | Path) -> list[Source]:
-    """A source spec as the list of files (or DICOM series folders) it stands for."""
+def expand(spec: str | Path, recursive: bool = False) -> list[Source]:
+    """A source spec as the list of files (or DICOM series folders) it stands for (subfolders only when ``recursive``)."""
     source = Source.parse(spec)
     if source.key is not None:
         return [source]
-    return [Source(path) for path in list_inputs(source.path)]
+    return [Source(path) for path in list_inputs(source.path, recursive)]
 
 
 def _ids(source: Source, n: int) -> tuple[list[str], list[str]]:
@@ -131,13 +131,18 @@ def load_mask(spec: str, record: FileCases, preprocessing: Preprocessing) -> np.
     if spec.lower() == HEALTHY:
         return np.zeros((n, 1, preprocessing.size, preprocessing.size), dtype=bool)
     source = Source.parse(spec)
+    if source.path.resolve() == record.source.path.resolve() and source.key == record.source.key:
+        raise InputError(spec, "is the image itself, not its mask: give the masks' files or folder, or --mask-suffix "
+                               "for masks that lie beside their images (X_mask.png beside X.png)")
     mask = read_mask(source.path, record.properties, key=source.key)
     fitted, _ = fit_to_size(mask, preprocessing.size, preprocessing.fit, kind="mask")
     return np.asarray(fitted, dtype=bool)[:, None]
 
 
-def pair_sources(image_specs: list[str], *spec_lists: list[str] | None) -> list[tuple[Any, ...]]:
+def pair_sources(image_specs: list[str], *spec_lists: list[str] | None, recursive: bool = False) -> list[tuple[Any, ...]]:
     """Expand image specs and pair every file with its spec from each list (folders pair by file name).
+
+    Folders are searched for images directly inside them, and in their subfolders too when ``recursive``.
 
     Returns tuples ``(source, spec_1, spec_2, ...)`` with ``None`` for a list that is ``None``.
     """
@@ -147,7 +152,7 @@ def pair_sources(image_specs: list[str], *spec_lists: list[str] | None) -> list[
                              f"{len(specs)} mask sources given for {len(image_specs)} image sources")
     pairs: list[tuple[Any, ...]] = []
     for i, spec in enumerate(image_specs):
-        sources = expand(spec)
+        sources = expand(spec, recursive)
         for source in sources:
             row: list[Any] = [source]
             for specs in spec_lists:
@@ -168,17 +173,19 @@ def load_cases(
     slice_axis: int = 2,
     slice_range: tuple[int, int] | None = None,
     foreground_specs: list[str] | None = None,
+    recursive: bool = False,
 ) -> Cases:
     """Read, preprocess and stack every source (and its mask) into one :class:`Cases`.
 
     ``foreground_specs`` (one per image source, paired like ``mask_specs``) gives foreground masks
-    that replace the preprocessing's computed foreground.
+    that replace the preprocessing's computed foreground. Folders are searched non-recursively
+    unless ``recursive`` (a ``masks/`` subfolder is not taken for images).
 
     Raises:
         InputError: A file cannot be used; the message names it.
     """
     files, images, foregrounds, masks = [], [], [], []
-    for source, mask_spec, fg_spec in pair_sources(list(image_specs), mask_specs, foreground_specs):
+    for source, mask_spec, fg_spec in pair_sources(list(image_specs), mask_specs, foreground_specs, recursive=recursive):
         if fg_spec is not None and fg_spec.lower() == HEALTHY:
             raise InputError(fg_spec, "a foreground mask source is needed for every image source ('none' is for lesion masks)")
         record, x, fg = load_file(source, preprocessing, slice_axis, slice_range, fg_spec)

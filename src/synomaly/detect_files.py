@@ -28,8 +28,9 @@ from synomaly.data import load_file, pair_sources
 from synomaly.devices import resolve_device, show_progress
 from synomaly.errors import ConfigError, InputError, OutputError, OutputExistsError, SynomalyError, readable
 from synomaly.input_checks import warn_input
+from synomaly.io import geometry_mismatch
 from synomaly.pipeline import SynomalyPipeline
-from synomaly.preprocess import Preprocessing, restore_size
+from synomaly.preprocess import Preprocessing, clip_percentiles, fit_to_size, restore_size
 
 log = logging.getLogger("synomaly.commands")
 
@@ -46,14 +47,143 @@ def _batched_detect(pipe: SynomalyPipeline, images: torch.Tensor, foreground: to
     return {key: torch.cat(values) for key, values in parts.items()}
 
 
+FORMATS = ("png", "tiff", "npy")  # the files written for each output of an image or array input
+DEFAULT_FORMATS = ("png", "npy")  # pictures to look at, and the exact values
+
+
+def check_formats(formats: Any) -> tuple[str, ...]:
+    """``formats`` (``"png,npy"``, a list of names) as a tuple of ``FORMATS``; ``ConfigError`` naming ``--format`` otherwise."""
+    items = formats.split(",") if isinstance(formats, str) else list(formats)
+    chosen = tuple(dict.fromkeys(str(item).strip().lower() for item in items if str(item).strip()))
+    unknown = [item for item in chosen if item not in FORMATS]
+    if unknown or not chosen:
+        raise ConfigError("--format", f"expected one or more of {', '.join(FORMATS)} (comma-separated), got {formats!r}")
+    return chosen
+
+
+def intensity_bounds(pre: Preprocessing, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per slice of ``raw``, the intensities that the model's -1 and 1 stand for (the preprocessing's intensity fit).
+
+    Minmax normalisation maps each fitted (and clipped) slice's own minimum and maximum to -1 and 1;
+    fixed normalisation maps ``intensity_range`` for every slice alike.
+    """
+    if pre.normalization != "minmax":
+        low, high = pre.intensity_range
+        return np.full(len(raw), low, dtype=np.float64), np.full(len(raw), high, dtype=np.float64)
+    x = clip_percentiles(raw, pre.clip_low, pre.clip_high) if pre.clip else raw
+    fitted, _ = fit_to_size(np.asarray(x, dtype=np.float32), pre.size, pre.fit)
+    return fitted.min(axis=(1, 2)).astype(np.float64), fitted.max(axis=(1, 2)).astype(np.float64)
+
+
+def _as_input_dtype(values: np.ndarray, dtype: str) -> np.ndarray:
+    """Intensities rounded into the input's 8- or 16-bit unsigned type; other inputs keep float32 values."""
+    if dtype in ("uint8", "uint16"):
+        info = np.iinfo(dtype)
+        return np.clip(np.rint(values), info.min, info.max).astype(dtype)
+    return values.astype(np.float32)
+
+
+def _pictures(restored: dict[str, np.ndarray], record: Any, pre: Preprocessing, map_top: float) -> dict[str, np.ndarray]:
+    """The outputs as pictures: the mask 0/255, the map 8-bit (255 = ``map_top`` and above), the reconstruction on the input's scale."""
+    low, high = intensity_bounds(pre, record.raw)
+    recon = (restored["reconstruction"].astype(np.float64) + 1.0) / 2.0 * (high - low)[:, None, None] + low[:, None, None]
+    return {
+        "mask": restored["mask"].astype(bool),
+        "anomaly_map": np.rint(np.clip(restored["anomaly_map"] / map_top, 0.0, 1.0) * 255).astype(np.uint8),
+        "reconstruction": _as_input_dtype(recon, record.properties.dtype),
+    }
+
+
+def _write_pictures(case_dir: Path, pictures: dict[str, np.ndarray], record: Any, fmt: str) -> dict[str, str]:
+    """Write each picture as one PNG (a folder of one PNG per slice, named by slice number) or one multi-page TIFF."""
+    from synomaly.io import write_image
+
+    names = {}
+    for name, stack in pictures.items():
+        if fmt == "tiff":
+            write_image(case_dir / f"{name}.tif", stack)
+            names[name] = f"{name}.tif"
+        elif len(stack) == 1:
+            write_image(case_dir / f"{name}.png", stack[0])
+            names[name] = f"{name}.png"
+        else:
+            numbers = record.properties.slice_indices if len(record.properties.slice_indices) == len(stack) else range(len(stack))
+            width = len(str(max(numbers)))
+            for number, picture in zip(numbers, stack):
+                write_image(case_dir / name / f"{number:0{width}d}.png", picture)
+            names[name] = name
+    return names
+
+
+def _scales(spatial: bool, formats: tuple[str, ...], threshold: float, map_top: float, dtype: str) -> dict[str, str]:
+    """What the values of each written output mean, for ``case.json``."""
+    texts: dict[str, list[str]] = {"mask": [], "anomaly_map": [], "reconstruction": []}
+    exact = "NIfTI" if spatial else "npy" if "npy" in formats else None
+    if exact:
+        texts["mask"].append(f"{exact}: 1 flagged, 0 not")
+        texts["anomaly_map"].append(f"{exact}: the map, a difference of blurred images on the model's [-1, 1] intensity "
+                                    f"scale, flagged from {threshold:g}")
+        texts["reconstruction"].append(f"{exact}: the model's [-1, 1] intensity scale")
+    if not spatial and set(formats) - {"npy"}:
+        where = "twice the threshold, which is at 128" if threshold > 0 else "the threshold is 0"
+        stored = {"uint8": "8-bit, as the input", "uint16": "16-bit, as the input"}.get(
+            dtype, "32-bit float in TIFF; in PNG 16-bit, scaled from its own min..max as its synomaly.value_range text says")
+        texts["mask"].append("PNG/TIFF: 255 flagged, 0 not")
+        texts["anomaly_map"].append(f"PNG/TIFF: 8-bit, value v stands for v / 255 * {map_top:g}, so 255 means {map_top:g} "
+                                    f"or more ({where})")
+        texts["reconstruction"].append(f"PNG/TIFF: the input's own intensities, the preprocessing's intensity fit inverted ({stored})")
+    return {name: "; ".join(parts) for name, parts in texts.items()}
+
+
+def _remove_stale(case_dir: Path, names: Any, written: set[str]) -> None:
+    """Remove outputs an earlier run (``--overwrite``, another ``--format``) left that this one did not write."""
+    import shutil
+
+    for name in names:
+        for entry in (f"{name}.npy", f"{name}.png", f"{name}.tif", name):
+            path = case_dir / entry
+            if entry not in written and path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif entry not in written and (path.is_file() or path.is_symlink()):
+                path.unlink()
+
+
+def _write_maps(case_dir: Path, record: Any, restored: dict[str, np.ndarray], settings: DetectConfig, pre: Preprocessing,
+                formats: tuple[str, ...]) -> dict[str, Any]:
+    """Write the mask, anomaly map and reconstruction; returns ``files`` (what ``score`` reads), ``pictures`` and ``scales``."""
+    from synomaly.io import write_image
+
+    props = record.properties
+    spatial = props.format in ("nifti", "dicom", "dicom-series") and props.affine is not None
+    files: dict[str, str] = {}
+    for suffix in [".nii.gz"] if spatial else [".npy"] if "npy" in formats else []:
+        for name, array in restored.items():
+            path = case_dir / f"{name}{suffix}"
+            write_image(path, array.astype(np.uint8) if name == "mask" else array.astype(np.float32),
+                        like=props if spatial else None)
+            files[name] = path.name
+    map_top = 2 * settings.threshold if settings.threshold > 0 else 1.0
+    kinds = [] if spatial else [fmt for fmt in formats if fmt != "npy"]
+    stacks = _pictures(restored, record, pre, map_top) if kinds else {}
+    pictures = {fmt: _write_pictures(case_dir, stacks, record, fmt) for fmt in kinds}
+    for name in restored if kinds else ():  # without .npy, score reads the first pictures
+        files.setdefault(name, pictures[kinds[0]][name])
+    _remove_stale(case_dir, restored, {*files.values(), *(f for written in pictures.values() for f in written.values())})
+    return {"files": files, "pictures": pictures or None, "scales": _scales(spatial, formats, settings.threshold, map_top, props.dtype),
+            "anomaly_map_255": map_top if pictures else None}
+
+
 def _write_case_outputs(case_dir: Path, record: Any, images: np.ndarray, outputs: dict[str, torch.Tensor],
-                        connectivity: int = 1) -> tuple[dict[str, str], np.ndarray, dict[str, Any]]:
+                        settings: DetectConfig, pre: Preprocessing,
+                        formats: tuple[str, ...] = DEFAULT_FORMATS) -> tuple[dict[str, Any], np.ndarray, dict[str, Any]]:
     """Write maps back at the input's size and on its grid, and the lesion table.
 
-    Returns the file names, each slice's mask area there (px) and the lesion totals.
+    NIfTI/DICOM inputs get NIfTI volumes on their grid; image and array inputs get ``formats``
+    (``.npy`` with the exact values, PNG or TIFF pictures to look at). Returns the case record's
+    file fields (``files``: what ``synomaly score`` reads; ``pictures``; ``scales``), each slice's
+    mask area there (px) and the lesion totals.
     """
     from synomaly.figures import gray_rgb, heat_rgb, overlay_rgb, write_png
-    from synomaly.io import write_image
     from synomaly.lesions import (
         LESIONS_NAME,
         SLICE_COLUMNS,
@@ -65,18 +195,13 @@ def _write_case_outputs(case_dir: Path, record: Any, images: np.ndarray, outputs
 
     props = record.properties
     spatial = props.format in ("nifti", "dicom", "dicom-series") and props.affine is not None
-    suffix = ".nii.gz" if spatial else ".npy"
     restored = {
         "mask": restore_size(outputs["mask"][:, 0].numpy(), record.fit, kind="mask"),
         "anomaly_map": restore_size(outputs["anomaly_map"][:, 0].numpy(), record.fit, kind="image"),
         "reconstruction": restore_size(outputs["reconstruction"][:, 0].numpy(), record.fit, kind="image"),
     }
-    files = {}
-    for name, array in restored.items():
-        path = case_dir / f"{name}{suffix}"
-        write_image(path, array.astype(np.uint8) if name == "mask" else array.astype(np.float32),
-                    like=props if spatial else None)
-        files[name] = path.name
+    fields = _write_maps(case_dir, record, restored, settings, pre, formats)
+    files = fields["files"]
     best = int(outputs["score"].argmax())
     image = images[best, 0]
     mask = outputs["mask"][best, 0].numpy()
@@ -86,16 +211,16 @@ def _write_case_outputs(case_dir: Path, record: Any, images: np.ndarray, outputs
     write_png(case_dir / "overlay.png", strip)
     files["overlay"] = "overlay.png"
     if spatial:  # labelled in 3-D on the written volume, as any NIfTI reader sees it
-        rows, lesions = lesions_of_nifti(case_dir / files["mask"], case_dir / files["anomaly_map"], connectivity)
+        rows, lesions = lesions_of_nifti(case_dir / files["mask"], case_dir / files["anomaly_map"], settings.connectivity)
         columns = VOLUME_COLUMNS
     else:
         spacing = tuple(props.spacing[:2]) if props.spacing else None
         numbers = props.slice_indices if len(props.slice_indices) == len(restored["mask"]) else None
-        rows, lesions = lesions_of_slices(restored["mask"], restored["anomaly_map"], spacing, connectivity, numbers)
+        rows, lesions = lesions_of_slices(restored["mask"], restored["anomaly_map"], spacing, settings.connectivity, numbers)
         columns = SLICE_COLUMNS
     write_lesions(case_dir / LESIONS_NAME, rows, columns)
     files["lesions"] = LESIONS_NAME
-    return files, restored["mask"].reshape(len(restored["mask"]), -1).sum(1), lesions
+    return fields, restored["mask"].reshape(len(restored["mask"]), -1).sum(1), lesions
 
 
 def run_detect(
@@ -114,10 +239,20 @@ def run_detect(
     on_error: str = "skip",
     foreground_masks: list[str] | None = None,
     overwrite: bool = False,
+    recursive: bool = False,
+    formats: str | tuple[str, ...] = DEFAULT_FORMATS,
 ) -> dict[str, Any]:
     """Detect anomalies in every input; writes per-input outputs and ``summary.json``.
 
-    ``foreground_masks`` (one source per input) replaces the model's computed foreground.
+    ``foreground_masks`` (one source per input) replaces the model's computed foreground. Folders
+    are searched for images directly inside them, and in their subfolders too when ``recursive``.
+
+    NIfTI and DICOM inputs get NIfTI outputs on their grid. Image and array inputs get ``formats``
+    (some of ``FORMATS``): ``npy`` with the exact values, ``png`` (one file per slice) or ``tiff``
+    (one multi-page file) to look at: the mask as 0/255, the anomaly map as 8-bit with its scale in
+    ``case.json`` and the reconstruction on the input's own intensity scale. Each case's ``score``
+    is its mask's area per slice at the input's resolution, in mm^2 where the file records its
+    spacing and in the input's pixels otherwise (``score_unit``).
 
     Every case records the settings and model it was made with (``made_with`` in ``case.json``).
     Inputs whose outputs exist are skipped unless ``overwrite`` is set, so a killed run completes
@@ -129,6 +264,7 @@ def run_detect(
     if on_error not in ("skip", "stop"):
         raise ConfigError("on_error", f"must be skip or stop, got {on_error!r}")
     _atomic.check_writable(output)  # a file, a folder under a file or a read-only place: refused before any work
+    formats = check_formats(formats)
     rank, world = process_shard()
     pipe = SynomalyPipeline.open(model, _rank_device(device, world), precision, compile)
     overrides = {k: v for k, v in (detect or {}).items() if v is not None}
@@ -139,7 +275,7 @@ def run_detect(
     # The model is identified by its files' digest, not its path: a moved or renamed folder is the same model.
     made_with = json_plain({"model_sha256": model_fingerprint(pipe.folder),
                             "detect": dataclasses.asdict(settings), "seed": seed, "precision": precision, "slice_axis": slice_axis,
-                            "slice_range": slice_range, "foreground_masks": foreground_masks})
+                            "slice_range": slice_range, "foreground_masks": foreground_masks, "formats": list(formats)})
     if foreground_masks is not None and len(foreground_masks) != len(inputs):
         raise InputError(foreground_masks[0] if foreground_masks else "foreground_masks",
                          f"{len(foreground_masks)} foreground mask sources given for {len(inputs)} inputs")
@@ -154,7 +290,7 @@ def run_detect(
         try:
             jobs = [(spec, source, fg) for i, spec in enumerate(inputs)
                     for source, fg in _expand_or_report(spec, None if foreground_masks is None else foreground_masks[i],
-                                                        summary, on_error)]
+                                                        summary, on_error, recursive)]
             stems = _output_stems([(source, Path(spec)) for spec, source, _ in jobs], output)  # over all inputs: every process agrees
             mine = list(zip(jobs, stems))[rank::world]
             for (_, source, fg), stem in tqdm(mine, desc="detect", unit="input", disable=not show_progress()):
@@ -287,10 +423,11 @@ def _case_generator(device: torch.device, seed: int, stem: str) -> torch.Generat
     return torch.Generator(device).manual_seed(key)
 
 
-def _expand_or_report(spec: str, fg_spec: str | None, summary: dict[str, Any], on_error: str) -> list[tuple[Any, ...]]:
+def _expand_or_report(spec: str, fg_spec: str | None, summary: dict[str, Any], on_error: str,
+                      recursive: bool = False) -> list[tuple[Any, ...]]:
     """The files of ``spec``, each with its foreground mask spec; a bad spec is reported (or raised)."""
     try:
-        return pair_sources([spec], [fg_spec] if fg_spec is not None else None)
+        return pair_sources([spec], [fg_spec] if fg_spec is not None else None, recursive=recursive)
     except SynomalyError as error:
         summary["failed"].append({"input": spec, "error": str(error)})
         if on_error == "stop":
@@ -340,16 +477,21 @@ def _detect_case(pipe: SynomalyPipeline, pre: Preprocessing, source: Any, fg_spe
     record, images, foreground = load_file(source, pre, slice_axis, slice_range, fg_spec)
     _warn_orientation(pipe, record)
     warn_input(_spec_of(source), images, pre, pipe.config.training)
+    problem = geometry_mismatch(pipe.config.training, record.properties, record.fit)
+    if problem:
+        log.warning("%s: %s", source.name, problem)
     start = time.perf_counter()
     generator = _case_generator(pipe.device, made_with["seed"], stem)
     outputs = _batched_detect(pipe, torch.from_numpy(images), torch.from_numpy(foreground), batch_size, generator, settings)
     seconds = time.perf_counter() - start
-    files, area, lesions = _write_case_outputs(case_dir, record, images, outputs, settings.connectivity)
+    fields, area, lesions = _write_case_outputs(case_dir, record, images, outputs, settings, pre, tuple(made_with["formats"]))
     spacing = record.properties.spacing
-    entry = {"input": str(source.path), "key": source.key, "output": stem, "files": files, "slices": len(images),
-             "case_ids": record.case_ids, "area_px": area.tolist(),
-             "area_mm2": (area * spacing[0] * spacing[1]).tolist() if spacing else None,
-             "lesions": lesions, "score": outputs["score"].tolist(), "score_unit": f"mask pixels at the model's {pre.size}x{pre.size} input",
+    area_mm2 = (area * spacing[0] * spacing[1]).tolist() if spacing else None
+    height, width = record.properties.stack_shape[1:]
+    entry = {"input": str(source.path), "key": source.key, "output": stem, **fields, "slices": len(images),
+             "case_ids": record.case_ids, "area_px": area.tolist(), "area_mm2": area_mm2, "lesions": lesions,
+             "score": area_mm2 if spacing else area.tolist(),
+             "score_unit": "mm^2 (flagged area per slice)" if spacing else f"pixels of the {width}x{height} input (flagged area per slice)",
              "stages": outputs["stages"].tolist(),
              "seconds": round(seconds, 4), "foreground_mask": fg_spec, "made_with": made_with}
     _atomic.write_json(marker, entry)  # written last: marks the input as done

@@ -2,8 +2,9 @@
 
 The predictions are a ``synomaly detect`` output folder: its ``summary.json`` lists the cases, and
 each case folder holds ``mask`` and ``anomaly_map`` on the input's own grid (NIfTI for NIfTI/DICOM
-inputs, ``.npy`` otherwise). References pair with the cases either by file name (one folder: the
-mask with the input's file name, searched recursively) or in order (one source per case, ``none``
+inputs; ``.npy`` otherwise, or PNG/TIFF pictures where ``detect --format`` left ``.npy`` out).
+References pair with the cases either by file name (one folder: the mask with the input's file
+name, searched recursively) or in order (one source per case, ``none``
 for a healthy input, ``bundle.npz:key`` for arrays). Metrics are computed at the input's own
 resolution, so HD95 is in mm wherever the file records its spacing (NIfTI, DICOM).
 
@@ -12,6 +13,7 @@ resolution, so HD95 is in mm wherever the file records its spacing (NIfTI, DICOM
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -58,8 +60,10 @@ def _read_case(folder: Path, case: dict[str, Any], reference: str) -> tuple[np.n
     files = case.get("files") or {}
     if "mask" not in files or "anomaly_map" not in files:
         raise InputError(folder / "summary.json", f"case {case.get('output')!r} lists no mask and anomaly_map files")
-    pred, props = read_images(folder / case["output"] / files["mask"])
-    amap, _ = read_images(folder / case["output"] / files["anomaly_map"])
+    pred, props = _read_output(folder / case["output"] / files["mask"])
+    amap, _ = _read_output(folder / case["output"] / files["anomaly_map"])
+    if not files["anomaly_map"].endswith((".npy", ".nii.gz")) and case.get("anomaly_map_255"):
+        amap = amap / 255.0 * float(case["anomaly_map_255"])  # an 8-bit picture back on the map's scale (clipped at the top)
     if reference.lower() == HEALTHY:
         target = np.zeros(pred.shape, dtype=bool)
     else:
@@ -71,6 +75,20 @@ def _read_case(folder: Path, case: dict[str, Any], reference: str) -> tuple[np.n
         raise InputError(reference, f"reference mask shape {target.shape} does not match the prediction's {pred.shape} "
                                     f"({folder / case['output']})")
     return pred > 0.5, amap, target, props
+
+
+def _read_output(path: Path) -> tuple[np.ndarray, Any]:
+    """One output of ``detect``: a file, or a folder of one PNG per slice (named by slice number)."""
+    if path.is_dir() and not any(path.glob("*.dcm")):
+        slices = sorted(path.glob("*.png"), key=lambda p: int(p.stem) if p.stem.isdigit() else p.stem)
+        if not slices:
+            raise InputError(path, "holds no PNG slices")
+        stacks = [read_images(p) for p in slices]
+        stack = np.concatenate([images for images, _ in stacks])
+        props = dataclasses.replace(stacks[0][1], path=str(path), stack_shape=tuple(stack.shape), slice_count=len(stack),
+                                    slice_indices=list(range(len(stack))))
+        return stack, props
+    return read_images(path)
 
 
 def score_folder(predictions: str | Path, references: list[str], output: str | Path, *, overwrite: bool = False) -> dict[str, Any]:

@@ -167,6 +167,7 @@ def train(
     target: Tensor | np.ndarray | None = None,
     resume: bool = False,
     overwrite: bool = False,
+    geometry: dict[str, Any] | None = None,
 ) -> Path:
     """Train a diffusion model on healthy ``[N, 1, H, W]`` images in [-1, 1]; returns the model folder.
 
@@ -187,12 +188,15 @@ def train(
         target: Lesion masks ``[N, 1, H, W]`` (``supervised`` only).
         resume: Continue from ``checkpoints/last.ckpt`` when it exists.
         overwrite: Replace an existing model folder's run.
+        geometry: The training slices' ``orientation`` and ``pixel_spacing_mm`` (``synomaly.io.training_geometry``),
+            recorded in ``config.json`` so that ``detect`` can warn about inputs unlike them; both ``None`` when unknown.
     """
     import lightning.pytorch as pl
 
     from synomaly.noise import noise_from_dict
 
     output_dir = Path(output_dir)
+    inputs = {"orientation": None, "pixel_spacing_mm": None, **(geometry or {})}
     ckpt_path = _check_outputs(output_dir, resume, overwrite)
     finished = _finished_step(output_dir) if resume else None
     if finished is not None and finished >= train_config.steps:
@@ -213,7 +217,7 @@ def train(
         (output_dir / WEIGHTS_NAME).unlink(missing_ok=True)  # a method without weights leaves none behind
         _retire_thresholds(output_dir)
         summary = {"images": len(images), "final_step": 0, "note": f"{method}: nothing to train",
-                   "nifti_orientation": "".join(CANONICAL), "intensity": intensity_statistics(images, foreground)}
+                   "nifti_orientation": "".join(CANONICAL), "intensity": intensity_statistics(images, foreground), **inputs}
         SynomalyPipeline(chosen.build(config), dataclasses.replace(config, training=summary)).save_pretrained(
             output_dir, overwrite=True)
         log.info("model folder written to %s (%s needs no training)", output_dir, method)
@@ -250,6 +254,7 @@ def train(
     if trainer.is_global_zero:
         summary = {**dataclasses.asdict(train_config), "images": len(dataset), "final_step": trainer.global_step,
                    "nifti_orientation": "".join(CANONICAL), "intensity": intensity_statistics(dataset.tensors[0], foreground),
+                   **inputs,
                    "seconds_last_run": round(seconds, 3), "device": str(trainer.strategy.root_device),
                    "world_size": trainer.world_size}
         config = dataclasses.replace(config, training=summary)

@@ -14,11 +14,13 @@ _MAX_STEM = 200  # leaves room for an added suffix within the usual 255-byte nam
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
-def list_inputs(path: str | Path) -> list[Path]:
+def list_inputs(path: str | Path, recursive: bool = False) -> list[Path]:
     """Expand a file or folder into the inputs ``read_images`` accepts, sorted.
 
-    A folder is searched recursively (hidden entries skipped). Any folder that directly holds
-    ``.dcm`` files counts as one DICOM series; other supported files count one each.
+    A folder gives the supported files directly inside it (hidden entries skipped); a folder that
+    directly holds ``.dcm`` files is one DICOM series. With ``recursive``, every subfolder is searched
+    the same way (each folder of ``.dcm`` files one series); without it, subfolders (a ``masks/``
+    folder beside the images, say) are left alone.
 
     Raises:
         InputError: ``path`` is missing, has an unsupported suffix, or holds no supported input.
@@ -31,14 +33,16 @@ def list_inputs(path: str | Path) -> list[Path]:
         return [path]
     found: list[Path] = []
     for folder, dirs, files in os.walk(path):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        dirs[:] = [d for d in dirs if not d.startswith(".")] if recursive else []
         visible = [name for name in files if not name.startswith(".")]
         if any(suffix_of(name) == ".dcm" for name in visible):
             found.append(Path(folder))
         found += [Path(folder, name) for name in visible
                   if suffix_of(name) in SUPPORTED_SUFFIXES and suffix_of(name) != ".dcm"]
     if not found:
-        raise InputError(path, f"no supported images found (suffixes {', '.join(SUPPORTED_SUFFIXES)})")
+        subfolders = not recursive and any(entry.is_dir() and not entry.name.startswith(".") for entry in path.iterdir())
+        nested = "; its subfolders are searched only with --recursive" if subfolders else ""
+        raise InputError(path, f"no supported images found (suffixes {', '.join(SUPPORTED_SUFFIXES)}){nested}")
     return sorted(found)
 
 

@@ -6,7 +6,7 @@ the decoder maps a code back to the image. Training minimises ``MSE(x, dec(z)) +
 with ``z`` drawn by the reparameterisation trick; at inference the reconstruction is the decoded posterior
 mean, so the anomaly map is ``|blur(x) - blur(dec(mu(x)))|`` inside the foreground, like every other method.
 The encoder and decoder follow the model preset's channels (one stride-2 level per entry), so
-``--model tiny|small|paper`` sizes the VAE as it sizes the UNet.
+``--network tiny|small|paper`` sizes the VAE as it sizes the UNet.
 """
 
 from __future__ import annotations
