@@ -178,10 +178,10 @@ CASES = [
     Case("train-size-limit", "`--image-size 4096`", "train {f}/good.png -o {o} --image-size 4096", 2,
          "model.image_size: must be <= 2048 (the limit), got 4096"),
     Case("train-output-file", "`--output` is a file", "train {f}/good.png -o {f}/notes.xyz", 2, "notes.xyz: is a file, not a folder"),
-    Case("train-resume-finished", "`--resume` of a finished run with another `--model`", "train {f}/good.png -o {m} --resume --model small",
+    Case("train-resume-finished", "`--resume` of a finished run with another `--network`", "train {f}/good.png -o {m} --resume --network small",
          2, "/config.json holds another network (model.channels [8, 8, 8] there, [32, 64, 128] now"),
-    Case("train-resume-checkpoint", "`--resume` of an interrupted run with another `--model`",
-         "train {f}/good.png -o {f}/m_ckpt --resume --model small", 2, "last.ckpt was saved by a run with another network"),
+    Case("train-resume-checkpoint", "`--resume` of an interrupted run with another `--network`",
+         "train {f}/good.png -o {f}/m_ckpt --resume --network small", 2, "last.ckpt was saved by a run with another network"),
     # calibrate
     Case("calibrate-mask-shape", "mask of another size than its image", "calibrate {f}/good.png -m {mc} --masks {f}/mask16.png", 2,
          "mask16.png: mask shape (1, 16, 16) of 1 slices does not match image shape (1, 32, 32)"),

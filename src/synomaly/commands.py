@@ -132,7 +132,7 @@ def _check_resume(output: Path, config: PipelineConfig) -> None:
     from synomaly._json import json_plain, read_json
     from synomaly.train import CHECKPOINT
 
-    hint = "resume with the options of the first run (--model, --image-size, --method), or pass --overwrite to start again"
+    hint = "resume with the options of the first run (--network, --image-size, --method), or pass --overwrite to start again"
     written = output / "config.json"
     if written.is_file():
         earlier = read_json(written)
@@ -141,7 +141,7 @@ def _check_resume(output: Path, config: PipelineConfig) -> None:
         if isinstance(earlier_model, dict) and earlier_model != wanted:
             changed = sorted(k for k in wanted if earlier_model.get(k) != wanted[k])
             detail = ", ".join(f"model.{k} {earlier_model.get(k)} there, {wanted[k]} now" for k in changed[:3])
-            raise ConfigError("--model", f"{written} holds another network ({detail}); {hint}")
+            raise ConfigError("--network", f"{written} holds another network ({detail}); {hint}")
     checkpoint = output / CHECKPOINT
     if not checkpoint.is_file():
         return
@@ -157,7 +157,7 @@ def _check_resume(output: Path, config: PipelineConfig) -> None:
     differ = sorted(k for k in wanted_shapes.keys() | saved_shapes.keys() if wanted_shapes.get(k) != saved_shapes.get(k))
     if differ:
         key = differ[0]
-        raise ConfigError("--model", f"{checkpoint} was saved by a run with another network ({len(differ)} tensors differ, "
+        raise ConfigError("--network", f"{checkpoint} was saved by a run with another network ({len(differ)} tensors differ, "
                                      f"e.g. {key.removeprefix('unet.')} {saved_shapes.get(key)} there, "
                                      f"{wanted_shapes.get(key)} now); {hint}")
 
