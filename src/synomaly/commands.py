@@ -91,6 +91,7 @@ def run_train(
     chosen = get_method(method)
     check_network_size(PipelineConfig(model=unet, method=method))  # before any data is read
     train_config = train_config or TrainConfig()
+    chosen.check_training(train_config)
     if train_config.flips is None:
         train_config = dataclasses.replace(train_config, flips=preset_flips(preset))
     if (masks is not None) != chosen.needs_masks:

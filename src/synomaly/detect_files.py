@@ -250,7 +250,7 @@ def _detect_one(pipe: SynomalyPipeline, pre: Preprocessing, source: Any, fg_spec
     entry = {"input": str(source.path), "key": source.key, "output": stem, "files": files, "slices": len(images),
              "case_ids": record.case_ids, "area_px": area.tolist(),
              "area_mm2": (area * spacing[0] * spacing[1]).tolist() if spacing else None,
-             "lesions": lesions, "score": outputs["score"].tolist(), "score_unit": f"mask pixels at the model's {pre.size}x{pre.size} input",
+             "lesions": lesions, "score": outputs["score"].tolist(), "score_unit": pipe.method.score_unit(pre.size),
              "stages": outputs["stages"].tolist(),
              "seconds": round(seconds, 4), "foreground_mask": fg_spec, "made_with": made_with}
     _atomic.write_json(marker, entry)  # written last: marks the input as done
