@@ -122,6 +122,10 @@ METHODS = {
     "ddpm-gaussian-multistage": Method({}, shares="ddpm-gaussian", stages=MULTI, note="ablation: multi-stage"),
     "vae": Method({"method": "vae"}, t=(0,), note="variational autoencoder (latent 128, MSE + 1e-3 KL): the decoded "
                   "posterior mean"),
+    # The profile's steps are optimiser updates: two thirds train the WGAN-GP (5 critic updates per generator
+    # update), the rest the encoder (docs/method.md §7).
+    "fanogan": Method({"method": "fanogan"}, t=(0,), note="f-AnoGAN (WGAN-GP, then the izi_f encoder; latent 128): "
+                      "the reconstruction G(E(x)); image score the combined residual"),
 }
 
 # The floor every method is compared with: an intensity threshold inside the foreground (Meissen et al. 2021).

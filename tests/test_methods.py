@@ -32,7 +32,9 @@ def test_every_registered_method_implements_the_interface():
     for name, method in METHODS.items():
         assert isinstance(method, Method) and method.name == name and method.description
         assert type(method).reconstruct is not Method.reconstruct
-        assert not method.trained or type(method).loss is not Method.loss
+        trains = type(method).training_step if method.manual_optimization else type(method).loss
+        assert not method.trained or trains not in (Method.loss, Method.training_step)
+        assert not method.manual_optimization or type(method).optimizers is not Method.optimizers
 
 
 def test_unknown_method_lists_the_registered_ones():

@@ -24,16 +24,22 @@ from synomaly.methods import get_method
 from synomaly.schedule import DiffusionSchedule
 from synomaly.train import random_flips
 
+PLANNED_STEPS = "synomaly_planned_steps"  # the checkpoint key of DiffusionModule.planned_steps
+
 
 class DiffusionModule(pl.LightningModule):
     """One training step of a registered method: flips, the method's loss, a stop on a non-finite loss.
 
+    A method with ``manual_optimization`` makes the step itself (``Method.training_step``): one update
+    of one of its own optimisers, so Lightning's global step counts optimiser updates for every method.
+
     Args:
-        unet: The network (its weights are what the model folder exports, EMA-averaged).
+        unet: The network (its weights are what the model folder exports, EMA-averaged unless the
+            method says otherwise).
         schedule: The noise schedule.
         noise: The training noise (``synomaly.noise``).
         config: The optimisation settings.
-        method: The registered method whose ``loss`` is trained.
+        method: The registered method whose ``loss`` (or ``training_step``) is trained.
         fields: Names of the data set's tensors: ``images`` and optionally ``foreground``, ``target``.
     """
 
@@ -42,6 +48,16 @@ class DiffusionModule(pl.LightningModule):
         super().__init__()
         self.unet, self.schedule, self.noise = unet, schedule, noise
         self.config, self.method, self.fields = config, method, fields
+        # A method with its own optimisers steps them itself; the length of the run it planned for
+        # (its phases) is kept in the checkpoint, so a resumed run continues the same plan.
+        self.automatic_optimization = not get_method(method).manual_optimization
+        self.planned_steps = config.steps
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[PLANNED_STEPS] = self.planned_steps
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.planned_steps = int(checkpoint.get(PLANNED_STEPS, self.planned_steps))
 
     def on_fit_start(self) -> None:
         # Different noise per rank; the data order is already split by the sampler.
@@ -54,13 +70,25 @@ class DiffusionModule(pl.LightningModule):
         if flips != "none":
             flipped = random_flips(x, fg, target, dims=FLIPS[str(flips)])
             x, fg, target = flipped[0] if flipped[0] is not None else x, flipped[1], flipped[2]
-        loss = get_method(self.method).loss(self.unet, self.schedule, self.noise, x, fg, target, self.config.loss)
+        method = get_method(self.method)
+        if self.automatic_optimization:
+            logged = {"loss": method.loss(self.unet, self.schedule, self.noise, x, fg, target, self.config.loss)}
+        else:
+            optimizers = self.optimizers()
+            logged = method.training_step(self.unet, optimizers if isinstance(optimizers, list) else [optimizers],
+                                          self.global_step, self.planned_steps, x, fg, self.manual_backward)
+        loss = logged["loss"]
         if not torch.isfinite(loss):
             raise TrainingDiverged(self.global_step, float(loss.detach()))
         self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=x.shape[0])
+        for name, value in logged.items():
+            if name != "loss":
+                self.log(f"train/{name}", value, on_step=True, batch_size=x.shape[0])
         return loss
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> Any:
+        if not self.automatic_optimization:
+            return get_method(self.method).optimizers(self.unet, self.config)
         return torch.optim.AdamW(self.unet.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay)
 
 
@@ -127,9 +155,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def make_trainer(output_dir: Path, config: TrainConfig, preview_batch: Tensor, noise: Any, method: str) -> pl.Trainer:
-    """The Lightning trainer: step-based, EMA weights, atomic resume checkpoints, CSV (and TensorBoard) logs."""
-    callbacks: list[pl.Callback] = [
-        EMAWeightAveraging(decay=config.ema_decay),
+    """The Lightning trainer: step-based, EMA weights, atomic resume checkpoints, CSV (and TensorBoard) logs.
+
+    A method without EMA (``Method.ema``) exports its weights as trained; one with its own optimisers
+    (``Method.manual_optimization``) clips no gradients (Lightning clips only what it steps itself).
+    """
+    chosen = get_method(method)
+    callbacks: list[pl.Callback] = [EMAWeightAveraging(decay=config.ema_decay)] if chosen.ema else []
+    callbacks += [
         ModelCheckpoint(dirpath=output_dir / "checkpoints", save_last=True, save_top_k=0,
                         every_n_train_steps=config.checkpoint_every, enable_version_counter=False),
         Preview(output_dir / "previews", config.preview_every, preview_batch, noise, method),
@@ -147,7 +180,7 @@ def make_trainer(output_dir: Path, config: TrainConfig, preview_batch: Tensor, n
         num_nodes=config.num_nodes,
         strategy=config.strategy,
         precision=PRECISIONS[config.precision],  # type: ignore[arg-type]  # the keys of PRECISIONS are Lightning's names
-        gradient_clip_val=config.grad_clip or None,
+        gradient_clip_val=None if chosen.manual_optimization else config.grad_clip or None,
         callbacks=callbacks,
         logger=loggers,
         log_every_n_steps=config.log_every,

@@ -99,6 +99,7 @@ def run_train(
     if resume:
         _check_resume(Path(output), PipelineConfig(model=unet, method=method))
     train_config = train_config or TrainConfig()
+    chosen.check_training(train_config)
     if train_config.flips is None:
         train_config = dataclasses.replace(train_config, flips=preset_flips(preset))
     if (masks is not None) != chosen.needs_masks:

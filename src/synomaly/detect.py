@@ -46,7 +46,8 @@ class DetectionOutput:
         stage_reconstructions: Reconstruction after each stage, ``[B, S, 1, H, W]`` (S = most stages
             any image ran; an image that stopped earlier repeats its last result).
         stage_masks: Mask after each stage, ``[B, S, 1, H, W]`` bool, padded the same way.
-        score: Image-level anomaly score: the mask area in pixels (the paper's image score), ``[B]``.
+        score: Image-level anomaly score: the mask area in pixels (the paper's image score), ``[B]``;
+            ``SynomalyPipeline.detect`` puts a method's own score here (``Method.image_score``, f-AnoGAN's).
         nfe: Network evaluations spent per image, ``[B]`` (``stages`` times the evaluations of one
             reconstruction: 1, ``chain_steps`` for the reverse chain, ``chain_steps + inpaint_t *
             resamplings`` for AutoDDPM).

@@ -29,6 +29,7 @@ from synomaly.devices import resolve_device, show_progress
 from synomaly.errors import ConfigError, InputError, OutputError, OutputExistsError, SynomalyError, readable
 from synomaly.input_checks import warn_input
 from synomaly.io import geometry_mismatch
+from synomaly.methods import Method
 from synomaly.pipeline import SynomalyPipeline
 from synomaly.preprocess import Preprocessing, clip_percentiles, fit_to_size, restore_size
 
@@ -488,10 +489,12 @@ def _detect_case(pipe: SynomalyPipeline, pre: Preprocessing, source: Any, fg_spe
     spacing = record.properties.spacing
     area_mm2 = (area * spacing[0] * spacing[1]).tolist() if spacing else None
     height, width = record.properties.stack_shape[1:]
+    own_score = type(pipe.method).image_score is not Method.image_score  # e.g. f-AnoGAN's combined residual
     entry = {"input": str(source.path), "key": source.key, "output": stem, **fields, "slices": len(images),
              "case_ids": record.case_ids, "area_px": area.tolist(), "area_mm2": area_mm2, "lesions": lesions,
-             "score": area_mm2 if spacing else area.tolist(),
-             "score_unit": "mm^2 (flagged area per slice)" if spacing else f"pixels of the {width}x{height} input (flagged area per slice)",
+             "score": outputs["score"].tolist() if own_score else area_mm2 if spacing else area.tolist(),
+             "score_unit": pipe.method.score_unit(pre.size) if own_score else "mm^2 (flagged area per slice)" if spacing
+             else f"pixels of the {width}x{height} input (flagged area per slice)",
              "stages": outputs["stages"].tolist(),
              "seconds": round(seconds, 4), "foreground_mask": fg_spec, "made_with": made_with}
     _atomic.write_json(marker, entry)  # written last: marks the input as done

@@ -278,8 +278,13 @@ class SynomalyPipeline:
             foreground = foreground.to(self.device).bool()
             if foreground.shape != images.shape:
                 raise ValueError(f"foreground shape {tuple(foreground.shape)} differs from images {tuple(images.shape)}")
-        return multistage_detect(self.network, self.schedule, images, config, self.inference_noise(config.noise),
-                                 generator, foreground, self.config.method)
+        out = multistage_detect(self.network, self.schedule, images, config, self.inference_noise(config.noise),
+                                generator, foreground, self.config.method)
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            score = self.method.image_score(self.unet, images, out.reconstruction)
+        if score is not None:  # the method's own image score replaces the mask area
+            out.score = score.float()
+        return out
 
     def reconstruct(self, images: Tensor, generator: torch.Generator | None = None, **overrides: Any) -> Tensor:
         """The first stage's reconstruction of a checked batch, exactly as ``detect`` computes it."""

@@ -17,6 +17,7 @@ from synomaly.limits import MAX_PARAMETERS
 from synomaly.methods.base import Method
 from synomaly.methods.dae import DAE
 from synomaly.methods.diffusion import Diffusion
+from synomaly.methods.fanogan import FAnoGAN
 from synomaly.methods.intensity import Intensity
 from synomaly.methods.supervised import Supervised
 from synomaly.methods.vae import VAE
@@ -27,6 +28,7 @@ METHODS: dict[str, Method] = {
     "supervised": Supervised(),
     "intensity": Intensity(),
     "vae": VAE(),
+    "fanogan": FAnoGAN(),
 }
 
 if TYPE_CHECKING:

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from synomaly.config import DetectConfig, PipelineConfig
+from synomaly.config import DetectConfig, PipelineConfig, TrainConfig
 from synomaly.schedule import DiffusionSchedule
 
 NoiseFn = Callable[..., Tensor]
 Network = Callable[[Tensor, Tensor], Tensor]  # unet(x, t): an nn.Module or a wrapper such as SynomalyPipeline.network
+Backward = Callable[[Tensor], None]  # loss.backward, or Lightning's manual_backward (precision, devices)
 
 
 class Method:
@@ -30,6 +31,10 @@ class Method:
         reconstructs_image: Whether the reconstruction is a counterfactual image (``False``: it is
             ``x -/+ p`` for a score map ``p``, so image-quality metrics do not apply).
         default_noise: The training noise when ``--noise`` is not given.
+        manual_optimization: Whether training runs the method's own optimisers (``optimizers``) one update
+            per step (``training_step``); ``False``: one AdamW over all weights minimises ``loss``.
+        ema: Whether the exported weights are an exponential moving average (``train.ema_decay``);
+            ``False``: the weights as trained.
     """
 
     name: ClassVar[str]
@@ -39,6 +44,8 @@ class Method:
     uses_timestep: ClassVar[bool] = False
     reconstructs_image: ClassVar[bool] = True
     default_noise: ClassVar[str] = "synomaly"
+    manual_optimization: ClassVar[bool] = False
+    ema: ClassVar[bool] = True
 
     def build(self, config: PipelineConfig) -> nn.Module:
         """The network of a model folder with ``config`` (randomly initialised)."""
@@ -77,6 +84,33 @@ class Method:
         """The network's input and output for the training preview pictures, both in [-1, 1]."""
         zero = torch.zeros(images.shape[0], device=images.device, dtype=torch.long)
         return images, unet(images, zero).float()
+
+    def check_training(self, config: TrainConfig) -> None:
+        """Raise ``ConfigError`` for training settings the method cannot run with (checked before any data is read)."""
+
+    def optimizers(self, network: nn.Module, config: TrainConfig) -> list[torch.optim.Optimizer]:
+        """The optimisers of a ``manual_optimization`` method, in the order ``training_step`` receives them."""
+        raise NotImplementedError(f"{self.name} trains with the default optimiser")
+
+    def training_step(self, network: nn.Module, optimizers: Sequence[Any], step: int, planned: int, x: Tensor,
+                      foreground: Tensor | None, backward: Backward) -> dict[str, Tensor]:
+        """One optimiser update of a ``manual_optimization`` method at global ``step`` of a run ``planned`` steps long.
+
+        Exactly one of ``optimizers`` steps (Lightning counts each step as one global step). Returns the
+        logged values; ``loss`` (the minimised loss of this update) is checked for divergence.
+        """
+        raise NotImplementedError(f"{self.name} trains with the default optimiser")
+
+    def image_score(self, network: nn.Module, images: Tensor, reconstructions: Tensor) -> Tensor | None:
+        """An image-level anomaly score ``[B]`` of the method's own, or ``None``: the mask area.
+
+        ``reconstructions`` are the last stage's, compared with the original ``images``.
+        """
+        return None
+
+    def score_unit(self, size: int) -> str:
+        """What the image score of a ``size`` px model is, in words (``detect``'s ``summary.json``)."""
+        return f"mask pixels at the model's {size}x{size} input"
 
 
 def timestep_zero(images: Tensor) -> Tensor:
