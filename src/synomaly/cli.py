@@ -139,6 +139,9 @@ def _detect_parser() -> Any:
     p.add_argument("--output", "-o", required=True, help="output folder")
     p.add_argument("--on-error", default="skip", choices=["skip", "stop"], help="skip a bad input (and report it) or stop")
     _detect_overrides(p)
+    p.add_argument("--min-volume", default=None,
+                   help="smallest 3-D lesion a volume (NIfTI, DICOM series) keeps, with its unit: 10mm3, 0.05ml or 8voxels, "
+                        "on the input's grid across slices; applied after --min_size (0 leaves only this rule)")
     _slices(p)
     _common(p)
     return p
@@ -311,7 +314,7 @@ def _run(command: str, a: Any) -> Any:
         return _run_train(a, slices)
     if command == "detect":
         return commands.run_detect(a.model, a.inputs, a.output, detect=detect, batch_size=a.batch_size, device=a.device,
-                                   seed=a.seed, on_error=a.on_error, overwrite=a.overwrite, **slices)
+                                   seed=a.seed, on_error=a.on_error, min_volume=a.min_volume, overwrite=a.overwrite, **slices)
     if command == "calibrate":
         from synomaly.calibrate import CalibrationGrid
 

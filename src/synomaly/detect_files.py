@@ -24,6 +24,7 @@ from synomaly.config import DetectConfig
 from synomaly.data import load_file, pair_sources
 from synomaly.devices import resolve_device, show_progress
 from synomaly.errors import ConfigError, InputError, OutputExistsError, SynomalyError
+from synomaly.lesions import MinVolume
 from synomaly.pipeline import SynomalyPipeline
 from synomaly.preprocess import Preprocessing, restore_size
 
@@ -43,10 +44,12 @@ def _batched_detect(pipe: SynomalyPipeline, images: torch.Tensor, foreground: to
 
 
 def _write_case_outputs(case_dir: Path, record: Any, images: np.ndarray, outputs: dict[str, torch.Tensor],
-                        connectivity: int = 1) -> tuple[dict[str, str], np.ndarray, dict[str, Any]]:
+                        connectivity: int = 1, min_volume: MinVolume | None = None
+                        ) -> tuple[dict[str, str], np.ndarray, dict[str, Any]]:
     """Write maps back at the input's size and on its grid, and the lesion table.
 
-    Returns the file names, each slice's mask area there (px) and the lesion totals.
+    A volume's mask first loses its 3-D lesions below ``min_volume`` (which then also leave the
+    overlay and the score). Returns the file names, each slice's mask area there (px) and the lesion totals.
     """
     from synomaly.figures import gray_rgb, heat_rgb, overlay_rgb, write_png
     from synomaly.io import write_image
@@ -67,6 +70,9 @@ def _write_case_outputs(case_dir: Path, record: Any, images: np.ndarray, outputs
         "anomaly_map": restore_size(outputs["anomaly_map"][:, 0].numpy(), record.fit, kind="image"),
         "reconstruction": restore_size(outputs["reconstruction"][:, 0].numpy(), record.fit, kind="image"),
     }
+    dropped = None
+    if spatial and min_volume is not None:
+        restored["mask"], dropped = _filter_volume(restored["mask"], record, outputs, min_volume, connectivity)
     files = {}
     for name, array in restored.items():
         path = case_dir / f"{name}{suffix}"
@@ -91,7 +97,26 @@ def _write_case_outputs(case_dir: Path, record: Any, images: np.ndarray, outputs
         columns = SLICE_COLUMNS
     write_lesions(case_dir / LESIONS_NAME, rows, columns)
     files["lesions"] = LESIONS_NAME
+    if dropped is not None:
+        lesions["min_volume"] = dropped
     return files, restored["mask"].reshape(len(restored["mask"]), -1).sum(1), lesions
+
+
+def _filter_volume(mask: np.ndarray, record: Any, outputs: dict[str, torch.Tensor], min_volume: MinVolume,
+                   connectivity: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """``mask`` (a volume on the input's grid) without its lesions below ``min_volume``; the model-space mask and
+    score in ``outputs`` lose them too. Returns the mask and what was done (the limit in voxels, lesions dropped)."""
+    from synomaly.lesions import remove_small_lesions
+    from synomaly.preprocess import fit_to_size
+
+    voxel_mm3 = abs(float(np.linalg.det(np.asarray(record.properties.affine, dtype=np.float64)[:3, :3])))
+    limit = min_volume.voxels(voxel_mm3)
+    kept, count = remove_small_lesions(mask, limit, connectivity)
+    if count:
+        refitted, _ = fit_to_size(kept, record.fit.size, record.fit.mode, kind="mask")
+        outputs["mask"] = outputs["mask"] & torch.from_numpy(np.asarray(refitted, dtype=bool))[:, None]
+        outputs["score"] = outputs["mask"].flatten(1).sum(1).to(outputs["score"].dtype)
+    return kept, {"given": str(min_volume), "voxels": limit, "voxel_mm3": round(voxel_mm3, 6), "dropped": count}
 
 
 def run_detect(
@@ -107,11 +132,15 @@ def run_detect(
     slice_range: tuple[int, int] | None = None,
     on_error: str = "skip",
     foreground_masks: list[str] | None = None,
+    min_volume: str | None = None,
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Detect anomalies in every input; writes per-input outputs and ``summary.json``.
 
     ``foreground_masks`` (one source per input) replaces the model's computed foreground.
+    ``min_volume`` (``"10mm3"``, ``"0.05ml"`` or ``"8voxels"``) drops the smaller 3-D lesions of every
+    volume (NIfTI, DICOM series) on its own grid, after the per-slice ``min_size`` of the model's
+    detection (``min_size=0`` leaves the 3-D rule alone); 2-D images keep their masks as detected.
 
     Every case records the settings and model it was made with (``made_with`` in ``case.json``).
     Inputs whose outputs exist are skipped unless ``overwrite`` is set, so a killed run completes
@@ -122,6 +151,7 @@ def run_detect(
     """
     if on_error not in ("skip", "stop"):
         raise ConfigError("on_error", f"must be skip or stop, got {on_error!r}")
+    smallest = None if min_volume is None else MinVolume.parse(min_volume)
     pipe = SynomalyPipeline.from_pretrained(model, device=resolve_device(device))
     overrides = {k: v for k, v in (detect or {}).items() if v is not None}
     settings = pipe.detect_config(**overrides)
@@ -131,7 +161,9 @@ def run_detect(
     # The model is identified by its files' digest, not its path: a moved or renamed folder is the same model.
     made_with = json_plain({"model_sha256": model_fingerprint(pipe.folder),
                             "detect": dataclasses.asdict(settings), "seed": seed, "slice_axis": slice_axis,
-                            "slice_range": slice_range, "foreground_masks": foreground_masks})
+                            "slice_range": slice_range, "foreground_masks": foreground_masks,
+                            # only when given: folders made before the option existed stay valid
+                            **({} if smallest is None else {"min_volume": str(smallest)})})
     if foreground_masks is not None and len(foreground_masks) != len(inputs):
         raise InputError(foreground_masks[0] if foreground_masks else "foreground_masks",
                          f"{len(foreground_masks)} foreground mask sources given for {len(inputs)} inputs")
@@ -139,14 +171,14 @@ def run_detect(
         if not overwrite:
             _check_earlier_run(output, made_with)
         summary: dict[str, Any] = {"synomaly": synomaly.__version__, "model": str(model),
-                                   "detect": dataclasses.asdict(settings), "made_with": made_with, "cases": [], "failed": [],
-                                   "stems": {}}
+                                   "detect": dataclasses.asdict(settings), "min_volume": None if smallest is None else str(smallest),
+                                   "made_with": made_with, "cases": [], "failed": [], "stems": {}}
         jobs = [(spec, source, fg) for i, spec in enumerate(inputs)
                 for source, fg in _expand_or_report(spec, None if foreground_masks is None else foreground_masks[i],
                                                     summary, on_error)]
         for spec, source, fg in tqdm(jobs, desc="detect", unit="input", disable=not show_progress()):
             _detect_one(pipe, pre, source, fg, Path(spec), output, summary, settings, batch_size, made_with,
-                        slice_axis, slice_range, on_error, overwrite)
+                        slice_axis, slice_range, on_error, overwrite, smallest)
         del summary["stems"]
         _atomic.write_json(output / "summary.json", summary)
     log.info("%d inputs done, %d failed; summary in %s", len(summary["cases"]), len(summary["failed"]), output / "summary.json")
@@ -212,7 +244,8 @@ def _expand_or_report(spec: str, fg_spec: str | None, summary: dict[str, Any], o
 
 def _detect_one(pipe: SynomalyPipeline, pre: Preprocessing, source: Any, fg_spec: str | None, root: Path, output: Path,
                 summary: dict[str, Any], settings: DetectConfig, batch_size: int, made_with: dict[str, Any],
-                slice_axis: int, slice_range: tuple[int, int] | None, on_error: str, overwrite: bool) -> None:
+                slice_axis: int, slice_range: tuple[int, int] | None, on_error: str, overwrite: bool,
+                min_volume: MinVolume | None = None) -> None:
     from synomaly.io import output_stem
 
     stem = output_stem(source.path, root if root.is_dir() else source.path) + (f"__{source.key}" if source.key else "")
@@ -245,7 +278,7 @@ def _detect_one(pipe: SynomalyPipeline, pre: Preprocessing, source: Any, fg_spec
     generator = _case_generator(pipe.device, made_with["seed"], stem)
     outputs = _batched_detect(pipe, torch.from_numpy(images), torch.from_numpy(foreground), batch_size, generator, settings)
     seconds = time.perf_counter() - start
-    files, area, lesions = _write_case_outputs(case_dir, record, images, outputs, settings.connectivity)
+    files, area, lesions = _write_case_outputs(case_dir, record, images, outputs, settings.connectivity, min_volume)
     spacing = record.properties.spacing
     entry = {"input": str(source.path), "key": source.key, "output": stem, "files": files, "slices": len(images),
              "case_ids": record.case_ids, "area_px": area.tolist(),
