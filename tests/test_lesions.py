@@ -98,19 +98,6 @@ def test_remove_small_lesions_counts_voxels_across_slices():
     assert none == 0 and np.array_equal(same, mask)
 
 
-@pytest.fixture(scope="module")
-def intensity_model(tmp_path_factory):
-    """A model whose mask is exactly the bright voxels: the intensity method at 32 px, fixed 0..255 scale, no foreground."""
-    from synomaly.commands import run_train
-    from synomaly.train import TrainConfig
-
-    root = tmp_path_factory.mktemp("intensity")
-    np.savez(root / "d.npz", healthy=np.zeros((2, 32, 32), dtype=np.uint8))
-    return run_train([f"{root / 'd.npz'}:healthy"], root / "model", model="tiny", image_size=32, method="intensity",
-                     preprocess={"foreground": "none", "normalization": "fixed", "intensity_range": (0, 255)},
-                     train_config=TrainConfig(steps=1, progress=False, accelerator="cpu"))
-
-
 def test_detect_min_volume_drops_small_3d_lesions_of_an_anisotropic_volume(intensity_model, tmp_path):
     from synomaly.commands import run_detect
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from synomaly.io._api import read_images, read_mask, write_image
 from synomaly.io._base import SUPPORTED_SUFFIXES, WRITABLE_SUFFIXES, ImageProperties, suffix_of
 from synomaly.io._nifti import slices_to_volume, volume_to_slices
-from synomaly.io._numpy import read_npz_ids
+from synomaly.io._numpy import read_npz_ids, read_npz_slices
 from synomaly.io._paths import list_inputs, output_stem
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "read_images",
     "read_mask",
     "read_npz_ids",
+    "read_npz_slices",
     "slices_to_volume",
     "suffix_of",
     "volume_to_slices",
