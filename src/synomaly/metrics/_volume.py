@@ -53,7 +53,8 @@ class VolumeLesions:
                 raise ValueError(f"got {len(values)} {name} for a batch of {batch}")
         pred = pred_mask.detach().reshape(batch, -1).cpu().numpy()
         ref = target.detach().reshape(batch, -1).cpu().numpy()
-        self._batches.append((tuple(pred_mask.shape[-2:]), np.packbits(pred, axis=1), np.packbits(ref, axis=1)))
+        shape = (int(pred_mask.shape[-2]), int(pred_mask.shape[-1]))
+        self._batches.append((shape, np.packbits(pred, axis=1), np.packbits(ref, axis=1)))
         self._positions += [None if p is None else int(p) for p in positions] if positions is not None else [None] * batch
         self._voxel_ml += [None if v is None else float(v) for v in voxel_ml] if voxel_ml is not None else [None] * batch
 
