@@ -11,7 +11,7 @@ import hashlib
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,9 +24,11 @@ from synomaly.config import DetectConfig
 from synomaly.data import load_file, pair_sources
 from synomaly.devices import resolve_device, show_progress
 from synomaly.errors import ConfigError, InputError, OutputExistsError, SynomalyError
-from synomaly.lesions import MinVolume
 from synomaly.pipeline import SynomalyPipeline
 from synomaly.preprocess import Preprocessing, restore_size
+
+if TYPE_CHECKING:
+    from synomaly.lesions import MinVolume
 
 log = logging.getLogger("synomaly.commands")
 
@@ -110,6 +112,9 @@ def _filter_volume(mask: np.ndarray, record: Any, outputs: dict[str, torch.Tenso
     from synomaly.preprocess import fit_to_size
 
     voxel_mm3 = abs(float(np.linalg.det(np.asarray(record.properties.affine, dtype=np.float64)[:3, :3])))
+    if not voxel_mm3 > 0 and min_volume.unit != "voxels":
+        raise InputError(record.properties.path, f"its affine gives no voxel volume, so --min-volume {min_volume} cannot be "
+                                                 "counted in voxels; give it in voxels")
     limit = min_volume.voxels(voxel_mm3)
     kept, count = remove_small_lesions(mask, limit, connectivity)
     if count:
@@ -151,6 +156,8 @@ def run_detect(
     """
     if on_error not in ("skip", "stop"):
         raise ConfigError("on_error", f"must be skip or stop, got {on_error!r}")
+    from synomaly.lesions import MinVolume
+
     smallest = None if min_volume is None else MinVolume.parse(min_volume)
     pipe = SynomalyPipeline.from_pretrained(model, device=resolve_device(device))
     overrides = {k: v for k, v in (detect or {}).items() if v is not None}

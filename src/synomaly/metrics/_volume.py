@@ -12,7 +12,6 @@ import math
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 from torch import Tensor
 
 from synomaly.metrics._overlap import _check_masks
@@ -84,6 +83,8 @@ class VolumeLesions:
 
     def _volume(self, name: str, cases: list[int], slices: _SliceStore) -> dict[str, Any]:
         """The lesion counts and volumes of one volume, from its slices ``cases``."""
+        from scipy import ndimage
+
         pred, ref = slices.stack(name, cases, self._positions)
         structure = ndimage.generate_binary_structure(3, self.connectivity)
         ref_labels, n_ref = ndimage.label(ref, structure=structure)
