@@ -51,7 +51,7 @@ def from_folder(folder: Path) -> tuple[dict[str, Any], str] | None:
             "lesion_volume_unit": "voxels"}, "per_volume.csv (voxel counts; no lesion counts)"
 
 
-def reevaluate(name: str, profile: str, dataset: str, runs: Path, data_root: Path, device: str) -> Path:
+def reevaluate(name: str, profile: str, dataset: str, runs: Path, data_root: Path, device: str, made_at: str) -> Path:
     """Evaluate the stored model of ``name`` on the test split as ``benchmarks/run.py`` does; returns the folder."""
     from synomaly.commands import run_evaluate
 
@@ -64,7 +64,7 @@ def reevaluate(name: str, profile: str, dataset: str, runs: Path, data_root: Pat
                  foreground_masks=foreground_of(METHODS[name], DATASETS[dataset], test),
                  batch_size=PROFILES[profile].detect_batch, device=device, overwrite=True)
     metrics = json.loads((out / "metrics.json").read_text())
-    metrics["made_at"] = {"commit": commit(), "date": time.strftime("%Y-%m-%d")}
+    metrics["made_at"] = {"commit": made_at, "date": time.strftime("%Y-%m-%d")}
     _atomic.write_json(out / "metrics.json", metrics)
     return out
 
@@ -77,7 +77,7 @@ def same_evaluation(record: dict[str, Any], folder: Path) -> bool:
     return dice is not None and abs(dice - record["metrics"]["dice_mean"]) <= SAME_DICE
 
 
-def fill(path: Path, runs: Path, data_root: Path, rerun: bool, device: str) -> str:
+def fill(path: Path, runs: Path, data_root: Path, rerun: bool, device: str, made_at: str = "") -> str:
     """Add the per-volume numbers to one result file; returns what was done, in words."""
     record = json.loads(path.read_text())
     if record["metrics"].get("lesion_sensitivity_n") is not None:
@@ -88,7 +88,7 @@ def fill(path: Path, runs: Path, data_root: Path, rerun: bool, device: str) -> s
     again = folder.with_name("evaluation-volumes")
     if (found is None or found[1] != "evaluation") and (rerun or again.is_dir()):
         if not same_evaluation(record, again):  # an earlier --rerun's folder is used as it is
-            reevaluate(name, profile, dataset, runs, data_root, device)
+            reevaluate(name, profile, dataset, runs, data_root, device, made_at or commit())
         if same_evaluation(record, again):
             found = from_folder(again)
             assert found is not None  # a new evaluation holds them
@@ -119,9 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     folder = args.results / args.profile / args.dataset
     names = args.methods or [m for m in METHODS if (folder / f"{m}.json").is_file()]
+    made_at = commit()  # before this script changes any result file
     for name in names:
         path = folder / f"{name}.json"
-        log.info("%s: %s", name, fill(path, args.runs, args.data_root, args.rerun, args.device) if path.is_file() else "no result")
+        done = fill(path, args.runs, args.data_root, args.rerun, args.device, made_at) if path.is_file() else "no result"
+        log.info("%s: %s", name, done)
     return 0
 
 
