@@ -73,6 +73,29 @@ def metrics_table(runs: dict[str, dict], dataset: str = "") -> list[str]:
     return lines
 
 
+VOLUME_DATASETS = ("lgg_flair",)  # data sets whose slices carry volume ids and slice numbers
+
+
+def lesion_volume(m: dict, key: str) -> str:
+    """A lesion-volume error with its unit (mL, or voxels of the profile's image grid)."""
+    if m.get(key) is None:
+        return "–"
+    return f"{m[key]:.3f} mL" if m.get("lesion_volume_unit") == "ml" else f"{m[key]:.0f} vox"
+
+
+def volume_table(runs: dict[str, dict]) -> list[str]:
+    """Per-volume numbers of each run; a dash where the run predates them (``benchmarks/volumes.py`` fills them in)."""
+    lines = ["| method | 3-D Dice (mean over tumour volumes) | lesion sensitivity | false-positive lesions per volume "
+             "| lesion-volume error, mean absolute | lesion-volume error, mean (predicted − reference) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, r in runs.items():
+        m = r["metrics"]
+        sensitivity = "–" if m.get("lesion_sensitivity") is None else f"{fmt(m['lesion_sensitivity'])} (of {m['lesion_sensitivity_n']})"
+        lines.append(f"| `{name}` | {fmt(m.get('dice_volume_mean'))} | {sensitivity} | {fmt(m.get('fp_lesions_per_volume'), 2)} "
+                     f"| {lesion_volume(m, 'lesion_volume_abs_error_mean')} | {lesion_volume(m, 'lesion_volume_error_mean')} |")
+    return lines
+
+
 def chosen_table(runs: dict[str, dict]) -> list[str]:
     lines = ["| method | t | kernel | threshold | stages | sampler | healthy 99th-percentile threshold "
              "| test Dice at that threshold (mean / pooled) | healthy-slice FPR at it |",
@@ -131,6 +154,13 @@ def dataset_section(profile: str, dataset: str) -> list[str]:
         out += ["† made with an earlier preset, whose foreground rule differs from the current "
                 f"`{DATASETS[dataset].preset}` preset's; not yet rerun at the current defaults, so not a same-budget "
                 "comparison with the other rows.", ""]
+    if dataset in VOLUME_DATASETS:
+        volumes = first["metrics"].get("n_volumes") or next((r["metrics"]["n_volumes"] for r in runs.values()
+                                                             if r["metrics"].get("n_volumes")), None)
+        out += [f"Per volume ({f'{volumes} ' if volumes else ''}test patients; a patient's slices stacked by slice number, lesions are "
+                "3-D connected components; a reference lesion counts as found when a predicted voxel lies in it, and "
+                "sensitivity pools all reference lesions; lesion volumes in voxels of the profile's image grid where the "
+                "data records no spacing, as here; a dash: not yet measured for that run):", ""] + volume_table(runs) + [""]
     out += ["Chosen on validation (mean per-slice Dice over the validation tumour slices):", ""]
     out += chosen_table(runs) + ["", "Cost:", ""] + cost_table(runs) + [""]
     if "synomaly" in runs:

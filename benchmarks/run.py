@@ -36,6 +36,9 @@ ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger("benchmark")
 
 THRESHOLDS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4)
+# Per-volume numbers of the test evaluation (slices stacked by patient and slice number); ``dice_volume_mean`` is the 3-D Dice.
+VOLUME_KEYS = ("n_volumes", "lesion_sensitivity", "lesion_sensitivity_n", "fp_lesions_per_volume", "lesion_volume_error_mean",
+               "lesion_volume_abs_error_mean", "lesion_volume_unit")
 
 
 @dataclass(frozen=True)
@@ -352,7 +355,7 @@ def run_one(profile_name: str, dataset_name: str, name: str, data_root: Path, ru
     keys = ("dice_mean", "dice_pooled", "iou_mean", "iou_pooled", "precision_mean", "recall_mean", "precision_pooled",
             "recall_pooled", "ap", "auroc_pixel", "auroc_image", "hd95_mean", "hd95_mean_n", "hd95_empty_predictions",
             "ssim_healthy", "fpr_healthy_mean", "dice_volume_mean", "n_anomalous", "n_healthy", "dice_oracle_mean",
-            "dice_oracle_threshold", "dice_oracle_pooled")
+            "dice_oracle_threshold", "dice_oracle_pooled", *VOLUME_KEYS)
     record = {
         "method": name,
         "dataset": dataset_name,

@@ -40,6 +40,22 @@ def tiny_model_dir(tmp_path_factory, phantom_train) -> Path:
     return train(phantom_train, out, model=model_preset("tiny"), noise=TINY_NOISE, train_config=config, detect=detect)
 
 
+@pytest.fixture(scope="session")
+def intensity_model(tmp_path_factory) -> Path:
+    """A model folder whose mask is exactly the bright pixels: the intensity method at 32 px on the fixed 0..255
+    scale, no foreground (detect with ``kernel=1, threshold=0.5, min_size=0``: 255 is flagged, 0 is not)."""
+    import numpy as np
+
+    from synomaly.commands import run_train
+    from synomaly.train import TrainConfig
+
+    root = tmp_path_factory.mktemp("intensity")
+    np.savez(root / "d.npz", healthy=np.zeros((2, 32, 32), dtype=np.uint8))
+    return run_train([f"{root / 'd.npz'}:healthy"], root / "model", model="tiny", image_size=32, method="intensity",
+                     preprocess={"foreground": "none", "normalization": "fixed", "intensity_range": (0, 255)},
+                     train_config=TrainConfig(steps=1, progress=False, accelerator="cpu"))
+
+
 @pytest.fixture(scope="module")
 def trained(tiny_model_dir):
     """The session's tiny trained model, loaded once per test module."""

@@ -77,3 +77,71 @@ def test_breakdown_splits_the_mean_dice_by_lesion_size(smoke_results):
         assert row["all"] == pytest.approx(record["metrics"]["dice_mean"])
         terciles = [value for key, value in row.items() if key.startswith(("small", "middle", "large"))]
         assert len(terciles) == 3 and min(terciles) <= row["all"] <= max(terciles)
+
+
+def _result(folder, name, dice, **metrics):
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {"method": name, "profile": "cpu", "dataset": "lgg_flair", "metrics": {"dice_mean": dice, **metrics}}
+    (folder / f"{name}.json").write_text(json.dumps(record))
+
+
+def _evaluation(folder, aggregate, volumes=None):
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps({"aggregate": aggregate}))
+    if volumes is not None:
+        rows = ["group_id,n_slices,tp,fp,fn,tn,dice"] + [f"p{i},3,{tp},{fp},{fn},100,0.5" for i, (tp, fp, fn) in enumerate(volumes)]
+        (folder / "per_volume.csv").write_text("\n".join(rows) + "\n")
+
+
+def test_volumes_fills_old_results_from_their_evaluation_folders(tmp_path):
+    volumes = load("volumes")
+    results, runs = tmp_path / "results" / "cpu" / "lgg_flair", tmp_path / "runs" / "cpu" / "lgg_flair"
+    _result(results, "synomaly", 0.5, dice_volume_mean=0.4)  # evaluated before lesions were counted
+    _evaluation(runs / "synomaly" / "evaluation", {"dice_mean": 0.5, "dice_volume_mean": 0.4}, [(10, 5, 20), (0, 3, 0)])
+    new = {"dice_mean": 0.3, "dice_volume_mean": 0.2, "n_volumes": 2, "lesion_sensitivity": 0.75, "lesion_sensitivity_n": 4,
+           "fp_lesions_per_volume": 1.5, "lesion_volume_error_mean": -2.0, "lesion_volume_abs_error_mean": 3.0,
+           "lesion_volume_unit": "voxels"}
+    _result(results, "vae", 0.3)
+    _evaluation(runs / "vae" / "evaluation", new)
+    _result(results, "dae", 0.1)  # its folder holds another run's evaluation
+    _evaluation(runs / "dae" / "evaluation", {"dice_mean": 0.2, "dice_volume_mean": 0.1}, [(1, 1, 1)])
+    assert volumes.main(["--profile", "cpu", "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results")]) == 0
+    old = json.loads((results / "synomaly.json").read_text())
+    assert old["metrics"]["lesion_volume_error_mean"] == ((15 - 30) + (3 - 0)) / 2  # predicted minus reference voxels
+    assert old["metrics"]["lesion_volume_abs_error_mean"] == (15 + 3) / 2 and old["metrics"]["n_volumes"] == 2
+    assert "lesion_sensitivity" not in old["metrics"] and old["per_volume_from"].startswith("per_volume.csv")
+    filled = json.loads((results / "vae.json").read_text())
+    assert {key: filled["metrics"][key] for key in new} == new and filled["per_volume_from"] == "evaluation"
+    assert "per_volume_from" not in json.loads((results / "dae.json").read_text())
+    render = load("render")
+    table = render.volume_table({"synomaly": old, "vae": filled, "dae": json.loads((results / "dae.json").read_text())})
+    assert table[2] == "| `synomaly` | 0.400 | – | – | 9 vox | -6 vox |"
+    assert table[3] == "| `vae` | 0.200 | 0.750 (of 4) | 1.50 | 3 vox | -2 vox |"
+    assert table[4] == "| `dae` | – | – | – | – | – |"
+
+
+def test_runs_record_per_volume_numbers_and_volumes_rerun_restores_them(smoke_results, tmp_path):
+    run, argv, folder, _ = smoke_results
+    record = json.loads((folder / "synomaly-1stage.json").read_text())
+    assert record["metrics"]["n_volumes"] == 19 and record["metrics"]["lesion_volume_unit"] == "voxels"
+    assert record["metrics"]["lesion_sensitivity_n"] > 0 and 0 <= record["metrics"]["lesion_sensitivity"] <= 1
+    # An older result and evaluation, made before lesions were counted: --rerun evaluates the stored model again.
+    runs = Path(argv[argv.index("--runs") + 1])
+    evaluation = runs / "smoke" / "lgg_flair" / "synomaly-1stage" / "evaluation" / "metrics.json"
+    metrics = json.loads(evaluation.read_text())
+    for key in run.VOLUME_KEYS:
+        metrics["aggregate"].pop(key)
+    evaluation.write_text(json.dumps(metrics))
+    results = tmp_path / "results" / "smoke" / "lgg_flair"
+    results.mkdir(parents=True)
+    old = {**record, "metrics": {k: v for k, v in record["metrics"].items() if k not in run.VOLUME_KEYS}}
+    (results / "synomaly-1stage.json").write_text(json.dumps(old))
+    volumes = load("volumes")
+    common = ["--profile", "smoke", "--methods", "synomaly-1stage", "--runs", str(runs), "--results", str(tmp_path / "results"),
+              "--data-root", argv[argv.index("--data-root") + 1]]
+    assert volumes.main(common) == 0
+    assert "lesion_sensitivity" not in json.loads((results / "synomaly-1stage.json").read_text())["metrics"]
+    assert volumes.main([*common, "--rerun"]) == 0
+    filled = json.loads((results / "synomaly-1stage.json").read_text())
+    assert {key: filled["metrics"][key] for key in run.VOLUME_KEYS} == {key: record["metrics"][key] for key in run.VOLUME_KEYS}
+    assert filled["per_volume_from"].startswith("re-evaluated the stored model")

@@ -225,6 +225,9 @@ def _detect_parser() -> Any:
     _mask_suffix(p, paired=False)
     _recursive(p)
     _detect_overrides(p)
+    p.add_argument("--min-volume", default=None,
+                   help="smallest 3-D lesion a volume (NIfTI, DICOM series) keeps, with its unit: 10mm3, 0.05ml or 8voxels, "
+                        "on the input's grid across slices; applied after --min_size (0 leaves only this rule)")
     _slices(p)
     _common(p)
     _execution(p)
@@ -395,8 +398,8 @@ def _run(command: str, a: Any) -> Any:
         return _run_train(a, slices)
     if command == "detect":
         return commands.run_detect(a.model, a.inputs, a.output, detect=detect, batch_size=a.batch_size, device=a.device,
-                                   seed=a.seed, on_error=a.on_error, overwrite=a.overwrite, recursive=recursive,
-                                   formats=a.format, **execution, **slices)
+                                   seed=a.seed, on_error=a.on_error, min_volume=a.min_volume, overwrite=a.overwrite,
+                                   recursive=recursive, formats=a.format, **execution, **slices)
     if command == "calibrate":
         from synomaly.calibrate import CalibrationGrid
 

@@ -125,6 +125,20 @@ def load_file(source: Source, preprocessing: Preprocessing, slice_axis: int = 2,
     return FileCases(source, props, fit, raw, case_ids, group_ids), images, fg
 
 
+def _distinct_file_groups(files: list[FileCases]) -> None:
+    """Name a file's volume by its path where two files share a name (``p1/flair.nii.gz``, ``p2/flair.nii.gz``).
+
+    An ``.npz`` array's groups are its ``<key>_ids`` and stay shared on purpose (a patient's slices in two arrays).
+    """
+    owners: dict[str, set[Path]] = {}
+    for record in files:
+        if record.source.key is None:
+            owners.setdefault(record.group_ids[0], set()).add(record.source.path)
+    for record in files:
+        if record.source.key is None and len(owners[record.group_ids[0]]) > 1:
+            record.group_ids = [str(record.source.path)] * len(record.group_ids)
+
+
 def load_mask(spec: str, record: FileCases, preprocessing: Preprocessing) -> np.ndarray:
     """The mask of ``record`` in model space (``[n, 1, S, S]`` bool); ``none`` gives empty masks."""
     n = len(record.raw)
@@ -196,6 +210,7 @@ def load_cases(
             masks.append(load_mask(mask_spec, record, preprocessing))
     if not files:
         raise InputError(image_specs[0] if image_specs else ".", "no images found")
+    _distinct_file_groups(files)
     return Cases(
         images=torch.from_numpy(np.concatenate(images)),
         foreground=torch.from_numpy(np.concatenate(foregrounds)),

@@ -14,7 +14,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -32,6 +32,9 @@ from synomaly.io import geometry_mismatch
 from synomaly.methods import Method
 from synomaly.pipeline import SynomalyPipeline
 from synomaly.preprocess import Preprocessing, clip_percentiles, fit_to_size, restore_size
+
+if TYPE_CHECKING:
+    from synomaly.lesions import MinVolume
 
 log = logging.getLogger("synomaly.commands")
 
@@ -175,14 +178,15 @@ def _write_maps(case_dir: Path, record: Any, restored: dict[str, np.ndarray], se
 
 
 def _write_case_outputs(case_dir: Path, record: Any, images: np.ndarray, outputs: dict[str, torch.Tensor],
-                        settings: DetectConfig, pre: Preprocessing,
-                        formats: tuple[str, ...] = DEFAULT_FORMATS) -> tuple[dict[str, Any], np.ndarray, dict[str, Any]]:
+                        settings: DetectConfig, pre: Preprocessing, formats: tuple[str, ...] = DEFAULT_FORMATS,
+                        min_volume: MinVolume | None = None) -> tuple[dict[str, Any], np.ndarray, dict[str, Any]]:
     """Write maps back at the input's size and on its grid, and the lesion table.
 
     NIfTI/DICOM inputs get NIfTI volumes on their grid; image and array inputs get ``formats``
-    (``.npy`` with the exact values, PNG or TIFF pictures to look at). Returns the case record's
-    file fields (``files``: what ``synomaly score`` reads; ``pictures``; ``scales``), each slice's
-    mask area there (px) and the lesion totals.
+    (``.npy`` with the exact values, PNG or TIFF pictures to look at). A volume's mask first loses its
+    3-D lesions below ``min_volume`` (which then also leave the overlay and the score). Returns the case
+    record's file fields (``files``: what ``synomaly score`` reads; ``pictures``; ``scales``), each
+    slice's mask area there (px) and the lesion totals.
     """
     from synomaly.figures import gray_rgb, heat_rgb, overlay_rgb, write_png
     from synomaly.lesions import (
@@ -201,6 +205,9 @@ def _write_case_outputs(case_dir: Path, record: Any, images: np.ndarray, outputs
         "anomaly_map": restore_size(outputs["anomaly_map"][:, 0].numpy(), record.fit, kind="image"),
         "reconstruction": restore_size(outputs["reconstruction"][:, 0].numpy(), record.fit, kind="image"),
     }
+    dropped = None
+    if spatial and min_volume is not None:
+        restored["mask"], dropped = _filter_volume(restored["mask"], record, outputs, min_volume, settings.connectivity)
     fields = _write_maps(case_dir, record, restored, settings, pre, formats)
     files = fields["files"]
     best = int(outputs["score"].argmax())
@@ -221,7 +228,29 @@ def _write_case_outputs(case_dir: Path, record: Any, images: np.ndarray, outputs
         columns = SLICE_COLUMNS
     write_lesions(case_dir / LESIONS_NAME, rows, columns)
     files["lesions"] = LESIONS_NAME
+    if dropped is not None:
+        lesions["min_volume"] = dropped
     return fields, restored["mask"].reshape(len(restored["mask"]), -1).sum(1), lesions
+
+
+def _filter_volume(mask: np.ndarray, record: Any, outputs: dict[str, torch.Tensor], min_volume: MinVolume,
+                   connectivity: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """``mask`` (a volume on the input's grid) without its lesions below ``min_volume``; the model-space mask and
+    score in ``outputs`` lose them too. Returns the mask and what was done (the limit in voxels, lesions dropped)."""
+    from synomaly.lesions import remove_small_lesions
+    from synomaly.preprocess import fit_to_size
+
+    voxel_mm3 = abs(float(np.linalg.det(np.asarray(record.properties.affine, dtype=np.float64)[:3, :3])))
+    if not voxel_mm3 > 0 and min_volume.unit != "voxels":
+        raise InputError(record.properties.path, f"its affine gives no voxel volume, so --min-volume {min_volume} cannot be "
+                                                 "counted in voxels; give it in voxels")
+    limit = min_volume.voxels(voxel_mm3)
+    kept, count = remove_small_lesions(mask, limit, connectivity)
+    if count:
+        refitted, _ = fit_to_size(kept, record.fit.size, record.fit.mode, kind="mask")
+        outputs["mask"] = outputs["mask"] & torch.from_numpy(np.asarray(refitted, dtype=bool))[:, None]
+        outputs["score"] = outputs["mask"].flatten(1).sum(1).to(outputs["score"].dtype)
+    return kept, {"given": str(min_volume), "voxels": limit, "voxel_mm3": round(voxel_mm3, 6), "dropped": count}
 
 
 def run_detect(
@@ -239,6 +268,7 @@ def run_detect(
     slice_range: tuple[int, int] | None = None,
     on_error: str = "skip",
     foreground_masks: list[str] | None = None,
+    min_volume: str | None = None,
     overwrite: bool = False,
     recursive: bool = False,
     formats: str | tuple[str, ...] = DEFAULT_FORMATS,
@@ -254,6 +284,9 @@ def run_detect(
     ``case.json`` and the reconstruction on the input's own intensity scale. Each case's ``score``
     is its mask's area per slice at the input's resolution, in mm^2 where the file records its
     spacing and in the input's pixels otherwise (``score_unit``).
+    ``min_volume`` (``"10mm3"``, ``"0.05ml"`` or ``"8voxels"``) drops the smaller 3-D lesions of every
+    volume (NIfTI, DICOM series) on its own grid, after the per-slice ``min_size`` of the model's
+    detection (``min_size=0`` leaves the 3-D rule alone); 2-D images keep their masks as detected.
 
     Every case records the settings and model it was made with (``made_with`` in ``case.json``).
     Inputs whose outputs exist are skipped unless ``overwrite`` is set, so a killed run completes
@@ -264,6 +297,9 @@ def run_detect(
     """
     if on_error not in ("skip", "stop"):
         raise ConfigError("on_error", f"must be skip or stop, got {on_error!r}")
+    from synomaly.lesions import MinVolume
+
+    smallest = None if min_volume is None else MinVolume.parse(min_volume)
     _atomic.check_writable(output)  # a file, a folder under a file or a read-only place: refused before any work
     formats = check_formats(formats)
     rank, world = process_shard()
@@ -276,7 +312,9 @@ def run_detect(
     # The model is identified by its files' digest, not its path: a moved or renamed folder is the same model.
     made_with = json_plain({"model_sha256": model_fingerprint(pipe.folder),
                             "detect": dataclasses.asdict(settings), "seed": seed, "precision": precision, "slice_axis": slice_axis,
-                            "slice_range": slice_range, "foreground_masks": foreground_masks, "formats": list(formats)})
+                            "slice_range": slice_range, "foreground_masks": foreground_masks, "formats": list(formats),
+                            # only when given: folders made before the option existed stay valid
+                            **({} if smallest is None else {"min_volume": str(smallest)})})
     if foreground_masks is not None and len(foreground_masks) != len(inputs):
         raise InputError(foreground_masks[0] if foreground_masks else "foreground_masks",
                          f"{len(foreground_masks)} foreground mask sources given for {len(inputs)} inputs")
@@ -285,7 +323,8 @@ def run_detect(
         if not overwrite:
             _check_earlier_run(output, made_with)
         summary: dict[str, Any] = {"synomaly": synomaly.__version__, "model": str(model),
-                                   "detect": dataclasses.asdict(settings), "made_with": made_with, "cases": [], "failed": []}
+                                   "detect": dataclasses.asdict(settings), "min_volume": None if smallest is None else str(smallest),
+                                   "made_with": made_with, "cases": [], "failed": []}
         mine: list[tuple[tuple[Any, ...], str]] = []
         done = 0
         try:
@@ -296,7 +335,7 @@ def run_detect(
             mine = list(zip(jobs, stems))[rank::world]
             for (_, source, fg), stem in tqdm(mine, desc="detect", unit="input", disable=not show_progress()):
                 _detect_one(pipe, pre, source, fg, stem, output, summary, settings, batch_size, made_with,
-                            slice_axis, slice_range, on_error, overwrite)
+                            slice_axis, slice_range, on_error, overwrite, smallest)
                 done += 1
         except BaseException as error:  # the run stops: summary.json still says what was done and what failed
             summary["stopped"] = readable(str(error)) or type(error).__name__
@@ -439,7 +478,8 @@ def _expand_or_report(spec: str, fg_spec: str | None, summary: dict[str, Any], o
 
 def _detect_one(pipe: SynomalyPipeline, pre: Preprocessing, source: Any, fg_spec: str | None, stem: str, output: Path,
                 summary: dict[str, Any], settings: DetectConfig, batch_size: int, made_with: dict[str, Any],
-                slice_axis: int, slice_range: tuple[int, int] | None, on_error: str, overwrite: bool) -> None:
+                slice_axis: int, slice_range: tuple[int, int] | None, on_error: str, overwrite: bool,
+                min_volume: MinVolume | None = None) -> None:
     case_dir = output / stem
     if case_dir.is_symlink():
         raise InputError(case_dir, "is a symbolic link: outputs are never written through links; remove it or choose "
@@ -453,7 +493,7 @@ def _detect_one(pipe: SynomalyPipeline, pre: Preprocessing, source: Any, fg_spec
     try:
         marker.unlink(missing_ok=True)  # redone with --overwrite: not done until its new outputs are all written
         summary["cases"].append(_detect_case(pipe, pre, source, fg_spec, case_dir, stem, settings, batch_size, made_with,
-                                             slice_axis, slice_range))
+                                             slice_axis, slice_range, min_volume))
     except BaseException as error:
         if created:  # nothing half-written stays behind: a rerun starts the input afresh
             shutil.rmtree(case_dir, ignore_errors=True)
@@ -472,7 +512,7 @@ def _detect_one(pipe: SynomalyPipeline, pre: Preprocessing, source: Any, fg_spec
 
 def _detect_case(pipe: SynomalyPipeline, pre: Preprocessing, source: Any, fg_spec: str | None, case_dir: Path, stem: str,
                  settings: DetectConfig, batch_size: int, made_with: dict[str, Any], slice_axis: int,
-                 slice_range: tuple[int, int] | None) -> dict[str, Any]:
+                 slice_range: tuple[int, int] | None, min_volume: MinVolume | None = None) -> dict[str, Any]:
     """Read, detect and write one input; returns its ``case.json`` entry (written last, marking it done)."""
     marker = case_dir / "case.json"
     record, images, foreground = load_file(source, pre, slice_axis, slice_range, fg_spec)
@@ -485,7 +525,8 @@ def _detect_case(pipe: SynomalyPipeline, pre: Preprocessing, source: Any, fg_spe
     generator = _case_generator(pipe.device, made_with["seed"], stem)
     outputs = _batched_detect(pipe, torch.from_numpy(images), torch.from_numpy(foreground), batch_size, generator, settings)
     seconds = time.perf_counter() - start
-    fields, area, lesions = _write_case_outputs(case_dir, record, images, outputs, settings, pre, tuple(made_with["formats"]))
+    fields, area, lesions = _write_case_outputs(case_dir, record, images, outputs, settings, pre, tuple(made_with["formats"]),
+                                                min_volume)
     spacing = record.properties.spacing
     area_mm2 = (area * spacing[0] * spacing[1]).tolist() if spacing else None
     height, width = record.properties.stack_shape[1:]

@@ -2,9 +2,10 @@
 
 One batched pass runs ``detect`` and feeds a :class:`~synomaly.metrics.SegmentationEvaluator`
 (per-case, per-volume and pooled metrics, pixel AP/AUROC on the raw map, image AUROC with the mask
-area as score), pooled PR and ROC curves in constant memory, the per-stage Dice of the multi-stage
-loop, its cost, and a running selection of a few cases to look at. No anomaly map is kept beyond
-its batch except those of the selected cases.
+area as score; per volume, the 3-D Dice and the lesion-wise metrics of its slices stacked in
+order), pooled PR and ROC curves in constant memory, the per-stage Dice of the multi-stage loop,
+its cost, and a running selection of a few cases to look at. No anomaly map is kept beyond its
+batch except those of the selected cases (the masks of every slice are kept at two bits per pixel).
 
 Written results (:func:`write_evaluation`) are ``metrics.json`` (everything but the case arrays; NaN
 is written as ``null``), ``per_case.csv``, ``per_volume.csv`` (with volume ids) and ``cases.npz``
@@ -36,6 +37,7 @@ from synomaly.detect import DetectionOutput, check_inputs
 from synomaly.errors import ConfigError
 from synomaly.metrics import Counts, PixelRankingMetrics, SegmentationEvaluator, confusion_counts, dice
 from synomaly.pipeline import SynomalyPipeline
+from synomaly.volumes import VolumeLayout
 
 __all__ = ["CASES_NAME", "METRICS_NAME", "PER_CASE_NAME", "PER_VOLUME_NAME", "EvaluationResult", "evaluate",
            "read_evaluation", "write_evaluation"]
@@ -76,6 +78,7 @@ def evaluate(
     case_ids: list[str],
     group_ids: list[str] | None = None,
     foreground: Tensor | None = None,
+    volumes: VolumeLayout | None = None,
     batch_size: int = 32,
     seed: int = 0,
     ap_thresholds: int | None = None,
@@ -92,6 +95,8 @@ def evaluate(
         case_ids: One name per slice.
         group_ids: Volume (patient) of each slice, for per-volume metrics.
         foreground: Optional region ``[N, 1, H, W]``; nothing is flagged outside it.
+        volumes: Each slice's number in its volume and voxel volume (``synomaly.volumes.volume_layout``),
+            for the lesion-wise metrics per volume; ``None``: slices in the order given, sizes in voxels.
         batch_size: Slices per ``detect`` call.
         seed: Seed of the inference noise.
         ap_thresholds: ``None`` for exact pooled AP/AUROC (keeps every map pixel on the host, 5
@@ -105,10 +110,12 @@ def evaluate(
     """
     check_inputs(images, masks, foreground)
     _check_options(len(images), case_ids, group_ids, batch_size, keep_cases)
+    if volumes is not None and not len(volumes.positions) == len(volumes.voxel_ml) == len(images):
+        raise ValueError(f"got a volume layout of {len(volumes.positions)} slices for {len(images)} images")
     config = pipeline.detect_config(**detect_overrides)
     anomalous = masks.flatten(1).any(1) if masks is not None else torch.zeros(len(images), dtype=torch.bool)
     state = _State(
-        evaluator=SegmentationEvaluator(ap_thresholds=ap_thresholds, map_max=MAP_MAX),
+        evaluator=SegmentationEvaluator(ap_thresholds=ap_thresholds, map_max=MAP_MAX, volume_connectivity=config.connectivity),
         curves=PixelRankingMetrics(CURVE_THRESHOLDS, MAP_MAX, curves=True),
         stages=_StageDice(config.max_stages),
         keeper=_CaseKeeper(keep_cases, int(anomalous.sum()), int((~anomalous).sum())),
@@ -121,7 +128,8 @@ def evaluate(
         target = _batch_mask(masks, batch, x0)
         fg = None if foreground is None else foreground[batch].to(x0.device, torch.bool)
         out = state.detect(pipeline, x0, generator, fg, detect_overrides)
-        state.update(start, x0, target, out, case_ids[batch], None if group_ids is None else group_ids[batch], fg)
+        layout = None if volumes is None or group_ids is None else (volumes.positions[batch], volumes.voxel_ml[batch])
+        state.update(start, x0, target, out, case_ids[batch], None if group_ids is None else group_ids[batch], fg, layout)
     metrics = state.summary(len(images))
     metrics["detect"] = dataclasses.asdict(config)
     metrics["settings"].update(
@@ -220,12 +228,15 @@ class _State:
     def update(
         self, start: int, x0: Tensor, target: Tensor, out: DetectionOutput, case_ids: list[str],
         group_ids: list[str] | None, foreground: Tensor | None = None,
+        layout: tuple[list[int | None], list[float | None]] | None = None,
     ) -> None:
-        """Add one batch to every accumulator."""
+        """Add one batch to every accumulator (``layout``: its slice positions and voxel volumes)."""
         with_ssim = min(x0.shape[-2:]) >= SSIM_MIN_SIZE
+        positions, voxel_ml = layout if layout is not None else (None, None)
         self.evaluator.update(
             out.anomaly_map, out.mask, target, case_ids=case_ids, group_ids=group_ids, score=out.score,
             image=x0 if with_ssim else None, reconstruction=out.reconstruction if with_ssim else None,
+            slice_positions=positions, voxel_ml=voxel_ml,
         )
         self.curves.update(out.anomaly_map, target)
         self.stages.update(out.stage_masks, target)

@@ -4,12 +4,18 @@ A volume written as NIfTI is read back as any other tool would read it (its stor
 affine), its mask labelled in 3-D, and each lesion reported with its volume in mL and its centroid
 in world coordinates (millimetres, RAS+ as NIfTI and nibabel define them). A stack of 2-D images is
 labelled slice by slice, with areas in mm^2 where the pixel spacing is known and in pixels always.
+
+A volume's mask can also lose its lesions below a smallest size (:class:`MinVolume`, in mm^3, mL or
+voxels) before it is written: one 3-D labelling across slices, on the input's grid.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import math
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +23,58 @@ import numpy as np
 from scipy import ndimage
 
 from synomaly import _atomic
+from synomaly.errors import ConfigError
 
 LESIONS_NAME = "lesions.csv"
 WORLD = "RAS+ millimetres (NIfTI world coordinates)"
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(mm3|mm\^3|ml|voxels?)\s*$", re.IGNORECASE)
+_UNITS = {"mm3": "mm3", "mm^3": "mm3", "ml": "ml", "voxel": "voxels", "voxels": "voxels"}
+
+
+@dataclass(frozen=True)
+class MinVolume:
+    """The smallest 3-D lesion a volume's mask keeps: ``value`` in ``unit`` (``mm3``, ``ml`` or ``voxels``)."""
+
+    value: float
+    unit: str
+
+    @classmethod
+    def parse(cls, text: str, option: str = "--min-volume") -> MinVolume:
+        """``"10mm3"``, ``"0.05 ml"`` or ``"8voxels"``; anything else is a one-line ``ConfigError`` naming ``option``."""
+        match = _SIZE.match(str(text))
+        if not match:
+            raise ConfigError(option, f"expected a size and its unit, e.g. 10mm3, 0.05ml or 8voxels; got {text!r}")
+        return cls(float(match[1]), _UNITS[match[2].lower()])
+
+    def __str__(self) -> str:
+        return f"{self.value:g}{self.unit}"
+
+    def voxels(self, voxel_mm3: float) -> int:
+        """The fewest voxels of ``voxel_mm3`` each that a kept lesion has: ``ceil(size / voxel volume)``."""
+        if self.unit == "voxels":
+            return math.ceil(self.value)
+        wanted = self.value * (1000.0 if self.unit == "ml" else 1.0) / voxel_mm3
+        return math.ceil(wanted * (1 - 1e-9))  # 4.86 mm3 / (0.9 x 0.9 x 3 mm) is 2 voxels, not 3 by rounding error
+
+
+def remove_small_lesions(mask: np.ndarray, min_voxels: int, connectivity: int = 1) -> tuple[np.ndarray, int]:
+    """Drop the 3-D connected components of fewer than ``min_voxels`` voxels from a volume mask.
+
+    One ``scipy.ndimage.label`` call over the whole volume, so a lesion that is small on every slice
+    but large across slices is kept. ``connectivity`` 1 links faces (6 neighbours), 2 also edges (18).
+
+    Returns:
+        The kept mask (bool, the input's shape) and how many lesions were dropped.
+    """
+    mask = np.asarray(mask).astype(bool)
+    if min_voxels <= 1:
+        return mask, 0
+    labels, count = _label(mask, connectivity)
+    keep = np.bincount(labels.ravel(), minlength=count + 1) >= min_voxels
+    keep[0] = False
+    return keep[labels], int(count - keep.sum())
 
 
 def _label(mask: np.ndarray, connectivity: int) -> tuple[np.ndarray, int]:

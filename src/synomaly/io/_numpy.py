@@ -78,21 +78,32 @@ def read_npz(path: Path, key: str | None) -> tuple[np.ndarray, dict]:
     return array, props
 
 
-def read_npz_ids(path: Path, key: str, count: int) -> list[str] | None:
-    """The group ids stored beside array ``key`` as ``<key>_ids``, or ``None`` unless there are ``count`` of them."""
-    name = f"{key}_ids"
+def _companion(path: Path, name: str, count: int) -> np.ndarray | None:
+    """The array ``name`` of the bundle when it holds one entry per slice of a ``count``-slice array, else ``None``."""
     try:
         with np.load(path, allow_pickle=False) as bundle:
             if name not in bundle.files:
                 return None
             shape, dtype = _member_header(bundle.zip, _member_name(bundle.zip, name))
             if len(shape) != 1 or shape[0] != count or math.prod(shape) * dtype.itemsize > MAX_DECOMPRESSED_BYTES:
-                logger.warning("%s: %s of shape %s is not one id per slice (%d slices read); it is not used to group "
-                               "slices into volumes", path, name, tuple(shape), count)
+                logger.warning("%s: %s of shape %s is not one %s per slice (%d slices read); it is not used to group "
+                               "slices into volumes", path, name, tuple(shape), "id" if name.endswith("_ids") else "number", count)
                 return None
-            return [str(g) for g in bundle[name]]
+            return bundle[name]
     except _LOAD_ERRORS as error:
         raise InputError(path, f"cannot read {name} ({error})") from error
+
+
+def read_npz_ids(path: Path, key: str, count: int) -> list[str] | None:
+    """The group ids stored beside array ``key`` as ``<key>_ids``, or ``None`` unless there are ``count`` of them."""
+    ids = _companion(path, f"{key}_ids", count)
+    return None if ids is None else [str(g) for g in ids]
+
+
+def read_npz_slices(path: Path, key: str, count: int) -> list[int] | None:
+    """The slice numbers stored beside array ``key`` as ``<key>_slice`` (integers, one per slice), or ``None``."""
+    numbers = _companion(path, f"{key}_slice", count)
+    return None if numbers is None or numbers.dtype.kind not in "iu" else [int(n) for n in numbers]
 
 
 def write_npy(tmp: Path, stack: np.ndarray, two_d: bool) -> None:

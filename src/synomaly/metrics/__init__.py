@@ -32,6 +32,14 @@ Conventions (each one is tested in ``tests/test_metrics.py``):
   ``K2 = 0.03``, ``data_range = 2`` for images in ``[-1, 1]``, averaged over the windows that fit
   inside the image (MONAI's valid convolution; scikit-image crops the same border).
 * An **anomalous** case is one with a non-empty target; a **healthy** case has an empty target.
+* **Per volume** (slices grouped by volume and stacked by slice number): counts are pooled over the
+  volume, so its Dice is the 3-D Dice; ``dice_volume_mean`` averages it over anomalous volumes. A
+  *lesion* is a 3-D connected component; a reference lesion is **detected** when a predicted voxel
+  lies in it, and **lesion sensitivity** pools detected over all reference lesions (NaN without
+  any). A predicted lesion touching no reference voxel is a **false-positive lesion**, counted per
+  volume and averaged over all volumes. The **lesion-volume error** is predicted minus reference
+  lesion volume per volume (its mean and mean absolute value over all volumes), in mL when every
+  volume's voxel size is known and in voxels of the evaluated grid otherwise (``lesion_volume_unit``).
 """
 
 from __future__ import annotations
@@ -46,11 +54,13 @@ from synomaly.metrics._ranking import (
     per_image_average_precision,
     pixel_ranking,
 )
+from synomaly.metrics._volume import VolumeLesions
 
 __all__ = [
     "Counts",
     "PixelRankingMetrics",
     "SegmentationEvaluator",
+    "VolumeLesions",
     "Spacing",
     "confusion_counts",
     "dice",

@@ -11,6 +11,7 @@ from torch import Tensor
 from synomaly.metrics._distance import Spacing, _check_spacing, hd95, ssim
 from synomaly.metrics._overlap import _COUNT_METRICS, Counts, confusion_counts
 from synomaly.metrics._ranking import PixelRankingMetrics, image_auroc, image_average_precision, per_image_average_precision
+from synomaly.metrics._volume import VolumeLesions
 
 
 def nanmean_count(values: Tensor) -> tuple[float, int]:
@@ -24,13 +25,15 @@ class SegmentationEvaluator:
     """Accumulates per-case metrics over a test set; :meth:`compute` returns a JSON-ready summary.
 
     Memory per case is a few scalars, plus, in exact AP mode only, every anomaly-map pixel
-    (4 bytes) and target pixel (1 byte).
+    (4 bytes) and target pixel (1 byte), and, with group ids, two bits per pixel for the lesion-wise
+    metrics of each volume (:class:`~synomaly.metrics._volume.VolumeLesions`).
 
     Args:
         ap_thresholds: ``None`` for exact pooled AP/AUROC, or the number of bins (constant memory).
         map_max: Scale for binned mode, see :class:`PixelRankingMetrics`.
         spacing: Pixel size for HD95, one number or (row, column); ``None`` means pixels.
         ssim_data_range: Value range of image and reconstruction for SSIM.
+        volume_connectivity: 3-D connectivity of a volume's lesions: 1 (faces) to 3 (and corners).
     """
 
     def __init__(
@@ -39,15 +42,18 @@ class SegmentationEvaluator:
         map_max: float | None = None,
         spacing: Spacing = None,
         ssim_data_range: float = 2.0,
+        volume_connectivity: int = 1,
     ) -> None:
         self.spacing = _check_spacing(spacing)
         self.ssim_data_range = ssim_data_range
         self._ranking = PixelRankingMetrics(ap_thresholds, map_max)
+        self._volumes = VolumeLesions(volume_connectivity)
         self.reset()
 
     def reset(self) -> None:
         """Forget every update."""
         self._ranking.reset()
+        self._volumes.reset()
         self._counts: list[Counts] = []
         self._columns: dict[str, list[Tensor]] = {"hd95": [], "ap": [], "ssim": [], "score": []}
         self._case_ids: list[str] = []
@@ -66,6 +72,8 @@ class SegmentationEvaluator:
         image: Tensor | None = None,
         reconstruction: Tensor | None = None,
         spacing: Spacing = None,
+        slice_positions: list[int | None] | None = None,
+        voxel_ml: list[float | None] | None = None,
     ) -> None:
         """Add a batch of ``B`` cases.
 
@@ -79,6 +87,9 @@ class SegmentationEvaluator:
             image: Input images ``[B, C, H, W]``, for SSIM (needs ``reconstruction`` too).
             reconstruction: Reconstructed images, same shape as ``image``.
             spacing: Pixel size of this batch for HD95 (e.g. each file's own); ``None``: the evaluator's.
+            slice_positions: Each case's slice number in its volume (needs ``group_ids``); ``None``: the
+                order the volume's slices arrive in. Missing numbers split a volume's lesions there.
+            voxel_ml: Each case's voxel volume in mL for the lesion volumes; ``None``: unknown (voxels).
         """
         batch, first = target.shape[0], not self._counts
         # Validate and compute everything before touching the state, so a bad batch leaves no trace.
@@ -90,6 +101,10 @@ class SegmentationEvaluator:
             "ssim": self._ssim_or_nan(image, reconstruction, batch),
             "score": self._score_or_nan(score, batch, first),
         }
+        if groups is not None:  # validates its own arguments before it keeps anything
+            self._volumes.update(pred_mask, target, slice_positions, voxel_ml)
+        elif slice_positions is not None or voxel_ml is not None:
+            raise ValueError("slice_positions and voxel_ml describe volumes: they need group_ids")
         self._counts.append(confusion_counts(pred_mask, target).cpu())
         self._ranking.update(anomaly_map, target)
         for name, values in columns.items():
@@ -136,7 +151,10 @@ class SegmentationEvaluator:
         """Summarise every update.
 
         Returns:
-            ``{"settings", "per_case", "aggregate"}`` and, with group ids, ``"per_volume"``. Values
+            ``{"settings", "per_case", "aggregate"}`` and, with group ids, ``"per_volume"``: each
+            volume's counts pooled over its slices (so its ``dice`` is the 3-D Dice) and its lesions
+            (:meth:`VolumeLesions.compute`), with their means in the aggregate (``dice_volume_mean``,
+            ``lesion_sensitivity``, ``fp_lesions_per_volume``, ``lesion_volume_abs_error_mean``, ...). Values
             are Python scalars, never rounded; undefined values are ``float("nan")``, and values that
             were not provided (SSIM without images, score) are ``None`` in ``per_case``.
         """
@@ -150,6 +168,7 @@ class SegmentationEvaluator:
                 "map_max": self._ranking.map_max,
                 "spacing": self.spacing,
                 "ssim_data_range": self.ssim_data_range,
+                "volume_connectivity": self._volumes.connectivity,
             },
             "per_case": self._per_case(counts, columns),
         }
@@ -162,7 +181,10 @@ class SegmentationEvaluator:
             aggregate["ap_image"] = image_average_precision(columns["score"], labels)
         if self._group_ids is not None:
             result["per_volume"], volume_aggregate = _per_volume(counts, self._group_ids)
-            aggregate.update(volume_aggregate)
+            lesion_rows, lesion_aggregate = self._volumes.compute(self._group_ids)
+            for row, lesions in zip(result["per_volume"], lesion_rows):
+                row.update({key: value for key, value in lesions.items() if key != "group_id"})
+            aggregate.update(volume_aggregate, **lesion_aggregate)
         result["aggregate"] = aggregate
         return result
 
