@@ -47,12 +47,12 @@ def _batched_detect(pipe: SynomalyPipeline, images: torch.Tensor, foreground: to
 
 
 def _write_case_outputs(case_dir: Path, record: Any, images: np.ndarray, outputs: dict[str, torch.Tensor],
-                        connectivity: int = 1) -> tuple[dict[str, str], np.ndarray, dict[str, Any]]:
+                        connectivity: int = 1, threshold: float | None = None) -> tuple[dict[str, str], np.ndarray, dict[str, Any]]:
     """Write maps back at the input's size and on its grid, and the lesion table.
 
     Returns the file names, each slice's mask area there (px) and the lesion totals.
     """
-    from synomaly.figures import gray_rgb, heat_rgb, overlay_rgb, write_png
+    from synomaly.figures import detection_png
     from synomaly.io import write_image
     from synomaly.lesions import (
         LESIONS_NAME,
@@ -78,12 +78,9 @@ def _write_case_outputs(case_dir: Path, record: Any, images: np.ndarray, outputs
                     like=props if spatial else None)
         files[name] = path.name
     best = int(outputs["score"].argmax())
-    image = images[best, 0]
-    mask = outputs["mask"][best, 0].numpy()
-    overlay = overlay_rgb(image, mask, np.zeros_like(mask))
-    strip = np.concatenate([gray_rgb(image), gray_rgb(outputs["reconstruction"][best, 0].numpy()),
-                            heat_rgb(outputs["anomaly_map"][best, 0].numpy()), overlay], axis=1)
-    write_png(case_dir / "overlay.png", strip)
+    best_outputs = {key: outputs[key][best, 0].numpy() for key in ("reconstruction", "anomaly_map", "mask")}
+    _atomic.write_bytes(case_dir / "overlay.png", detection_png(images[best, 0], best_outputs["reconstruction"],
+                                                                best_outputs["anomaly_map"], best_outputs["mask"], threshold))
     files["overlay"] = "overlay.png"
     if spatial:  # labelled in 3-D on the written volume, as any NIfTI reader sees it
         rows, lesions = lesions_of_nifti(case_dir / files["mask"], case_dir / files["anomaly_map"], connectivity)
@@ -344,7 +341,7 @@ def _detect_case(pipe: SynomalyPipeline, pre: Preprocessing, source: Any, fg_spe
     generator = _case_generator(pipe.device, made_with["seed"], stem)
     outputs = _batched_detect(pipe, torch.from_numpy(images), torch.from_numpy(foreground), batch_size, generator, settings)
     seconds = time.perf_counter() - start
-    files, area, lesions = _write_case_outputs(case_dir, record, images, outputs, settings.connectivity)
+    files, area, lesions = _write_case_outputs(case_dir, record, images, outputs, settings.connectivity, settings.threshold)
     spacing = record.properties.spacing
     entry = {"input": str(source.path), "key": source.key, "output": stem, "files": files, "slices": len(images),
              "case_ids": record.case_ids, "area_px": area.tolist(),

@@ -167,6 +167,6 @@ class VolumeKeeper:
             "volume_id": np.array(self.volume_ids, dtype=np.str_),
             "volume": self._volume.copy(),
             "slice": self._numbers[self._rows].astype(np.int64),
-            "case_id": np.array([case_ids[i] for i in self._rows], dtype=np.str_),
+            "case_id": np.array([case_ids[i] for i in self._rows.tolist()], dtype=np.str_),
             **self._arrays,
         }
