@@ -64,7 +64,7 @@ def build_report(
 
     Args:
         eval_dir: Folder written by ``synomaly.evaluate.write_evaluation`` (``metrics.json``,
-            ``cases.npz``).
+            ``cases.npz``, and ``volumes.npz`` for the volume viewer where the slices have volume ids).
         out_path: Output file; defaults to ``eval_dir/report.html``.
         title: Page title.
         notes: Free text shown under the title (e.g. what a demo does and does not show); blank lines
@@ -78,7 +78,8 @@ def build_report(
 
     Raises:
         OutputExistsError: The report exists and ``overwrite`` is false.
-        InputError: The folder lacks a readable ``metrics.json`` or ``cases.npz``.
+        InputError: The folder lacks a readable ``metrics.json`` or ``cases.npz``, or its ``volumes.npz``
+            is unreadable.
         ConfigError: ``max_cases`` is below 1.
     """
     eval_dir = Path(eval_dir)
