@@ -427,6 +427,9 @@ def test_a_damaged_volumes_file_is_named(eval_dir, tmp_path):
     np.savez(tmp_path / "volumes.npz", **{**volumes, "volume": volumes["volume"] + 5})
     with pytest.raises(InputError, match="volume must index volume_id"):
         build_report(tmp_path, overwrite=True)
+    np.savez(tmp_path / "volumes.npz", **{**volumes, "anomaly_map": volumes["anomaly_map"].astype(str)})
+    with pytest.raises(InputError, match=r"arrays of the wrong type: anomaly_map \(<U"):
+        build_report(tmp_path, overwrite=True)
     (tmp_path / "volumes.npz").write_bytes(b"not a zip")
     with pytest.raises(InputError, match="volumes.npz: not a readable npz archive"):
         build_report(tmp_path, overwrite=True)

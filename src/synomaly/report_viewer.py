@@ -42,8 +42,13 @@ def check_volumes(path: Path, volumes: Mapping[str, np.ndarray]) -> None:
                                + ", ".join(f"{key} {list(volumes[key].shape)}" for key in _PER_SLICE[3:]))
     if any(volumes[key].shape != shape[:1] for key in _PER_SLICE[:3]):
         raise InputError(path, f"case_id, volume and slice must be [{shape[0]}] each")
+    kinds = {**dict.fromkeys(_PER_SLICE[3:6], "biuf"), **dict.fromkeys(_PER_SLICE[6:], "bui"), "volume": "iu", "slice": "iu",
+             "case_id": "U", "volume_id": "U"}
+    wrong = [f"{key} ({volumes[key].dtype})" for key, allowed in kinds.items() if volumes[key].dtype.kind not in allowed]
+    if wrong or volumes["volume_id"].ndim != 1:
+        raise InputError(path, f"arrays of the wrong type: {', '.join(wrong) or 'volume_id is not 1-D'}")
     index = volumes["volume"]
-    if index.dtype.kind not in "iu" or (len(index) and (index.min() < 0 or index.max() >= len(volumes["volume_id"]))):
+    if (len(index) and (index.min() < 0 or index.max() >= len(volumes["volume_id"]))):
         raise InputError(path, f"volume must index volume_id (0 to {len(volumes['volume_id']) - 1})")
 
 
