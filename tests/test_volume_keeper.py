@@ -63,6 +63,9 @@ def test_without_a_healthy_volume_all_places_go_to_lesions_and_nothing_without_v
     assert keeper.volume_ids == ["b", "c"]
     assert VolumeKeeper(_masks([1] * 6), None, None, 6).arrays(["x"] * 6) == {}
     assert VolumeKeeper(None, ["a"] * 6, None, 6).volume_ids == ["a"]  # masks None: every volume is healthy
+    single = VolumeKeeper(_masks([1, 0, 2]), ["x", "y", "z"], None, 3)  # single-slice volumes (images): none kept
+    single.update(0, torch.zeros(3, 1, SIZE, SIZE), _masks([1, 0, 2]), _output(torch.zeros(3, 1, SIZE, SIZE)), None)
+    assert single.volume_ids == [] and single.arrays(["a", "b", "c"]) == {}
     with pytest.raises(ValueError, match="slice numbers"):
         VolumeKeeper(None, groups, [0, 1], 6)
 

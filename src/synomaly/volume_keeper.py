@@ -108,6 +108,8 @@ class VolumeKeeper:
         area = (np.zeros(count) if masks is None
                 else masks.reshape(count, -1).sum(1).to("cpu", torch.float64).numpy())
         chosen = self._choose(group, area, keep)
+        if not chosen:  # every volume has a single slice (e.g. a folder of PNG images): nothing to scroll through
+            return
         rows = [self._window(np.flatnonzero(group == g), area, max_slices) for g in chosen]
         self.volume_ids = [str(names[g]) for g in chosen]
         self._rows = np.concatenate(rows)
