@@ -2,10 +2,12 @@
 
 import json
 
+import numpy as np
 import pytest
 
+from synomaly._evaluation_io import read_volumes
 from synomaly.cli import main
-from synomaly.demo import demo_data, shipped_model
+from synomaly.demo import VOLUME_ID, demo_data, shipped_model
 
 pytest.importorskip("nilearn", reason="the demo reads the MNI152 template shipped in the nilearn wheel")
 
@@ -17,6 +19,9 @@ def test_demo_splits_keep_lesions_out_of_training():
     anomalous = data.test_masks.flatten(1).any(1)
     assert 0 < anomalous.sum() < len(anomalous)  # both healthy and lesioned test slices
     assert not (data.test_masks & ~data.foreground["test"]).any()
+    # The test slices are every fourth axial slice of the template: one volume, numbered as in the template.
+    assert data.test_slices == sorted(data.test_slices) and set(np.diff(data.test_slices)) == {4}
+    assert data.test_ids == [f"z{k:03d}" for k in data.test_slices]
 
 
 @pytest.mark.skipif(not (shipped_model() / "model.safetensors").exists(), reason="demo model not shipped")
@@ -30,6 +35,10 @@ def test_demo_runs_end_to_end_and_detects_the_blobs(tmp_path, capsys):
     assert metrics["ap"] > 20 * prevalence
     assert metrics["dice_mean"] > 0.3
     assert (out / "model" / "thresholds.json").exists()
+    # The viewer shows the test slices as one volume, in template order, with the lesions of its mask.
+    volumes = read_volumes(out / "evaluation")
+    assert volumes["volume_id"].tolist() == [VOLUME_ID] and volumes["slice"].tolist() == demo_data(64).test_slices
+    assert f'aria-label="volume {VOLUME_ID}"' in html and html.count("<tr data-slice=") >= 6
     assert main(["demo", "-o", str(out)]) == 2  # an existing demo is not overwritten
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import re
 import shutil
@@ -93,12 +94,49 @@ def _fake_metrics(cases: dict[str, np.ndarray]) -> dict:
     }
 
 
-def write_fake_evaluation(folder: Path, seed: int = 0) -> Path:
-    """An evaluation folder as ``synomaly.evaluate.write_evaluation`` writes it (metrics.json, cases.npz)."""
+VOLUME_SLICES = 12
+LESION_SLICES = (3, 8)  # the reference lesion spans these slices of the anomalous volume (end exclusive)
+FALSE_POSITIVE = 10  # the slice of the small predicted lesion that touches no reference
+
+
+def _fake_volumes(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Two volumes as ``volumes.npz`` holds them: one with a spherical lesion (predicted a little off,
+    plus a small false positive on one slice), one without a lesion; slices numbered from 20."""
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    head = _disk((SIZE / 2, SIZE / 2), 0.42 * SIZE)
+    z = np.arange(VOLUME_SLICES)[:, None, None]
+    radius2 = np.clip(16.0 - 4.0 * (z - 5.0) ** 2, 0.0, None)  # a ball: widest on slice 5, on slices 3 to 7
+    target = ((yy - 12) ** 2 + (xx - 18) ** 2 < radius2) & (z >= LESION_SLICES[0]) & (z < LESION_SLICES[1])
+    predicted = ((yy - 13) ** 2 + (xx - 18) ** 2 < radius2) & (z >= LESION_SLICES[0]) & (z < LESION_SLICES[1])
+    predicted[FALSE_POSITIVE, 22:24, 8:10] = True
+    anatomy = np.where(head, 0.2 * np.cos(xx / 3.0) * np.sin(yy / 4.0 + z), -1.0)  # every slice looks different
+    image = np.concatenate([np.clip(anatomy + 0.9 * target, -1, 1), anatomy])
+    reconstruction = np.concatenate([anatomy, anatomy]) + 0.02 * rng.standard_normal(image.shape)
+    mask = np.concatenate([predicted, np.zeros_like(predicted)])
+    return {
+        "volume_id": np.array(["patient00", "patient02"]),
+        "volume": np.repeat([0, 1], VOLUME_SLICES),
+        "slice": np.tile(np.arange(20, 20 + VOLUME_SLICES), 2),
+        "case_id": np.array([f"vol{v}[{k}]" for v in range(2) for k in range(VOLUME_SLICES)]),
+        "image": image.astype(np.float32),
+        "reconstruction": reconstruction.astype(np.float32),
+        "anomaly_map": np.abs(image - reconstruction).astype(np.float32),
+        "mask": mask,
+        "target": np.concatenate([target, np.zeros_like(target)]),
+        "foreground": np.broadcast_to(head, image.shape).copy(),
+    }
+
+
+def write_fake_evaluation(folder: Path, seed: int = 0, volumes: bool = True) -> Path:
+    """An evaluation folder as ``synomaly.evaluate.write_evaluation`` writes it (metrics.json, cases.npz,
+    volumes.npz)."""
     folder.mkdir(parents=True, exist_ok=True)
-    cases = _fake_cases(np.random.default_rng(seed))
+    rng = np.random.default_rng(seed)
+    cases = _fake_cases(rng)
     (folder / "metrics.json").write_text(json.dumps(_fake_metrics(cases), indent=2))
     np.savez_compressed(folder / "cases.npz", **cases)
+    if volumes:
+        np.savez_compressed(folder / "volumes.npz", **_fake_volumes(rng))
     return folder
 
 
@@ -131,10 +169,11 @@ def test_default_path_and_self_contained(report, eval_dir, html):
     assert report == eval_dir / "report.html"
     assert html.startswith("<!DOCTYPE html>")
     assert 'src="http' not in html and 'href="http' not in html
-    assert "<link" not in html and "<script" not in html and "@import" not in html and "url(" not in html
+    assert "<link" not in html and "@import" not in html and "url(" not in html and "fetch(" not in html
+    assert re.findall(r"<script[^>]*>", html) == ['<script type="application/json" class="viewer-data">'] * 2 + ["<script>"]
     sources = re.findall(r'src="([^"]*)"', html)
-    # curves, 6 case rows, 3 stage strips
-    assert len(sources) == 1 + N_CASES + 3
+    # curves, 6 case rows, 3 stage strips; per volume its colour bar and 7 layer sprites
+    assert len(sources) == 1 + N_CASES + 3 + 2 * (1 + 7)
     for source in sources:
         assert source.startswith(PNG_URI)
         assert base64.b64decode(source[len(PNG_URI):]).startswith(b"\x89PNG\r\n\x1a\n")
@@ -304,3 +343,167 @@ def test_report_of_an_evaluate_folder_shows_its_model_and_data_and_warns_at_chan
     metrics["aggregate"]["auroc_pixel"] = 0.91
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
     assert "no better than chance" not in build_report(tmp_path, overwrite=True).read_text()
+
+
+# ---------------------------------------------------------------- the volume viewer and the heat scale
+
+
+def _viewer(html: str, volume_id: str) -> str:
+    start = html.index(f'aria-label="volume {volume_id}"')
+    return html[start : html.index("</section>", start)]
+
+
+def _volumes(eval_dir: Path) -> dict[str, np.ndarray]:
+    with np.load(eval_dir / "volumes.npz", allow_pickle=False) as archive:
+        return {key: archive[key] for key in archive.files}
+
+
+def test_viewer_lists_the_3d_lesions_and_opens_on_the_largest_reference_slice(html, eval_dir):
+    volumes = _volumes(eval_dir)
+    sick = _viewer(html, "patient00")
+    rows = re.findall(r'<tr data-slice="(\d+)" data-first="(\d+)" data-last="(\d+)".*?>(.*?)</tr>', sick, re.S)
+    # The ball is predicted on slices 4 to 6 (numbered 24 to 26): one 3-D lesion; the false positive: 4 px on slice 10.
+    ball = int(volumes["mask"][:VOLUME_SLICES].sum()) - 4
+    cells = [re.findall(r"<td[^>]*>(.*?)</td>", row[3]) for row in rows]
+    assert [row[:3] for row in rows] == [("5", "4", "6"), (str(FALSE_POSITIVE),) * 3]
+    assert [c[:4] for c in cells] == [["1", "24\u201326", "25", str(ball)], ["2", "30", "30", "4"]]
+    assert 'type="range" min="0" max="11" value="5"' in sick  # the slice with the most reference pixels
+    mask, target = volumes["mask"][:VOLUME_SLICES], volumes["target"][:VOLUME_SLICES]
+    dice = 2 * (mask & target).sum() / (mask.sum() + target.sum())
+    assert f"predicted {int(mask.sum())} px, 2 lesions; Dice {dice:.3f}" in sick
+    data = json.loads(re.search(r'class="viewer-data">(.*?)</script>', sick, re.S).group(1))
+    assert data["numbers"] == list(range(20, 32)) and data["cols"] == 4 and data["height"] == SIZE
+    assert data["reference"] == target.sum(axis=(1, 2)).tolist()
+    healthy = _viewer(html, "patient02")
+    assert "no reference lesion" in healthy and "No lesion predicted in this volume." in healthy
+
+
+def _sprite(viewer: str, layer: str):
+    from PIL import Image
+
+    uri = re.search(rf'data-layer="{layer}" src="{PNG_URI}([^"]+)"', viewer).group(1)
+    return Image.open(io.BytesIO(base64.b64decode(uri)))
+
+
+def test_one_heat_scale_in_the_viewer_the_case_rows_and_detect_overlay_png(html, eval_dir):
+    from PIL import Image
+
+    from synomaly.figures import detection_png, map_levels, map_lut, map_scale
+
+    assert map_scale(None) == map_scale(0.1) == 0.5 and map_scale(0.45) == 0.9 and map_scale(1.5) == 2.0
+    lut = map_lut()
+    # The report's threshold is 0.1, so every map picture runs from 0 to 0.5 in the same colours.
+    assert "inferno, 0 to\n0.500 for every case" in html and "colours from 0 to\n0.500" in html
+    sheet = _sprite(_viewer(html, "patient00"), "map")
+    assert sheet.mode == "P" and np.array_equal(np.asarray(sheet.getpalette()[:768]).reshape(256, 3), lut)
+    tile = np.asarray(sheet)[SIZE : 2 * SIZE, SIZE : 2 * SIZE]  # slice 5 in a grid of 4 columns
+    assert np.array_equal(tile, map_levels(_volumes(eval_dir)["anomaly_map"][5], 0.5))
+    # detect's overlay.png: the same colours for the same values on the same rule, and its colour bar.
+    amap = np.full((SIZE, SIZE), 0.3, dtype=np.float32)
+    png = Image.open(io.BytesIO(detection_png(np.zeros_like(amap), np.zeros_like(amap), amap, amap > 0.25, 0.2))).convert("RGB")
+    pixels = np.asarray(png)
+    scale = 256 // SIZE
+    map_x = 2 * (SIZE * scale + 6)  # the third panel, below a 20-pixel title row
+    assert (pixels[20 : 20 + SIZE * scale, map_x : map_x + SIZE * scale] == lut[map_levels(np.float32(0.3), 0.5)]).all()
+    bar = pixels[20 : 20 + SIZE * scale, map_x + SIZE * scale + 6 + 7]  # the middle of the colour bar, top to bottom
+    assert (bar[0] == lut[255]).all() and (bar[-1] == lut[0]).all()
+    assert (bar == 255).all(axis=1).sum() >= 1  # the white threshold line
+
+
+def test_without_volumes_the_report_says_why_and_has_no_script(eval_dir, tmp_path):
+    for name in ("metrics.json", "cases.npz"):
+        shutil.copy(eval_dir / name, tmp_path / name)
+    html = build_report(tmp_path).read_text()
+    assert "No whole volumes in this evaluation folder" in html and "<script" not in html
+
+
+def test_a_damaged_volumes_file_is_named(eval_dir, tmp_path):
+    for name in ("metrics.json", "cases.npz"):
+        shutil.copy(eval_dir / name, tmp_path / name)
+    volumes = _volumes(eval_dir)
+    np.savez(tmp_path / "volumes.npz", **{**volumes, "mask": volumes["mask"][:, :5]})
+    with pytest.raises(InputError, match=r"volumes.npz.*image arrays must all be \[M, H, W\]"):
+        build_report(tmp_path)
+    np.savez(tmp_path / "volumes.npz", **{**volumes, "volume": volumes["volume"] + 5})
+    with pytest.raises(InputError, match="volume must index volume_id"):
+        build_report(tmp_path, overwrite=True)
+    np.savez(tmp_path / "volumes.npz", **{**volumes, "anomaly_map": volumes["anomaly_map"].astype(str)})
+    with pytest.raises(InputError, match=r"arrays of the wrong type: anomaly_map \(<U"):
+        build_report(tmp_path, overwrite=True)
+    (tmp_path / "volumes.npz").write_bytes(b"not a zip")
+    with pytest.raises(InputError, match="volumes.npz: not a readable npz archive"):
+        build_report(tmp_path, overwrite=True)
+
+
+def _chromium() -> str:
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("headless Chromium not installed (Debian package `chromium`); cannot run the viewer")
+    return chromium
+
+
+def _open(html: str, tmp_path: Path, name: str, script: str, *options: str) -> subprocess.CompletedProcess:
+    """Open the report in headless Chromium with ``script`` run once the viewers are set up (on load,
+    after their own handler), the volume section moved to the top of the page; returns the run."""
+    page = tmp_path / f"{name}.html"
+    prelude = 'var h = document.getElementById("volumes"); while (h.previousElementSibling) { h.previousElementSibling.remove(); }'
+    page.write_text(html.replace("</body>", f'<script>window.addEventListener("load", function () {{ {prelude} {script} }});'
+                                             "</script></body>"), encoding="utf-8")
+    command = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,1000", *options, page.resolve().as_uri()]
+    return subprocess.run(command, capture_output=True, text=True, timeout=90, check=False)
+
+
+_SHOW = ('var root = document.querySelector(".viewer"), slider = root.querySelector("input[type=range]"); '
+         'function show(k) { slider.value = String(k); slider.dispatchEvent(new Event("input")); } '
+         'function pixel(panel, x, y) { var c = root.querySelector(\'canvas[data-panel="\' + panel + \'"]\'); '
+         'return Array.from(c.getContext("2d").getImageData(x, y, 1, 1).data.slice(0, 3)).join(" "); }')
+
+
+def test_two_slider_positions_give_different_screenshots(html, tmp_path):
+    from PIL import Image
+
+    shots = []
+    for k in (0, 5):
+        shot = tmp_path / f"slice{k}.png"
+        _open(html, tmp_path, f"slice{k}", f"{_SHOW} show({k});", f"--screenshot={shot}")
+        assert shot.is_file(), "Chromium wrote no screenshot"
+        shots.append(np.asarray(Image.open(shot).convert("RGB")).astype(int))
+    top, bottom = shots
+    for pixels in shots:  # the four canvases are drawn: black backgrounds and gray heads in the panel area
+        panels = pixels[250:800, 100:560]
+        assert (panels.sum(axis=-1) == 0).mean() > 0.1 and len(np.unique(panels.reshape(-1, 3), axis=0)) > 50
+    changed = np.abs(top - bottom).sum(axis=-1) > 30
+    assert changed.sum() > 20_000  # whole panels change, not only the slice caption
+    rows, cols = np.nonzero(changed)
+    assert rows.max() - rows.min() > 300 and cols.max() - cols.min() > 300
+
+
+def test_the_canvas_shows_the_slider_slice_and_a_lesion_click_moves_the_slider(html, eval_dir, tmp_path):
+    image = _volumes(eval_dir)["image"]
+    scale = 224 // SIZE  # each canvas is a whole multiple of the slice, the first at least 200 px
+    x, y = 18 * scale + scale // 2, 12 * scale + scale // 2  # the lesion's centre
+    script = _SHOW + f"var X = {x}, Y = {y}; " + (
+        'var out = [], probes = []; show(0); out.push(slider.value); probes.push(pixel("image", X, Y)); '
+        'var rows = root.querySelectorAll("tr[data-slice]"); rows[1].click(); out.push(slider.value); '
+        'rows[0].click(); out.push(slider.value); probes.push(pixel("image", X, Y)); '
+        'var here = Array.from(root.querySelectorAll("tr.here")).map(function (r) { return r.dataset.slice; }).join(" "); '
+        'var filled = pixel("overlay", X, Y); root.querySelector(\'input[data-layer="mask"]\').click(); '
+        'probes.push(filled === pixel("overlay", X, Y) ? "same" : "changed"); '
+        'root.dispatchEvent(new KeyboardEvent("keydown", {key: "ArrowRight", bubbles: true})); out.push(slider.value); '
+        'root.dispatchEvent(new KeyboardEvent("keydown", {key: "End", bubbles: true})); out.push(slider.value); '
+        'root.querySelector(\'input[data-panel="map"]\').click(); '
+        'document.body.setAttribute("data-trace", out.join(",")); document.body.setAttribute("data-probes", probes.join(",")); '
+        'document.body.setAttribute("data-here", here); '
+        'document.body.setAttribute("data-label", root.querySelector(".slice-label").textContent); '
+        'document.body.setAttribute("data-map-hidden", String(root.querySelector(\'figure[data-panel="map"]\').hidden));'
+    )
+    dom = _open(html, tmp_path, "click", script, "--dump-dom").stdout
+    trace = re.search(r'data-trace="([^"]*)"', dom)
+    assert trace is not None, "the injected script did not run"
+    assert trace.group(1) == f"0,{FALSE_POSITIVE},5,6,11"  # rows: the false positive, then the ball's central slice
+    gray = [int(np.rint((np.clip(image[k, 12, 18], -1, 1) + 1) * 127.5)) for k in (0, 5)]
+    assert re.search(r'data-probes="([^"]*)"', dom).group(1) == f"{gray[0]} {gray[0]} {gray[0]},{gray[1]} {gray[1]} {gray[1]},changed"
+    assert 'data-here="5"' in dom and 'data-map-hidden="true"' in dom
+    assert re.search(r'data-label="slice 31 \(12 of 12, vol0\[11\]\): reference 0 px, predicted 0 px"', dom)

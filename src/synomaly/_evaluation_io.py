@@ -3,6 +3,8 @@
 ``metrics.json`` holds everything but the case arrays (NaN is written as ``null``); ``per_case.csv``
 and ``per_volume.csv`` (with volume ids) hold the tables, ``cases.npz`` the kept cases (loadable with
 ``allow_pickle=False``). ``metrics.json`` is written last and marks a complete evaluation.
+``volumes.npz`` holds every slice of a few whole volumes for the report's viewer
+(:mod:`synomaly.volume_keeper`), where the slices have volume ids.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
 
 METRICS_NAME, CASES_NAME = "metrics.json", "cases.npz"
 PER_CASE_NAME, PER_VOLUME_NAME = "per_case.csv", "per_volume.csv"
+VOLUMES_NAME = "volumes.npz"
 
 
 def write_evaluation(result: EvaluationResult, out_dir: str | Path, overwrite: bool = False) -> Path:
@@ -58,9 +61,19 @@ def write_evaluation(result: EvaluationResult, out_dir: str | Path, overwrite: b
         # The keywords are array names; numpy's stub would also match them to its bool allow_pickle.
         arrays: dict[str, Any] = result.cases
         np.savez_compressed(f, **arrays)
+    _write_volumes(out / VOLUMES_NAME, result.volumes)
     # Written last: metrics.json marks a complete evaluation, and it is what the overwrite guard checks.
     _atomic.write_json(metrics_path, metrics)
     return out
+
+
+def _write_volumes(path: Path, volumes: dict[str, Any]) -> None:
+    """Write the kept volumes; without any, remove those of an overwritten run (they are not this run's)."""
+    if not volumes:
+        path.unlink(missing_ok=True)
+        return
+    with _atomic.atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, **volumes)
 
 
 def _csv_text(rows: list[dict[str, Any]]) -> str:
@@ -89,3 +102,19 @@ def read_evaluation(out_dir: str | Path) -> tuple[dict[str, Any], dict[str, np.n
     except (OSError, ValueError, zipfile.BadZipFile) as error:
         raise InputError(path, f"not a readable npz archive ({error})") from None
     return metrics, cases
+
+
+def read_volumes(out_dir: str | Path) -> dict[str, np.ndarray]:
+    """The whole volumes :func:`write_evaluation` kept (``volumes.npz``); empty when it kept none.
+
+    Raises:
+        InputError: When ``volumes.npz`` exists but is not a readable npz archive.
+    """
+    path = Path(out_dir) / VOLUMES_NAME
+    if not path.is_file():
+        return {}
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {key: archive[key] for key in archive.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
+        raise InputError(path, f"not a readable npz archive ({error})") from None

@@ -256,6 +256,7 @@ def run_evaluate(
 ) -> dict[str, Any]:
     """Evaluate against masks: per-case and aggregate metrics as JSON and CSV in ``output``."""
     from synomaly.evaluate import evaluate, write_evaluation
+    from synomaly.volume_keeper import slice_numbers
     from synomaly.volumes import volume_layout
 
     output = Path(output)
@@ -268,8 +269,8 @@ def run_evaluate(
         raise InputError(data[0], "evaluation needs masks (--masks, one per input; 'none' for healthy inputs)")
     overrides = {k: v for k, v in (detect or {}).items() if v is not None}
     result = evaluate(pipe, cases.images, cases.masks, case_ids=cases.case_ids, group_ids=cases.group_ids,
-                      foreground=cases.foreground, volumes=volume_layout(cases), batch_size=batch_size, seed=seed,
-                      progress=show_progress(), **overrides)
+                      slice_numbers=slice_numbers(cases.files), foreground=cases.foreground, volumes=volume_layout(cases),
+                      batch_size=batch_size, seed=seed, progress=show_progress(), **overrides)
     result.metrics["model"] = {"folder": str(model), "config": pipe.config.to_dict(), "precision": precision}
     result.metrics["data"] = {"images": list(data), "masks": list(masks),
                               "foreground masks": None if foreground_masks is None else list(foreground_masks)}

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 TEMPLATE = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 WHITE_MATTER = "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz"
 AXIAL_RANGE = (40, 140)  # template slices with a full brain cross-section
+VOLUME_ID = "mni152"  # the volume id of the test slices in the evaluation
 
 NOTES = (
     "What this demo shows: the complete Synomaly method (training on healthy images with Synomaly noise, "
@@ -59,6 +60,7 @@ class DemoData:
     test_masks: Tensor
     test_ids: list[str]
     foreground: dict[str, Tensor]
+    test_slices: list[int]  # the template's axial slice number of each test slice: together one volume
 
 
 def insert_blobs(images: Tensor, region: Tensor, within: Tensor, generator: torch.Generator, radius=(2.5, 5.0),
@@ -99,8 +101,9 @@ def demo_data(size: int = 64, seed: int = 0) -> DemoData:
         lesioned, blob = insert_blobs(x, region, foreground[sel], g)
         half = torch.arange(len(x)) % 2 == 1  # every other slice stays healthy
         out[name] = (torch.where(half[:, None, None, None], lesioned, x), blob & half[:, None, None, None])
-    ids = [f"z{int(k) + AXIAL_RANGE[0]:03d}" for k in z[split["test"]]]
-    return DemoData(train, *out["val"], *out["test"], ids, {k: foreground[v] for k, v in split.items()})
+    numbers = [int(k) + AXIAL_RANGE[0] for k in z[split["test"]]]
+    return DemoData(train, *out["val"], *out["test"], [f"z{k:03d}" for k in numbers],
+                    {k: foreground[v] for k, v in split.items()}, numbers)
 
 
 DEMO_SIZE = 64
@@ -188,7 +191,9 @@ def run_demo(output: str | Path = "synomaly-demo", *, train_steps: int = 0, devi
     write_thresholds(model_dir, result, overwrite=True)
     pipe = SynomalyPipeline.from_pretrained(model_dir, device=device)
     log.info("evaluating on %d test slices with %s", len(data.test_images), result.detect)
+    # The test slices are every fourth axial slice of one template: one volume, which the report's viewer shows.
     evaluation = evaluate(pipe, data.test_images, data.test_masks, case_ids=data.test_ids,
+                          group_ids=[VOLUME_ID] * len(data.test_ids), slice_numbers=data.test_slices,
                           foreground=data.foreground["test"], batch_size=batch_size, seed=seed, progress=show_progress())
     write_evaluation(evaluation, output / "evaluation", overwrite=True)
     seconds = time.perf_counter() - start

@@ -188,7 +188,7 @@ def _write_case_outputs(case_dir: Path, record: Any, images: np.ndarray, outputs
     record's file fields (``files``: what ``synomaly score`` reads; ``pictures``; ``scales``), each
     slice's mask area there (px) and the lesion totals.
     """
-    from synomaly.figures import gray_rgb, heat_rgb, overlay_rgb, write_png
+    from synomaly.figures import detection_png
     from synomaly.lesions import (
         LESIONS_NAME,
         SLICE_COLUMNS,
@@ -211,12 +211,10 @@ def _write_case_outputs(case_dir: Path, record: Any, images: np.ndarray, outputs
     fields = _write_maps(case_dir, record, restored, settings, pre, formats)
     files = fields["files"]
     best = int(outputs["score"].argmax())
-    image = images[best, 0]
-    mask = outputs["mask"][best, 0].numpy()
-    overlay = overlay_rgb(image, mask, np.zeros_like(mask))
-    strip = np.concatenate([gray_rgb(image), gray_rgb(outputs["reconstruction"][best, 0].numpy()),
-                            heat_rgb(outputs["anomaly_map"][best, 0].numpy()), overlay], axis=1)
-    write_png(case_dir / "overlay.png", strip)
+    best_outputs = {key: outputs[key][best, 0].numpy() for key in ("reconstruction", "anomaly_map", "mask")}
+    _atomic.write_bytes(case_dir / "overlay.png", detection_png(images[best, 0], best_outputs["reconstruction"],
+                                                                best_outputs["anomaly_map"], best_outputs["mask"],
+                                                                settings.threshold))
     files["overlay"] = "overlay.png"
     if spatial:  # labelled in 3-D on the written volume, as any NIfTI reader sees it
         rows, lesions = lesions_of_nifti(case_dir / files["mask"], case_dir / files["anomaly_map"], settings.connectivity)

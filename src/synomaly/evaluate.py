@@ -37,6 +37,7 @@ from synomaly.detect import DetectionOutput, check_inputs
 from synomaly.errors import ConfigError
 from synomaly.metrics import Counts, PixelRankingMetrics, SegmentationEvaluator, confusion_counts, dice
 from synomaly.pipeline import SynomalyPipeline
+from synomaly.volume_keeper import VolumeKeeper
 from synomaly.volumes import VolumeLayout
 
 __all__ = ["CASES_NAME", "METRICS_NAME", "PER_CASE_NAME", "PER_VOLUME_NAME", "EvaluationResult", "evaluate",
@@ -64,10 +65,13 @@ class EvaluationResult:
             (bool ``[K, S, H, W]``), ``dice`` (float64 ``[K]``, NaN for healthy), ``stages``
             (int64 ``[K]``). ``S`` is the most stages any image ran; an image that stopped earlier
             repeats its last stage.
+        volumes: Every slice of a few whole volumes, for the report's viewer
+            (:meth:`synomaly.volume_keeper.VolumeKeeper.arrays`); empty without volume ids.
     """
 
     metrics: dict[str, Any]
     cases: dict[str, np.ndarray]
+    volumes: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 def evaluate(
@@ -77,6 +81,7 @@ def evaluate(
     *,
     case_ids: list[str],
     group_ids: list[str] | None = None,
+    slice_numbers: list[int] | None = None,
     foreground: Tensor | None = None,
     volumes: VolumeLayout | None = None,
     batch_size: int = 32,
@@ -94,6 +99,8 @@ def evaluate(
         masks: Lesion masks ``[N, 1, H, W]`` (bool); ``None`` means every slice is healthy.
         case_ids: One name per slice.
         group_ids: Volume (patient) of each slice, for per-volume metrics.
+        slice_numbers: Each slice's number within its volume (the order of the volumes kept for
+            the report's viewer); the order of ``images`` when ``None``.
         foreground: Optional region ``[N, 1, H, W]``; nothing is flagged outside it.
         volumes: Each slice's number in its volume and voxel volume (``synomaly.volumes.volume_layout``),
             for the lesion-wise metrics per volume; ``None``: slices in the order given, sizes in voxels.
@@ -120,6 +127,7 @@ def evaluate(
         stages=_StageDice(config.max_stages),
         keeper=_CaseKeeper(keep_cases, int(anomalous.sum()), int((~anomalous).sum())),
     )
+    kept_volumes = VolumeKeeper(masks, group_ids, slice_numbers, len(images))
     generator = torch.Generator(device=pipeline.device).manual_seed(seed)
     starts = range(0, len(images), batch_size)
     for start in tqdm(starts, desc="evaluate", unit="batch", disable=not progress):
@@ -130,12 +138,14 @@ def evaluate(
         out = state.detect(pipeline, x0, generator, fg, detect_overrides)
         layout = None if volumes is None or group_ids is None else (volumes.positions[batch], volumes.voxel_ml[batch])
         state.update(start, x0, target, out, case_ids[batch], None if group_ids is None else group_ids[batch], fg, layout)
+        kept_volumes.update(start, x0, target, out, fg)
     metrics = state.summary(len(images))
     metrics["detect"] = dataclasses.asdict(config)
     metrics["settings"].update(
         seed=seed, batch_size=batch_size, device=str(pipeline.device), curve_thresholds=CURVE_THRESHOLDS
     )
-    return EvaluationResult(metrics, state.keeper.arrays(list(case_ids), images.shape[-2:], state.stages.ran))
+    return EvaluationResult(metrics, state.keeper.arrays(list(case_ids), images.shape[-2:], state.stages.ran),
+                            kept_volumes.arrays(case_ids))
 
 
 def _check_options(n: int, case_ids: list[str], group_ids: list[str] | None, batch_size: int, keep_cases: int) -> None:

@@ -12,20 +12,18 @@ import base64
 import io
 import math
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy import ndimage
 
-from synomaly import _atomic
-
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["MAP_CMAP", "NOT_AVAILABLE", "PRED_COLOR", "TRUTH_COLOR", "case_figure", "curves_figure", "format_value",
-           "gray_rgb", "heat_rgb", "overlay_rgb", "stage_figure", "write_png"]
+__all__ = ["MAP_CMAP", "MAP_UNIT", "NOT_AVAILABLE", "PRED_COLOR", "TRUTH_COLOR", "case_figure", "colorbar_figure",
+           "curves_figure", "detection_png", "format_value", "gray_rgb", "heat_rgb", "map_lut", "map_scale", "overlay_rgb",
+           "stage_figure"]
 
 PRED_COLOR: tuple[int, int, int] = (230, 60, 40)
 """Fill colour of the predicted mask in overlays (red)."""
@@ -33,7 +31,11 @@ TRUTH_COLOR: tuple[int, int, int] = (0, 220, 255)
 """Outline colour of the ground truth in overlays (cyan: distinct from the red fill and from gray)."""
 FOREGROUND_CSS = "#7cfc00"  # the foreground outline: green, apart from the red prediction and cyan truth
 MAP_CMAP = "inferno"
-"""Colour map of anomaly maps."""
+"""Colour map of anomaly maps, in the report and in ``detect``'s ``overlay.png``."""
+MAP_UNIT = "|blur(input) - blur(reconstruction)| on the model's [-1, 1] intensity scale"
+"""What an anomaly map value is (:class:`synomaly.detect.DetectionOutput`): 0 to 2."""
+MAP_SCALE_FLOOR = 0.5
+"""Top of the anomaly map's colour scale unless the detection threshold asks for more (:func:`map_scale`)."""
 NOT_AVAILABLE = "n/a"
 """Shown for a missing or undefined value."""
 
@@ -100,22 +102,31 @@ def gray_rgb(image: np.ndarray) -> np.ndarray:
     return np.repeat(gray[..., None], 3, axis=-1)
 
 
-def heat_rgb(amap: np.ndarray) -> np.ndarray:
-    """An anomaly map as ``uint8 [H, W, 3]`` in :data:`MAP_CMAP`; 0.5 and above take the top colour."""
+def map_scale(threshold: float | None) -> float:
+    """Top of the anomaly map's colour scale (its bottom is 0): one rule for every picture of a map.
+
+    :data:`MAP_SCALE_FLOOR` (0.5), or twice the detection threshold where that is higher, so the
+    threshold always sits in the lower half of the scale and the flagged values keep colours of
+    their own; never beyond 2, the largest possible value. Higher values take the top colour.
+    """
+    return float(min(max(MAP_SCALE_FLOOR, 2.0 * (threshold or 0.0)), 2.0))
+
+
+def map_lut() -> np.ndarray:
+    """The 256 colours of :data:`MAP_CMAP` as ``uint8 [256, 3]``; level ``i`` shows ``i / 255`` of the scale."""
     from matplotlib import colormaps
 
-    scaled = np.clip(amap / 0.5, 0, 1)  # 0.5 on the [-1, 1] scale saturates the colour map
-    return (colormaps[MAP_CMAP](scaled)[..., :3] * 255).round().astype(np.uint8)
+    return (colormaps[MAP_CMAP](np.arange(256))[:, :3] * 255).round().astype(np.uint8)
 
 
-def write_png(path: Path, rgb: np.ndarray) -> None:
-    """Write ``uint8 [H, W, 3]`` as a PNG, enlarged by a whole factor (nearest neighbour) towards 256 rows."""
-    from PIL import Image
+def map_levels(amap: np.ndarray, top: float) -> np.ndarray:
+    """Anomaly map values as ``uint8`` levels of the colour scale ``0 .. top`` (values beyond it clipped)."""
+    return np.rint(np.clip(np.asarray(amap, dtype=np.float64) / top, 0.0, 1.0) * 255).astype(np.uint8)
 
-    scale = max(1, 256 // rgb.shape[0])
-    image = Image.fromarray(rgb).resize((rgb.shape[1] * scale, rgb.shape[0] * scale), Image.Resampling.NEAREST)
-    with _atomic.atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
+
+def heat_rgb(amap: np.ndarray, top: float) -> np.ndarray:
+    """An anomaly map as ``uint8 [H, W, 3]`` in :data:`MAP_CMAP` from 0 to ``top`` (:func:`map_scale`)."""
+    return map_lut()[map_levels(amap, top)]
 
 
 # ---------------------------------------------------------------- matplotlib figures
@@ -131,10 +142,49 @@ def _new_figure(width: float, height: float) -> Figure:
     return figure
 
 
-def _to_data_uri(figure: Figure) -> str:
+def _png_bytes(figure: Figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=_DPI, metadata={"Software": None})
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return buffer.getvalue()
+
+
+def _to_data_uri(figure: Figure) -> str:
+    return png_data_uri(_png_bytes(figure))
+
+
+def png_data_uri(png: bytes) -> str:
+    """PNG bytes as a ``data:`` URI to embed in a page."""
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _map_colorbar(figure: Figure, rect: tuple[float, float, float, float], top: float, threshold: float | None,
+                  orientation: str = "vertical") -> None:
+    """A colour bar of :data:`MAP_CMAP` from 0 to ``top`` in ``rect``; the threshold is a white line across it.
+
+    The top tick reads ``>= top`` (higher values take its colour); the threshold gets a tick label
+    of its own unless it would run into the end labels.
+    """
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    cax = figure.add_axes(rect)
+    bar = figure.colorbar(ScalarMappable(Normalize(0.0, top), cmap=MAP_CMAP), cax=cax, orientation=orientation)
+    ticks, labels = [0.0, top], ["0", f"\u2265{top:g}"]
+    if threshold is not None and 0.0 < threshold < top:
+        (cax.axhline if orientation == "vertical" else cax.axvline)(threshold, color="white", lw=1.4)
+        if min(threshold, top - threshold) > 0.15 * top:
+            ticks.insert(1, threshold)
+            labels.insert(1, f"{threshold:g}")
+    bar.set_ticks(ticks, labels=labels)
+    bar.ax.tick_params(labelsize=7, length=2, pad=1)
+    bar.outline.set_linewidth(0.5)
+
+
+def colorbar_figure(top: float, threshold: float | None, width: float = 2.22) -> str:
+    """A horizontal colour bar of the anomaly map (0 to ``top``, the threshold marked) as a ``data:`` URI."""
+    figure = _new_figure(width, 0.4)
+    _map_colorbar(figure, (0.05, 0.55, 0.88, 0.4), top, threshold, orientation="horizontal")
+    return _to_data_uri(figure)
 
 
 def _overlay(image: np.ndarray, mask: np.ndarray, target: np.ndarray, panel_inches: float) -> np.ndarray:
@@ -207,27 +257,90 @@ def curves_figure(metrics: Mapping[str, Any]) -> str | None:
     return _to_data_uri(figure)
 
 
+_GAP, _BAR, _BAR_ROOM, _TITLE = 0.05, 0.1, 0.42, 0.25  # inches: between panels, colour bar, its labels, titles
+
+
+def _panel_row(panels: int, size: float, bar_after: int) -> tuple[Figure, list[Axes], tuple[float, float, float, float]]:
+    """A figure of ``panels`` square panels of ``size`` inches in a row with room for a colour bar right of
+    panel ``bar_after``; returns it, the panels and the bar's rectangle."""
+    width = panels * size + (panels - 1) * _GAP + _BAR + _BAR_ROOM + _GAP
+    height = size + _TITLE
+    figure = _new_figure(width, height)
+    axes, x, bar = [], 0.0, (0.0, 0.0, 0.0, 0.0)
+    for i in range(panels):
+        axes.append(figure.add_axes((x / width, 0.0, size / width, size / height)))
+        x += size + _GAP
+        if i == bar_after:
+            bar = (x / width, 0.05 * size / height, _BAR / width, 0.9 * size / height)
+            x += _BAR + _BAR_ROOM
+    return figure, axes, bar
+
+
 def case_figure(image: np.ndarray, reconstruction: np.ndarray, anomaly_map: np.ndarray, mask: np.ndarray,
-                target: np.ndarray, map_max: float, foreground: np.ndarray | None = None) -> str:
-    """Input, reconstruction, anomaly map (0 to ``map_max``) and prediction/truth overlay of one case in one row.
+                target: np.ndarray, top: float, foreground: np.ndarray | None = None, threshold: float | None = None) -> str:
+    """Input, reconstruction, anomaly map with its colour bar (0 to ``top``, :func:`map_scale`; the
+    threshold a white line) and prediction/truth overlay of one case in one row.
 
     ``foreground`` (where the map counts) is outlined on the map and the overlay when it leaves anything out.
     """
-    figure = _new_figure(4 * _CASE_PANEL, _CASE_PANEL + 0.25)
-    axes = figure.subplots(1, 4)
     size = _CASE_PANEL
+    figure, axes, bar = _panel_row(4, size, bar_after=2)
     _show(axes[0], image, "input", size, cmap="gray", vmin=-1, vmax=1)
     _show(axes[1], reconstruction, "reconstruction", size, cmap="gray", vmin=-1, vmax=1)
-    _show(axes[2], anomaly_map, "anomaly map", size, cmap=MAP_CMAP, vmin=0, vmax=map_max)
-    _show(axes[3], _overlay(image, mask, target, size), "prediction / truth", size)
+    _show(axes[2], anomaly_map, "anomaly map", size, cmap=MAP_CMAP, vmin=0, vmax=top)
+    overlay = _overlay(image, mask, target, size)
+    _show(axes[3], overlay, "prediction / truth", size)
+    _map_colorbar(figure, bar, top, threshold)
     if foreground is not None and not np.all(foreground):
-        scale = axes[3].get_images()[0].get_array().shape[0] / foreground.shape[0]  # the overlay may be enlarged
-        for ax, factor in ((axes[2], 1.0), (axes[3], scale)):
-            rows, cols = np.arange(foreground.shape[0]), np.arange(foreground.shape[1])
+        rows, cols = np.arange(foreground.shape[0]), np.arange(foreground.shape[1])
+        for ax, shown in ((axes[2], anomaly_map), (axes[3], overlay)):
+            factor = shown.shape[0] / foreground.shape[0]  # in case a picture is drawn enlarged
             ax.contour((cols + 0.5) * factor - 0.5, (rows + 0.5) * factor - 0.5, foreground.astype(float),
                        levels=[0.5], colors=[FOREGROUND_CSS], linewidths=0.8, linestyles="dashed")
-    figure.subplots_adjust(left=0.005, right=0.995, bottom=0.01, top=0.9, wspace=0.04)
     return _to_data_uri(figure)
+
+
+def detection_png(image: np.ndarray, reconstruction: np.ndarray, anomaly_map: np.ndarray, mask: np.ndarray,
+                  threshold: float | None) -> bytes:
+    """``detect``'s ``overlay.png`` of one slice: input, reconstruction, anomaly map with its colour bar,
+    prediction; the map in the report's colours and scale (:func:`map_scale`), with what its values are.
+
+    Drawn with Pillow rather than matplotlib: ``detect`` writes one per input, so it must be quick.
+    Panels are enlarged by a whole factor (nearest neighbour) towards 256 rows.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    top = map_scale(threshold)
+    scale = max(1, 256 // image.shape[0])
+    panels = [gray_rgb(image), gray_rgb(reconstruction), heat_rgb(anomaly_map, top),
+              overlay_rgb(image, mask, np.zeros_like(mask, dtype=bool))]
+    panels = [np.repeat(np.repeat(panel, scale, axis=0), scale, axis=1) for panel in panels]
+    height, width = panels[0].shape[:2]
+    gap, bar, room, title, footer = 6, 14, 46, 20, 40
+    xs = [0, width + gap, 2 * (width + gap), 3 * (width + gap) + bar + room]
+    canvas = Image.new("RGB", (xs[3] + width, title + height + footer), "white")
+    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default(size=12)
+    for x, panel, name in zip(xs, panels, ("input", "reconstruction", "anomaly map", "prediction")):
+        canvas.paste(Image.fromarray(panel), (x, title))
+        draw.text((x + width / 2, title / 2), name, fill="black", font=font, anchor="mm")
+    levels = np.linspace(255, 0, height).round().astype(np.intp)  # top colour at the top
+    x0 = xs[2] + width + gap
+    canvas.paste(Image.fromarray(np.repeat(map_lut()[levels][:, None], bar, axis=1)), (x0, title))
+    marks = [(0.0, "0"), (top, f"{top:g}+")]  # Pillow's built-in font has no greater-or-equal sign
+    if threshold is not None and 0.0 < threshold < top:
+        marks.append((threshold, f"{threshold:g}") if min(threshold, top - threshold) > 0.15 * top else (threshold, ""))
+        row = title + round((1 - threshold / top) * (height - 1))
+        draw.line([(x0, row), (x0 + bar - 1, row)], fill="white", width=2)
+    for value, label in marks:
+        row = title + round((1 - value / top) * (height - 1))
+        draw.text((x0 + bar + 3, min(max(row, title + 6), title + height - 6)), label, fill="black", font=font, anchor="lm")
+    notes = [f"anomaly map: {MAP_UNIT}; colours from 0 to {top:g}, higher values take the top colour",
+             "white line on the colour bar: the detection threshold" + (f" ({threshold:g})" if threshold else "")]
+    for i, note in enumerate(notes):
+        draw.text((4, title + height + 6 + 16 * i), note, fill="#333333", font=font)
+    buffer = io.BytesIO()
+    canvas.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def stage_figure(image: np.ndarray, target: np.ndarray, reconstructions: np.ndarray, masks: np.ndarray,

@@ -1,8 +1,10 @@
-"""Self-contained HTML report of an evaluation folder: metrics with their aggregation, curves, overlays.
+"""Self-contained HTML report of an evaluation folder: metrics with their aggregation, curves, overlays,
+and a viewer of whole volumes.
 
-The report is one HTML file with inline CSS and inline base64 PNG figures (drawn by
-:mod:`synomaly.figures`), so it opens offline and can be attached to a CI run or mailed. The page is
-the jinja2 template ``templates/report.html.j2``.
+The report is one HTML file with inline CSS, inline base64 PNG figures (drawn by
+:mod:`synomaly.figures` and :mod:`synomaly.report_viewer`) and an inline script for the volume
+viewer, so it opens offline and can be attached to a CI run or mailed. The page is the jinja2
+template ``templates/report.html.j2``.
 """
 
 from __future__ import annotations
@@ -25,15 +27,19 @@ from synomaly.errors import ConfigError, InputError, OutputExistsError
 from synomaly.figures import (
     FOREGROUND_CSS,
     MAP_CMAP,
+    MAP_UNIT,
     PRED_COLOR,
     TRUTH_COLOR,
     case_figure,
+    colorbar_figure,
     format_value,
+    map_scale,
     overlay_rgb,
     stage_figure,
 )
 from synomaly.metrics import confusion_counts, dice
 from synomaly.report_text import chance_warning, code_spans, metrics_context, setup_tables
+from synomaly.report_viewer import check_volumes, viewer_entries
 
 __all__ = ["PRED_COLOR", "TRUTH_COLOR", "build_report", "overlay_rgb"]
 
@@ -58,7 +64,7 @@ def build_report(
 
     Args:
         eval_dir: Folder written by ``synomaly.evaluate.write_evaluation`` (``metrics.json``,
-            ``cases.npz``).
+            ``cases.npz``, and ``volumes.npz`` for the volume viewer where the slices have volume ids).
         out_path: Output file; defaults to ``eval_dir/report.html``.
         title: Page title.
         notes: Free text shown under the title (e.g. what a demo does and does not show); blank lines
@@ -72,7 +78,8 @@ def build_report(
 
     Raises:
         OutputExistsError: The report exists and ``overwrite`` is false.
-        InputError: The folder lacks a readable ``metrics.json`` or ``cases.npz``.
+        InputError: The folder lacks a readable ``metrics.json`` or ``cases.npz``, or its ``volumes.npz``
+            is unreadable.
         ConfigError: ``max_cases`` is below 1.
     """
     eval_dir = Path(eval_dir)
@@ -90,6 +97,11 @@ def build_report(
     except (TypeError, ValueError, AttributeError, KeyError, IndexError) as error:
         raise InputError(eval_dir / "metrics.json", f"malformed ({type(error).__name__}: {error}); write it again with "
                                                     "synomaly evaluate --overwrite") from None
+    volumes = _load_volumes(eval_dir)
+    detect = metrics.get("detect")
+    threshold = detect.get("threshold") if isinstance(detect, Mapping) else None
+    threshold = float(threshold) if isinstance(threshold, (int, float)) and not isinstance(threshold, bool) else None
+    top = map_scale(threshold)
     context = {
         "title": title,
         "notes": [code_spans(part.strip()) for part in (notes or "").split("\n\n") if part.strip()],
@@ -97,8 +109,13 @@ def build_report(
         "version": __version__,
         "source": str(eval_dir),
         **from_metrics,
-        **_cases_context(metrics, cases, max_cases),
+        **_cases_context(metrics, cases, max_cases, top, threshold),
         "outlines_foreground": "foreground" in cases and not cases["foreground"].all(),
+        "viewers": viewer_entries(volumes, top, threshold) if volumes else [],
+        "colorbar": colorbar_figure(top, threshold),
+        "map_top": format_value(top),
+        "threshold": None if threshold is None else format_value(threshold),
+        "map_unit": MAP_UNIT,
     }
     write_text(out, _render(context))
     return out
@@ -125,6 +142,16 @@ def _load(eval_dir: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     if "dice" not in cases:
         cases["dice"] = _dice(cases["mask"], cases["target"])
     return metrics, cases
+
+
+def _load_volumes(eval_dir: Path) -> dict[str, np.ndarray]:
+    """The whole volumes of the folder (``volumes.npz``), checked; empty when it has none."""
+    from synomaly._evaluation_io import VOLUMES_NAME, read_volumes
+
+    volumes = read_volumes(eval_dir)
+    if volumes:
+        check_volumes(eval_dir / VOLUMES_NAME, volumes)
+    return volumes
 
 
 def _check_cases(path: Path, cases: dict[str, np.ndarray]) -> None:
@@ -207,14 +234,14 @@ def _caption(cases: Mapping[str, np.ndarray], index: int, row: Mapping[str, Any]
 
 
 def _case_entries(cases: Mapping[str, np.ndarray], indices: Iterable[int], per_case: Mapping[str, Any],
-                  max_stages: Any, map_max: float) -> list[dict[str, Any]]:
+                  max_stages: Any, top: float, threshold: float | None) -> list[dict[str, Any]]:
     entries = []
     for index in indices:
         case_id = str(cases["case_id"][index])
         lines = _caption(cases, index, per_case.get(case_id, {}), max_stages)
         figure = case_figure(cases["image"][index], cases["reconstruction"][index], cases["anomaly_map"][index],
-                             cases["mask"][index], cases["target"][index], map_max,
-                             cases["foreground"][index] if "foreground" in cases else None)
+                             cases["mask"][index], cases["target"][index], top,
+                             cases["foreground"][index] if "foreground" in cases else None, threshold)
         entries.append({"case_id": case_id, "lines": lines, "figure": figure})
     return entries
 
@@ -235,20 +262,19 @@ def _strip_entries(cases: Mapping[str, np.ndarray], candidates: Sequence[int]) -
     return entries
 
 
-def _cases_context(metrics: Mapping[str, Any], cases: Mapping[str, np.ndarray], max_cases: int) -> dict[str, Any]:
+def _cases_context(metrics: Mapping[str, Any], cases: Mapping[str, np.ndarray], max_cases: int, top: float,
+                   threshold: float | None) -> dict[str, Any]:
     per_case = {str(row.get("case_id")): row for row in metrics.get("per_case") or [] if isinstance(row, Mapping)}
     detect = metrics.get("detect")
     max_stages = detect.get("max_stages") if isinstance(detect, Mapping) else None
-    map_max = float(cases["anomaly_map"].max(initial=0.0)) or 1.0  # one scale so cases compare
     selection = _select(cases, max_cases)
-    sections = [(key, heading, _case_entries(cases, selection[key], per_case, max_stages, map_max))
+    sections = [(key, heading, _case_entries(cases, selection[key], per_case, max_stages, top, threshold))
                 for key, heading in (("worst", "Worst cases"), ("best", "Best cases"),
                                      ("healthy", "Healthy cases"))]
     return {
         "case_sections": sections,
         "hidden_anomalous": selection["hidden_anomalous"],
         "hidden_healthy": selection["hidden_healthy"],
-        "map_max": format_value(map_max),
         # Anomalous cases when there are any: their strips show the mask converging on the lesion.
         "strips": _strip_entries(cases, selection["worst"] + selection["best"] or selection["healthy"]),
         "has_stage_arrays": _has_stages(cases),
