@@ -446,9 +446,10 @@ def test_detect_sharded_over_two_torchrun_processes_matches_one_process(tiny_mod
     assert two_summary["processes"] == 2
     assert [c["output"] for c in two_summary["cases"]] == [c["output"] for c in one_summary["cases"]]  # one summary, input order
     for case in one_summary["cases"]:  # each input draws its own noise: the shard it lands in changes nothing
-        for name in case["files"].values():
+        for name in case["files"].values():  # (to float rounding: the processes run one thread each)
             if name.endswith(".npy"):
-                assert np.array_equal(np.load(tmp_path / "one" / case["output"] / name), np.load(tmp_path / "two" / case["output"] / name))
+                one, two = (np.load(tmp_path / run / case["output"] / name) for run in ("one", "two"))
+                assert np.array_equal(one, two) if one.dtype == bool or "mask" in name else np.allclose(one, two, rtol=1e-4, atol=1e-5)
     assert sorted(p.name for p in (tmp_path / "two").iterdir() if p.name.startswith(".")) == []  # no lock folders left
 
 

@@ -121,7 +121,8 @@ def test_detect_min_volume_drops_small_3d_lesions_of_an_anisotropic_volume(inten
     assert mask.sum() == 34 and mask[20:23, 20:23, 4:6].all() and not mask[2:4, 2:4].any()
     assert case["lesions"]["min_volume"] == {"given": "30mm3", "voxels": 13, "voxel_mm3": 2.43, "dropped": 2}
     assert case["lesions"]["total_ml"] == pytest.approx(34 * 2.43 / 1000)
-    assert sum(case["area_px"]) == 34 and sum(case["score"]) == 34  # the model-space score loses them too
+    assert sum(case["area_px"]) == 34  # the score (flagged area in mm^2 per slice) loses them too
+    assert case["score_unit"].startswith("mm^2") and sum(case["score"]) == pytest.approx(34 * 0.9 * 0.9)
     assert summary["min_volume"] == "30mm3" and summary["made_with"]["min_volume"] == "30mm3"
     # Without the option the four lesions stay, and the folder made with it is not mixed with this run.
     plain = run_detect(intensity_model, [str(tmp_path / "scan.nii.gz")], tmp_path / "plain", device="cpu", detect=settings)
