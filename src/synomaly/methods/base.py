@@ -116,3 +116,17 @@ class Method:
 def timestep_zero(images: Tensor) -> Tensor:
     """The timestep input of the networks that do not denoise (fixed at 0)."""
     return torch.zeros(images.shape[0], device=images.device, dtype=torch.long)
+
+
+def check_halvings(config: PipelineConfig, who: str) -> None:
+    """Refuse an image size that ``len(channels)`` stride-2 levels cannot halve exactly (the VAE, f-AnoGAN).
+
+    Raises:
+        ConfigError: Naming ``model.image_size``; ``who`` starts the message (``"the vae"``).
+    """
+    from synomaly.errors import ConfigError
+
+    levels = len(config.model.channels)
+    if config.model.image_size % 2**levels:
+        raise ConfigError("model.image_size", f"{who} halves the image {levels} times, so it needs a multiple of "
+                                              f"{2**levels}, got {config.model.image_size}")

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from synomaly.config import DetectConfig, ModelConfig, PipelineConfig, TrainConfig
 from synomaly.errors import ConfigError
-from synomaly.methods.base import Backward, Method, Network, NoiseFn, timestep_zero
+from synomaly.methods.base import Backward, Method, Network, NoiseFn, check_halvings, timestep_zero
 from synomaly.schedule import DiffusionSchedule
 
 LATENT = 128  # the size of z, as in the reference
@@ -182,10 +182,7 @@ class FAnoGAN(Method):
     ema = False  # the encoder is fitted to the generator as trained; an average of either would not match
 
     def build(self, config: PipelineConfig) -> nn.Module:
-        levels = len(config.model.channels)
-        if config.model.image_size % 2**levels:
-            raise ConfigError("model.image_size", f"fanogan halves the image {levels} times, so it needs a multiple of "
-                                                  f"{2**levels}, got {config.model.image_size}")
+        check_halvings(config, "fanogan")
         return FAnoGANNet(config.model)
 
     def check_training(self, config: TrainConfig) -> None:

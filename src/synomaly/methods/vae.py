@@ -15,8 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from synomaly.config import DetectConfig, ModelConfig, PipelineConfig
-from synomaly.errors import ConfigError
-from synomaly.methods.base import Method, Network, NoiseFn
+from synomaly.methods.base import Method, Network, NoiseFn, check_halvings
 from synomaly.schedule import DiffusionSchedule
 
 LATENT = 128  # the latent size of the benchmark VAEs (128-512)
@@ -80,10 +79,7 @@ class VAE(Method):
     default_noise = "gaussian"  # not used: a VAE is trained on clean images
 
     def build(self, config: PipelineConfig) -> nn.Module:
-        levels = len(config.model.channels)
-        if config.model.image_size % 2**levels:
-            raise ConfigError("model.image_size", f"the vae halves the image {levels} times, so it needs a multiple of "
-                                                  f"{2**levels}, got {config.model.image_size}")
+        check_halvings(config, "the vae")
         return VAENet(config.model)
 
     def loss(self, unet: nn.Module, schedule: DiffusionSchedule, noise: NoiseFn, x: Tensor, foreground: Tensor | None,
