@@ -209,6 +209,12 @@ def volume_speed(s: dict) -> list[str]:
            "| way | `detect` batch | seconds (median) | × the one-image loop | first run (s) |", "|---|---:|---:|---:|---:|"]
     out += [f"| {w['name']} | {w['detect_batch']} | {w['seconds']:.2f} | {reference / w['seconds']:.1f}× | {w['first_run_seconds']:.2f} |"
             for w in s["ways"]]
+    fastest = min(s["profile"], key=lambda r: r["ms_per_image"])
+    floor = s["stages"] * s["slices"] * fastest["ms_per_image"] / 1000
+    default = next(w["seconds"] for w in s["ways"] if w["name"] == "one batch, defaults")
+    out += ["", f"Forward-only floor (fp32): {s['stages']} stages × {s['slices']} slices × {fastest['ms_per_image']:.1f} ms "
+            f"(the profile's fastest batch, {fastest['batch']}) = {floor:.2f} s; `detect` with the defaults takes "
+            f"{default / floor - 1:+.0%} over it."]
     kinds = [k for k, _ in KINDS] + ["other"]
     out += ["", "Where the network's time goes (torch profiler, self time by operator kind; one call per batch, fp32):", "",
             "| batch | ms per image | " + " | ".join(kinds) + " |", "|---:|---:|" + "---:|" * len(kinds)]

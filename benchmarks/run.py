@@ -30,6 +30,7 @@ import torch
 
 from synomaly import _atomic
 from synomaly._json import json_safe
+from synomaly.calibration_rules import TUNED_FIELDS, choose_row
 from synomaly.methods import get_method
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -191,6 +192,14 @@ ABLATIONS = {
 METHODS.update({name: dataclasses.replace(method, ablation=True) for name, method in ABLATIONS.items()})
 
 
+def fewer_stages_choice(calibration: dict[str, Any]) -> dict[str, Any] | None:
+    """The point and validation Dice that ``calibrate``'s default ``fewer-stages`` rule takes from the same grid."""
+    if calibration["method"] != "dice-grid":
+        return None
+    row = choose_row(calibration["table"], "fewer-stages")
+    return {**{name: row[name] for name in TUNED_FIELDS}, "validation_dice": row["dice"]}
+
+
 def foreground_of(method: Method, dataset: Dataset, sources: list[str]) -> list[str] | None:
     """The data set's foreground mask sources for ``sources`` (``bundle.npz:split``) when ``method`` uses them."""
     if not (method.data_foreground and dataset.foreground_suffix):
@@ -338,8 +347,8 @@ def run_one(profile_name: str, dataset_name: str, name: str, data_root: Path, ru
     log.info("calibrating %s on validation", name)
     val, test = [f"{data}:val_anomalous", f"{data}:val_healthy"], [f"{data}:test_anomalous", f"{data}:test_healthy"]
     calibration = run_calibrate(model, val, masks=[f"{data}:val_masks", "none"], foreground_masks=foreground_of(method, dataset, val),
-                                grid=grid, detect=method.detect, batch_size=profile.detect_batch, device=device,
-                                overwrite=True)
+                                grid=grid, detect=method.detect, selection="best", batch_size=profile.detect_batch,
+                                device=device, overwrite=True)
     log.info("evaluating %s on test", name)
     start = time.perf_counter()
     test_foreground = foreground_of(method, dataset, test)
@@ -370,8 +379,10 @@ def run_one(profile_name: str, dataset_name: str, name: str, data_root: Path, ru
                    "infer_preprocess": method.infer_preprocess, "data_foreground": method.data_foreground,
                    "grid": grid.to_dict(), "model": json.loads((model / "config.json").read_text())},
         "chosen": calibration["detect"],
-        "calibration": {key: calibration[key] for key in ("method", "score", "healthy_percentile_threshold",
+        "calibration": {key: calibration[key] for key in ("method", "selection", "score", "healthy_percentile_threshold",
                                                           "percentile", "n_anomalous", "n_healthy")},
+        # The protocol takes the best validation point; what ``synomaly calibrate``'s default rule would take instead:
+        "chosen_fewer_stages": fewer_stages_choice(calibration),
         "metrics": {**{key: agg.get(key) for key in keys}, "auroc_image_level_matched": matched,
                     "dice_per_stage": agg.get("dice_per_stage")},
         "nfe_mean": agg["nfe_mean"],

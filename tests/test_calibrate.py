@@ -12,6 +12,7 @@ from helpers import per_slice_dice
 
 from synomaly import SynomalyPipeline
 from synomaly.calibrate import CalibrationGrid, UpperPercentile, calibrate, write_thresholds
+from synomaly.calibration_rules import choose_row, grid_row
 from synomaly.errors import ConfigError, InputError, OutputExistsError
 
 SMALL_GRID = CalibrationGrid(t=(100, 200), kernel=(3, 5), threshold=(0.1, 0.2, 1.5), max_stages=(1, 2, 3))
@@ -46,18 +47,58 @@ def test_grid_rejects_bad_values_naming_the_field(kwargs, option):
 
 
 @pytest.mark.slow
-def test_dice_grid_picks_the_tables_best_point(calibrated):
-    assert calibrated.method == "dice-grid"
+def test_dice_grid_picks_the_fewest_stages_within_one_standard_error_of_the_best(calibrated):
+    assert calibrated.method == "dice-grid" and calibrated.selection == "fewer-stages"
     assert len(calibrated.table) == 2 * 2 * 3 * 3
-    best = max(row["dice"] for row in calibrated.table)
-    assert calibrated.score == pytest.approx(best, abs=1e-12)
+    best = max(calibrated.table, key=lambda row: row["dice"])
+    assert calibrated.best["dice"] == pytest.approx(best["dice"], abs=1e-12) and best["dice_se"] > 0
     chosen = [row for row in calibrated.table if {k: row[k] for k in calibrated.detect} == calibrated.detect]
     assert len(chosen) == 1 and chosen[0]["dice"] == calibrated.score
+    close = [row for row in calibrated.table if row["dice"] >= best["dice"] - best["dice_se"] - 1e-12]
+    assert chosen[0] in close and chosen[0]["max_stages"] == min(row["max_stages"] for row in close)
     bad = [row["dice"] for row in calibrated.table if row["threshold"] == 1.5]
     assert max(bad) == 0.0 and calibrated.score > 0.6
     assert (calibrated.n_anomalous, calibrated.n_healthy) == (48, N_HEALTHY)
     assert calibrated.warnings == []
     assert json.loads(json.dumps(calibrated.to_dict(), allow_nan=False))["grid"]["max_stages"] == [1, 2, 3]
+
+
+def _row(stages: int, dice: float, se: float, nfe: float | None = None, t: int = 100) -> dict:
+    return {"t": t, "kernel": 3, "threshold": 0.2, "max_stages": stages, "fusion": "binary", "dice": dice,
+            "dice_se": se, "nfe": stages if nfe is None else nfe, "n": 40}
+
+
+@pytest.mark.parametrize(
+    "table, best, fewer",
+    [
+        # 5 stages gain 0.01 over 2 stages, inside the best point's standard error 0.02: 2 stages are taken.
+        ([_row(1, 0.50, 0.02), _row(2, 0.60, 0.02), _row(5, 0.61, 0.02)], 2, 1),
+        # the same gain with a standard error of 0.005 is real: 5 stages stay.
+        ([_row(1, 0.50, 0.005), _row(2, 0.60, 0.005), _row(5, 0.61, 0.005)], 2, 2),
+        # within the error, the fewest stages win even over a higher Dice at more stages.
+        ([_row(5, 0.61, 0.05), _row(3, 0.60, 0.01), _row(1, 0.57, 0.01)], 0, 2),
+        # rows of an older progress file have no standard error: the best point.
+        ([{k: v for k, v in _row(5, 0.61, 0).items() if k != "dice_se"}, _row(1, 0.60, 0.1)], 0, 0),
+        # equal Dice at equal stages: fewer network evaluations, then smaller t.
+        ([_row(3, 0.6, 0.0, nfe=2.5, t=200), _row(3, 0.6, 0.0, nfe=2.5, t=100), _row(3, 0.6, 0.0, nfe=3.0)], 1, 1),
+    ],
+)
+def test_selection_rules_on_known_tables(table, best, fewer):
+    assert choose_row(table, "best") is table[best]
+    assert choose_row(table, "fewer-stages") is table[fewer]
+
+
+def test_grid_row_standard_error_matches_numpy():
+    values = np.array([0.2, 0.5, 0.9, 0.4])
+    row = grid_row((100, 3, 0.2, 1, "binary"), values.sum(), 4.0, 4, float((values**2).sum()))
+    assert row["dice"] == pytest.approx(values.mean())
+    assert row["dice_se"] == pytest.approx(values.std(ddof=1) / 2)
+    assert grid_row((100, 3, 0.2, 1, "binary"), 0.3, 1.0, 1, 0.09)["dice_se"] == 0.0
+
+
+def test_an_unknown_selection_is_refused_before_any_work(random_pipeline, phantom_test):
+    with pytest.raises(ConfigError, match="selection.*fewer-stages, best"):
+        calibrate(random_pipeline, phantom_test[0][:2], selection="highest", progress=False)
 
 
 @pytest.mark.slow
@@ -70,7 +111,9 @@ def test_table_rows_equal_pipeline_detect_with_the_same_seed(calibrated, trained
             r for r in calibrated.table if r["max_stages"] == max_stages and {k: r[k] for k in settings} == settings
         )
         out = trained.detect(lesioned, generator=torch.Generator().manual_seed(0), max_stages=max_stages, **settings)
-        assert row["dice"] == pytest.approx(float(per_slice_dice(out.mask, masks).mean()), abs=1e-12)
+        values = np.asarray(per_slice_dice(out.mask, masks), dtype=np.float64)
+        assert row["dice"] == pytest.approx(float(values.mean()), abs=1e-12)
+        assert row["dice_se"] == pytest.approx(float(values.std(ddof=1) / len(values) ** 0.5), abs=1e-9)
         assert row["nfe"] == pytest.approx(out.stages.double().mean().item(), abs=1e-12)
 
 

@@ -4,8 +4,11 @@ Two rules, with explicit fallbacks (anomalib-style threshold finding):
 
 * **dice-grid** (validation slices with lesion masks): every point of a :class:`CalibrationGrid`
   over ``t``, ``kernel``, ``threshold``, ``max_stages`` and ``fusion`` is scored by the mean
-  per-slice Dice over the anomalous slices; the best point wins (ties: fewer network evaluations,
-  then smaller ``t``, then grid order).
+  per-slice Dice over the anomalous slices. By default (``selection="fewer-stages"``) the point
+  with the fewest stages among those within one standard error of the best point's Dice wins (the
+  one-standard-error rule: a gain smaller than the noise of the validation estimate does not pay
+  for more stages); ``selection="best"`` takes the highest Dice. Ties: fewer network evaluations,
+  then smaller ``t``, then grid order.
 * **healthy-percentile** (no lesions available): the threshold is a high percentile of the
   one-stage anomaly-map values on healthy slices; ``t``, ``kernel`` and the stage settings stay as
   the pipeline's config has them. This unsupervised threshold is also reported beside a Dice-grid
@@ -38,12 +41,14 @@ from synomaly._json import json_safe
 from synomaly.calibration_rules import (
     CALIBRATION_KEYS,
     LOW_DICE,
+    SELECTIONS,
     TUNED_FIELDS,
     CalibrationGrid,
     CalibrationResult,
     UpperPercentile,
     apply_fallbacks,
     best_row,
+    choose_row,
     grid_row,
     write_thresholds,
 )
@@ -56,7 +61,7 @@ from synomaly.pipeline import SynomalyPipeline
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CALIBRATION_KEYS", "LOW_DICE", "CalibrationGrid", "CalibrationResult", "UpperPercentile", "calibrate",
+__all__ = ["CALIBRATION_KEYS", "LOW_DICE", "SELECTIONS", "CalibrationGrid", "CalibrationResult", "UpperPercentile", "calibrate",
            "json_safe", "write_thresholds"]
 
 class _FinishedPasses:
@@ -164,6 +169,7 @@ def calibrate(
     seed: int = 0,
     progress: bool = True,
     resume_file: str | Path | None = None,
+    selection: str = "fewer-stages",
 ) -> CalibrationResult:
     """Choose detection settings on preprocessed validation slices.
 
@@ -180,6 +186,8 @@ def calibrate(
         progress: Show a progress bar.
         resume_file: Where scored grid passes are kept as they finish, so a rerun after an interruption
             skips them (when weights, config, data, seed and batch size are the same); removed at the end.
+        selection: How the Dice grid's point is chosen: ``fewer-stages`` (the fewest stages within one
+            standard error of the best Dice) or ``best`` (the highest Dice).
 
     Returns:
         The chosen settings, how they were chosen, and the whole grid table.
@@ -192,6 +200,8 @@ def calibrate(
     if not pipeline.method.uses_timestep and len(grid.t) > 1:  # t changes nothing: one pass, not one per value
         grid = dataclasses.replace(grid, t=(pipeline.config.detect.t,))
     _check_options(pipeline, grid, percentile, batch_size)
+    if selection not in SELECTIONS:
+        raise ConfigError("selection", f"must be one of {', '.join(SELECTIONS)}, got {selection!r}")
     anomalous = masks.flatten(1).any(1).cpu() if masks is not None else torch.zeros(len(images), dtype=torch.bool)
     lesioned, healthy = anomalous.nonzero().flatten(), (~anomalous).nonzero().flatten()
     total = _count_batches(len(lesioned), batch_size) * _passes(grid) + _count_batches(len(healthy), batch_size)
@@ -200,7 +210,7 @@ def calibrate(
         path = None if resume_file is None else Path(resume_file)
         finished = _FinishedPasses(path, _fingerprint(pipeline, (images, masks, foreground), seed, batch_size) if path else "")
         run = _Runner(pipeline, images, masks, foreground, batch_size, seed, bar, finished)
-        result = _choose(run, grid, lesioned, percentile)
+        result = _choose(run, grid, lesioned, percentile, selection)
         if len(healthy):
             result.healthy_percentile_threshold = _healthy_percentile(
                 run, healthy, result.detect["t"], result.detect["kernel"], percentile
@@ -257,7 +267,7 @@ def _passes(grid: CalibrationGrid) -> int:
     return single + len(grid.t) * len(grid.kernel) * len(grid.threshold) * len(grid.fusion)
 
 
-def _choose(run: _Runner, grid: CalibrationGrid, lesioned: Tensor, percentile: float) -> CalibrationResult:
+def _choose(run: _Runner, grid: CalibrationGrid, lesioned: Tensor, percentile: float, selection: str) -> CalibrationResult:
     """The Dice grid search when lesions exist, else the config's settings awaiting the percentile rule."""
     base = run.pipeline.config.detect
     result = CalibrationResult(
@@ -270,12 +280,13 @@ def _choose(run: _Runner, grid: CalibrationGrid, lesioned: Tensor, percentile: f
         n_healthy=0,
         grid=grid.to_dict(),
         percentile=percentile,
+        selection=selection,
     )
     if len(lesioned):
         result.table = _single_stage_rows(run, grid, lesioned) + _multistage_rows(run, grid, lesioned)
-        best = best_row(result.table)
-        result.detect = {name: best[name] for name in TUNED_FIELDS}
-        result.method, result.score = "dice-grid", best["dice"]
+        chosen, result.best = choose_row(result.table, selection), best_row(result.table)
+        result.detect = {name: chosen[name] for name in TUNED_FIELDS}
+        result.method, result.score = "dice-grid", chosen["dice"]
     return result
 
 
@@ -293,16 +304,17 @@ def _single_stage_rows(run: _Runner, grid: CalibrationGrid, index: Tensor) -> li
         key = json.dumps(["one stage", t, grid.kernel, grid.threshold])
         done = run.finished.get(key)
         if done is None:
-            sums = torch.zeros(len(grid.kernel), len(grid.threshold), dtype=torch.float64)
+            sums = torch.zeros(2, len(grid.kernel), len(grid.threshold), dtype=torch.float64)  # Dice, squared Dice
             generator = run.generator()
             for images, target, fg in run.batches(index):
                 assert target is not None  # the lesioned slices have masks
                 recon, weight = run.reconstruct(images, t, generator)
                 for j, kernel in enumerate(grid.kernel):
-                    sums[j] += _threshold_dice(images, recon, target, fg, kernel, grid.threshold, base, weight).sum(1).cpu()
+                    values = _threshold_dice(images, recon, target, fg, kernel, grid.threshold, base, weight).double()
+                    sums[:, j] += torch.stack([values.sum(1), values.square().sum(1)]).cpu()
             nfe = len(index) * stage_cost(pipe.detect_config(t=t), pipe.config.method)
             done = run.finished.put(key, [
-                grid_row((t, kernel, threshold, 1, base.fusion), float(sums[j, m]), nfe, len(index))
+                grid_row((t, kernel, threshold, 1, base.fusion), float(sums[0, j, m]), nfe, len(index), float(sums[1, j, m]))
                 for (j, kernel), (m, threshold) in itertools.product(enumerate(grid.kernel), enumerate(grid.threshold))
             ])
         else:
@@ -341,7 +353,7 @@ def _multistage_rows(run: _Runner, grid: CalibrationGrid, index: Tensor) -> list
             rows += done
             continue
         generator = run.generator()
-        dice_sums, nfe_sums = torch.zeros(len(stages), dtype=torch.float64), torch.zeros(len(stages))
+        dice_sums, nfe_sums = torch.zeros(2, len(stages), dtype=torch.float64), torch.zeros(len(stages))  # Dice, squared
         settings = {"t": t, "kernel": kernel, "threshold": threshold, "max_stages": max(stages), "fusion": fusion}
         config = run.pipeline.detect_config(**settings)
         cost = stage_cost(config, run.pipeline.config.method)
@@ -350,10 +362,12 @@ def _multistage_rows(run: _Runner, grid: CalibrationGrid, index: Tensor) -> list
             out = run.pipeline.detect(images, generator, fg, config=config)
             for i, limit in enumerate(stages):
                 mask = out.stage_masks[:, min(limit, out.stage_masks.shape[1]) - 1]
-                dice_sums[i] += dice(confusion_counts(mask, target)).sum().cpu()
+                values = dice(confusion_counts(mask, target)).double()
+                dice_sums[:, i] += torch.stack([values.sum(), values.square().sum()]).cpu()
                 nfe_sums[i] += out.stages.clamp(max=limit).sum().cpu() * cost
         rows += run.finished.put(key, [
-            grid_row((t, kernel, threshold, limit, fusion), float(dice_sums[i]), float(nfe_sums[i]), len(index))
+            grid_row((t, kernel, threshold, limit, fusion), float(dice_sums[0, i]), float(nfe_sums[i]), len(index),
+                     float(dice_sums[1, i]))
             for i, limit in enumerate(stages)
         ])
     return rows

@@ -29,9 +29,14 @@ log = logging.getLogger("synomaly.calibrate")
 TUNED_FIELDS = ("t", "kernel", "threshold", "max_stages", "fusion")
 LOW_DICE = 0.05  # a best validation Dice below this means the detector is not working
 CALIBRATION_KEYS = (
-    "method", "score", "grid", "table", "percentile", "healthy_percentile_threshold", "n_anomalous", "n_healthy",
-    "warnings",
+    "method", "selection", "score", "best", "grid", "table", "percentile", "healthy_percentile_threshold", "n_anomalous",
+    "n_healthy", "warnings",
 )
+# How the Dice grid's point is chosen. ``fewer-stages``: the one-standard-error rule (Hastie, Tibshirani and Friedman,
+# The Elements of Statistical Learning, 7.10) towards fewer stages: among the points whose mean Dice is within one
+# standard error of the best point's (the spread of its per-slice Dice over the square root of the slice count),
+# the fewest stages win, then the highest Dice. ``best``: the highest mean Dice (the benchmark protocol).
+SELECTIONS = ("fewer-stages", "best")
 
 
 @dataclass(frozen=True)
@@ -90,8 +95,12 @@ class CalibrationResult:
         detect: The chosen values of ``t``, ``kernel``, ``threshold``, ``max_stages``, ``fusion``.
         method: ``dice-grid``, ``healthy-percentile`` or ``default``.
         score: Mean per-slice validation Dice of the choice (``dice-grid`` only).
-        table: Every grid point with its mean Dice (``dice``), mean network evaluations per image
-            (``nfe``) and the number of anomalous slices it was scored on (``n``).
+        table: Every grid point with its mean Dice (``dice``), the standard error of that mean
+            (``dice_se``), mean network evaluations per image (``nfe``) and the number of anomalous
+            slices it was scored on (``n``).
+        selection: The rule that chose among the grid points (``SELECTIONS``).
+        best: The grid row with the highest mean Dice (``dice-grid`` only); ``detect`` differs from it
+            when the ``fewer-stages`` rule took a point with fewer stages within its standard error.
         healthy_percentile_threshold: The ``percentile``-th percentile of one-stage anomaly-map
             values on healthy slices (inside the foreground), at the chosen ``t`` and ``kernel``.
         n_anomalous: Validation slices with a non-empty mask.
@@ -111,6 +120,8 @@ class CalibrationResult:
     warnings: list[str] = field(default_factory=list)
     grid: dict[str, list] = field(default_factory=dict)
     percentile: float = 99.0
+    selection: str = "fewer-stages"
+    best: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON data (no NaN: an undefined number is ``None``)."""
@@ -145,15 +156,31 @@ def _warn(result: CalibrationResult, message: str) -> None:
     result.warnings.append(message)
 
 
-def grid_row(point: tuple[int, int, float, int, str], dice_sum: float, nfe_sum: float, n: int) -> dict[str, Any]:
-    """A table row: the settings (in ``TUNED_FIELDS`` order), mean Dice and network evaluations over ``n`` slices."""
-    return {**dict(zip(TUNED_FIELDS, point)), "dice": dice_sum / n, "nfe": nfe_sum / n, "n": n}
+def grid_row(point: tuple[int, int, float, int, str], dice_sum: float, nfe_sum: float, n: int,
+             dice_squares: float = 0.0) -> dict[str, Any]:
+    """A table row: the settings (in ``TUNED_FIELDS`` order), mean Dice, its standard error (from the sum of the
+    squared per-slice Dice values) and network evaluations over ``n`` slices."""
+    mean = dice_sum / n
+    variance = max(dice_squares - n * mean * mean, 0.0) / (n - 1) if n > 1 else 0.0
+    return {**dict(zip(TUNED_FIELDS, point)), "dice": mean, "dice_se": math.sqrt(variance / n), "nfe": nfe_sum / n,
+            "n": n}
 
 
 def best_row(table: list[dict[str, Any]]) -> dict[str, Any]:
     """Highest mean Dice; ties go to fewer network evaluations, then smaller ``t``, then grid order."""
     # Rounding keeps Dice values that differ only by summation order tied, so the cheaper point wins.
     return min(table, key=lambda row: (-round(row["dice"], 12), row["nfe"], row["t"]))
+
+
+def choose_row(table: list[dict[str, Any]], selection: str = "fewer-stages") -> dict[str, Any]:
+    """The row ``selection`` (``SELECTIONS``) takes: the best row, or the fewest stages within its standard error."""
+    best = best_row(table)
+    if selection == "best":
+        return best
+    floor = best["dice"] - best.get("dice_se", 0.0)  # rows kept from an older progress file have no standard error
+    close = [row for row in table if round(row["dice"], 12) >= round(floor, 12)]
+    fewest = min(row["max_stages"] for row in close)
+    return best_row([row for row in close if row["max_stages"] == fewest])
 
 
 class UpperPercentile:

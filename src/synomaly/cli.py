@@ -235,7 +235,7 @@ def _detect_parser() -> Any:
 
 
 def _calibrate_parser() -> Any:
-    from synomaly.calibrate import CalibrationGrid
+    from synomaly.calibrate import SELECTIONS, CalibrationGrid
 
     p = _parser("Choose t, kernel, threshold and stages on validation data; writes thresholds.json.")
     p.add_argument("data", nargs="+", help=f"validation {SOURCES_HELP}")
@@ -244,6 +244,9 @@ def _calibrate_parser() -> Any:
     _mask_suffix(p)
     _recursive(p)
     p.add_argument("--percentile", type=float, default=99.0, help="percentile of healthy anomaly-map values (unsupervised rule)")
+    p.add_argument("--selection", choices=SELECTIONS, default="fewer-stages",
+                   help="how the grid point is chosen: fewer-stages (the fewest stages whose validation Dice is within one "
+                        "standard error of the best; default) or best (the highest validation Dice)")
     defaults = CalibrationGrid()
     for name, kind in GRID_TYPES.items():
         p.add_argument(option(f"grid.{name}"), type=list[kind] | kind | str,  # type: ignore[valid-type]  # built per field
@@ -405,7 +408,7 @@ def _run(command: str, a: Any) -> Any:
 
         grid = CalibrationGrid(**{k: tuple(grid_values(v, GRID_TYPES[k], k)) for k, v in a.grid.items()})
         return commands.run_calibrate(a.model, a.data, masks=a.masks, grid=grid, detect=detect, percentile=a.percentile,
-                                      batch_size=a.batch_size, device=a.device, seed=a.seed, overwrite=a.overwrite,
+                                      selection=a.selection, batch_size=a.batch_size, device=a.device, seed=a.seed, overwrite=a.overwrite,
                                       recursive=recursive, **execution, **slices)
     if command == "evaluate":
         return commands.run_evaluate(a.model, a.data, a.masks, a.output, detect=detect, batch_size=a.batch_size,

@@ -192,6 +192,7 @@ def run_calibrate(
     grid: Any = None,
     detect: dict[str, Any] | None = None,
     percentile: float = 99.0,
+    selection: str = "fewer-stages",
     batch_size: int = 32,
     device: str = "auto",
     precision: str = "32",
@@ -229,7 +230,7 @@ def run_calibrate(
     cases = load_labelled(pipe, data, masks, slice_axis, slice_range, foreground_masks, recursive)
     result = calibrate(pipe, cases.images, cases.masks, foreground=cases.foreground, grid=grid or CalibrationGrid(),
                        percentile=percentile, batch_size=batch_size, seed=seed, progress=show_progress(),
-                       resume_file=folder / CALIBRATION_PROGRESS)
+                       resume_file=folder / CALIBRATION_PROGRESS, selection=selection)
     result.detect = {**fixed, **result.detect}
     path = write_thresholds(folder, result, overwrite=overwrite)
     log.info("chose %s by %s (validation Dice %s); written to %s", result.detect, result.method, result.score, path)
