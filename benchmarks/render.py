@@ -215,6 +215,13 @@ def volume_speed(s: dict) -> list[str]:
     out += ["", f"Forward-only floor (fp32): {s['stages']} stages × {s['slices']} slices × {fastest['ms_per_image']:.1f} ms "
             f"(the profile's fastest batch, {fastest['batch']}) = {floor:.2f} s; `detect` with the defaults takes "
             f"{default / floor - 1:+.0%} over it."]
+    trained = RESULTS / "cpu" / "lgg_flair" / "synomaly.json"
+    if trained.is_file():  # a trained model stops most images early: the cost scales with the evaluations it runs
+        nfe = json.loads(trained.read_text())["nfe_mean"]
+        out += ["", f"A trained model stops images early: the `cpu` profile's `synomaly` model on `lgg_flair` test slices runs "
+                f"{nfe:.2f} of {s['stages']} stages on average, so each way above takes about {nfe / s['stages']:.0%} of its "
+                f"time there (scaled from the evaluations, not timed): "
+                + ", ".join(f"{w['name']} {w['seconds'] * nfe / s['stages']:.1f} s" for w in s["ways"][-3:]) + "."]
     kinds = [k for k, _ in KINDS] + ["other"]
     out += ["", "Where the network's time goes (torch profiler, self time by operator kind; one call per batch, fp32):", "",
             "| batch | ms per image | " + " | ".join(kinds) + " |", "|---:|---:|" + "---:|" * len(kinds)]

@@ -164,6 +164,8 @@ def volume(preset: str, device: torch.device, n: int, stages: int, repeats: int,
         ways["one batch, defaults, bf16"] = (fused, n, {"bf16": True})
     if compile_too:
         ways["one batch, defaults, torch.compile"] = (fused, n, {"compile": True})
+    if bf16_too and compile_too:
+        ways["one batch, defaults, bf16 and torch.compile"] = (fused, n, {"bf16": True, "compile": True})
     pipes = {name: (SynomalyPipeline(net, config, **options), batch) for name, (net, batch, options) in ways.items()}
     x = images_for(n, size, device)
     settings = {"max_stages": stages, "tol": 0.0, "min_size": 8}
