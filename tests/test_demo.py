@@ -34,7 +34,11 @@ def test_demo_runs_end_to_end_and_detects_the_blobs(tmp_path, capsys):
     prevalence = 0.005  # synthetic blob pixels among all test pixels (about 0.5 %)
     assert metrics["ap"] > 20 * prevalence
     assert metrics["dice_mean"] > 0.3
-    assert (out / "model" / "thresholds.json").exists()
+    thresholds = json.loads((out / "model" / "thresholds.json").read_text())
+    calibration = thresholds["calibration"]
+    assert calibration["selection"] == "fewer-stages" and calibration["best"]["dice"] >= calibration["score"]
+    # The notes say when the fewest-stages rule took fewer stages than the best point.
+    assert ("Calibration chose" in html) == (calibration["best"]["max_stages"] != thresholds["detect"]["max_stages"])
     # The viewer shows the test slices as one volume, in template order, with the lesions of its mask.
     volumes = read_volumes(out / "evaluation")
     assert volumes["volume_id"].tolist() == [VOLUME_ID] and volumes["slice"].tolist() == demo_data(64).test_slices

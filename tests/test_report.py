@@ -507,3 +507,22 @@ def test_the_canvas_shows_the_slider_slice_and_a_lesion_click_moves_the_slider(h
     assert re.search(r'data-probes="([^"]*)"', dom).group(1) == f"{gray[0]} {gray[0]} {gray[0]},{gray[1]} {gray[1]} {gray[1]},changed"
     assert 'data-here="5"' in dom and 'data-map-hidden="true"' in dom
     assert re.search(r'data-label="slice 31 \(12 of 12, vol0\[11\]\): reference 0 px, predicted 0 px"', dom)
+
+
+@pytest.mark.parametrize(
+    "sampler, shown, hidden",
+    [
+        ("one-step", [], ["chain_steps", "inpaint_t", "resamplings", "perceptual", "dilation", "mask_threshold"]),
+        ("chain", ["chain_steps"], ["inpaint_t", "resamplings", "perceptual", "dilation", "mask_threshold"]),
+        ("autoddpm", ["chain_steps", "inpaint_t", "resamplings", "perceptual", "dilation", "mask_threshold"], []),
+    ],
+)
+def test_detection_settings_list_only_what_the_sampler_reads(sampler, shown, hidden):
+    from synomaly.config import DetectConfig
+    from synomaly.report_text import setup_tables
+
+    detect = {**DetectConfig().__dict__, "sampler": sampler}
+    rows = setup_tables({"detect": detect}, None)[0]["rows"]
+    names = {name for name, _ in rows}
+    assert {"t", "kernel", "threshold", "max_stages", "sampler"} <= names
+    assert set(shown) <= names and not set(hidden) & names

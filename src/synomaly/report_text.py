@@ -43,8 +43,9 @@ _METRICS = (
     _Metric("dice_pooled", "Dice", _MASK, _POOLED),
     _Metric("dice_volume_mean", "Dice", _MASK, _PER_VOLUME, optional=True),
     _Metric("dice_oracle_mean", "Oracle Dice", _MASK, "mean over {dice_mean_n} anomalous slices at the one map "
-            "threshold ({dice_oracle_threshold}) that is best ON THE TEST DATA: for comparison with papers that report "
-            "it, never a way to choose settings", optional=True),
+            "threshold ({dice_oracle_threshold}) that is best ON THE TEST DATA, with no small-component filter (so it "
+            "can fall below the filtered Dice above): for comparison with papers that report it, never a way to choose "
+            "settings", optional=True),
     _Metric("dice_oracle_pooled", "Oracle Dice", _MASK, "pooled over all pixels at the map threshold best for it on "
             "the test data", optional=True),
     _Metric("iou_mean", "IoU", _MASK, "mean over {iou_mean_n} anomalous slices"),
@@ -143,11 +144,24 @@ def _noise_text(noise: Mapping[str, Any]) -> str:
     return f"{noise.get('name', '?')} ({params})" if params else str(noise.get("name", "?"))
 
 
+# Detection settings that only one sampler reads: the report leaves them out for the others.
+_SAMPLER_FIELDS = {"chain": ("chain_steps",), "autoddpm": ("chain_steps", "inpaint_t", "resamplings", "perceptual", "dilation",
+                                                           "mask_threshold")}
+
+
+def _settings_in_use(detect: Any) -> Any:
+    """``detect`` without the settings its sampler does not read."""
+    if not isinstance(detect, Mapping):
+        return detect
+    unused = set(_SAMPLER_FIELDS["autoddpm"]) - set(_SAMPLER_FIELDS.get(detect.get("sampler", ""), ()))
+    return {key: value for key, value in detect.items() if key not in unused}
+
+
 def setup_tables(metrics: Mapping[str, Any], model_info: Mapping[str, Any] | None) -> list[dict[str, Any]]:
     recorded = metrics.get("model")
     if model_info is None and isinstance(recorded, Mapping) and isinstance(recorded.get("config"), Mapping):
         model_info = {"folder": recorded.get("folder"), **model_facts(recorded["config"])}
-    sources = (("Detection settings", metrics.get("detect")), ("Model", model_info), ("Data", metrics.get("data")),
+    sources = (("Detection settings", _settings_in_use(metrics.get("detect"))), ("Model", model_info), ("Data", metrics.get("data")),
                ("Evaluation settings", metrics.get("settings")))
     return [{"caption": caption, "rows": _flatten(values)} for caption, values in sources
             if isinstance(values, Mapping) and values]
