@@ -22,8 +22,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from synomaly.errors import InputError
-
 if TYPE_CHECKING:
     from synomaly.data import FileCases
     from synomaly.detect import DetectionOutput
@@ -37,42 +35,19 @@ _MASKS = ("mask", "target", "foreground")
 
 
 def slice_numbers(files: Sequence[FileCases]) -> list[int]:
-    """Each slice's number within its volume, for the slices of ``files`` in order.
-
-    An ``.npz`` bundle's ``<key>_slice`` array (one integer per slice of ``<key>``) where it has
-    one; otherwise the slice's index in its file as read (NIfTI: along the slice axis; DICOM
-    series: in the sorted series; stacks: the page or frame).
+    """Each slice's number within its volume (:func:`synomaly.volumes.slice_positions`), for the slices of
+    ``files`` in order; a file that records none numbers its slices as read.
 
     Raises:
         InputError: A ``<key>_slice`` array that cannot be read, or has the wrong length or type.
     """
+    from synomaly.volumes import slice_positions
+
     numbers: list[int] = []
     for record in files:
-        props = record.properties
-        taken = props.slice_indices if len(props.slice_indices) == len(record.raw) else list(range(len(record.raw)))
-        stored = None if record.source.key is None else _npz_slices(record.source.path, record.source.key)
-        if stored is not None and (props.slice_count != len(stored) or max(taken, default=0) >= len(stored)):
-            raise InputError(record.source.path, f"{record.source.key}_slice has {len(stored)} entries for "
-                                                 f"{props.slice_count} slices of {record.source.key}")
-        numbers += [int(stored[i]) for i in taken] if stored is not None else [int(i) for i in taken]
+        positions = slice_positions(record)
+        numbers += positions if positions is not None else list(range(len(record.raw)))
     return numbers
-
-
-def _npz_slices(path, key: str) -> np.ndarray | None:
-    """The integer array ``<key>_slice`` of an ``.npz`` bundle, or None when it has none."""
-    from synomaly.io._numpy import _LOAD_ERRORS, _member_header, _member_name
-
-    name = f"{key}_slice"
-    try:
-        with np.load(path, allow_pickle=False) as bundle:
-            if name not in bundle.files:
-                return None
-            shape, dtype = _member_header(bundle.zip, _member_name(bundle.zip, name))
-            if len(shape) != 1 or dtype.kind not in "iu":
-                raise InputError(path, f"{name} must be a 1-D integer array, got {dtype} of shape {list(shape)}")
-            return bundle[name]
-    except _LOAD_ERRORS as error:
-        raise InputError(path, f"cannot read {name} ({error})") from None
 
 
 class VolumeKeeper:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from synomaly.data import Cases, FileCases
-from synomaly.io import read_npz_slices
+from synomaly.errors import InputError
 
 SPATIAL_FORMATS = ("nifti", "dicom-series")  # formats whose affine gives a voxel volume
 
@@ -46,11 +46,47 @@ def volume_layout(cases: Cases) -> VolumeLayout:
 
 
 def _positions(record: FileCases, count: int) -> list[int | None]:
-    if record.source.key is not None:
-        numbers = read_npz_slices(record.source.path, record.source.key, count)
-        return list(numbers) if numbers is not None else [None] * count
-    indices = record.properties.slice_indices
-    return list(indices) if len(indices) == count else [None] * count
+    positions = slice_positions(record)
+    return list(positions) if positions is not None else [None] * count
+
+
+def slice_positions(record: FileCases) -> list[int] | None:
+    """The number in its volume of each slice read from ``record``, or ``None`` where the source records none.
+
+    An ``.npz`` bundle's ``<key>_slice`` array (one integer per slice of ``<key>``) where it has one;
+    otherwise the slice's index in its file as read (NIfTI: along the slice axis; DICOM series: in the
+    sorted series; stacks: the page or frame). A slice range keeps the numbers of the slices it took.
+
+    Raises:
+        InputError: A ``<key>_slice`` array that cannot be read, or has the wrong length or type.
+    """
+    props = record.properties
+    taken = props.slice_indices if len(props.slice_indices) == len(record.raw) else None
+    stored = None if record.source.key is None else _npz_slices(record.source.path, record.source.key)
+    if stored is None:
+        return None if taken is None else [int(i) for i in taken]
+    taken = taken if taken is not None else list(range(len(record.raw)))
+    if props.slice_count != len(stored) or max(taken, default=0) >= len(stored):
+        raise InputError(record.source.path, f"{record.source.key}_slice has {len(stored)} entries for "
+                                             f"{props.slice_count} slices of {record.source.key}")
+    return [int(stored[i]) for i in taken]
+
+
+def _npz_slices(path, key: str) -> np.ndarray | None:
+    """The integer array ``<key>_slice`` of an ``.npz`` bundle, or None when it has none."""
+    from synomaly.io._numpy import _LOAD_ERRORS, _member_header, _member_name
+
+    name = f"{key}_slice"
+    try:
+        with np.load(path, allow_pickle=False) as bundle:
+            if name not in bundle.files:
+                return None
+            shape, dtype = _member_header(bundle.zip, _member_name(bundle.zip, name))
+            if len(shape) != 1 or dtype.kind not in "iu":
+                raise InputError(path, f"{name} must be a 1-D integer array, got {dtype} of shape {list(shape)}")
+            return bundle[name]
+    except _LOAD_ERRORS as error:
+        raise InputError(path, f"cannot read {name} ({error})") from None
 
 
 def model_voxel_ml(record: FileCases) -> float | None:

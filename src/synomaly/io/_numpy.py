@@ -100,12 +100,6 @@ def read_npz_ids(path: Path, key: str, count: int) -> list[str] | None:
     return None if ids is None else [str(g) for g in ids]
 
 
-def read_npz_slices(path: Path, key: str, count: int) -> list[int] | None:
-    """The slice numbers stored beside array ``key`` as ``<key>_slice`` (integers, one per slice), or ``None``."""
-    numbers = _companion(path, f"{key}_slice", count)
-    return None if numbers is None or numbers.dtype.kind not in "iu" else [int(n) for n in numbers]
-
-
 def write_npy(tmp: Path, stack: np.ndarray, two_d: bool) -> None:
     """Save the array exactly; ``[1, H, W]`` is saved as ``[H, W]`` when ``two_d``."""
     np.save(tmp, stack[0] if two_d and stack.shape[0] == 1 else stack, allow_pickle=False)
