@@ -13,7 +13,8 @@ from synomaly.data import load_cases
 from synomaly.errors import InputError
 from synomaly.evaluate import evaluate, write_evaluation
 from synomaly.preprocess import Preprocessing
-from synomaly.volume_keeper import VolumeKeeper, slice_numbers
+from synomaly.volume_keeper import VolumeKeeper
+from synomaly.volumes import slice_numbers, volume_layout
 
 SIZE = 8
 
@@ -88,6 +89,9 @@ def test_slice_numbers_come_from_the_bundle_or_the_file(tmp_path):
     pre = Preprocessing(size=16, fit="letterbox")
     cases = load_cases([f"{bundle}:scans", f"{bundle}:other"], pre, slice_range=(1, 4))
     assert slice_numbers(cases.files) == [3, 4, 8, 1, 2, 3]  # `other` has no _slice: its indices in the stack
+    # A slice range keeps each slice's name (its index in the array) and its volume from `scans_ids`.
+    assert cases.files[0].case_ids == ["scans[1]", "scans[2]", "scans[3]"] and cases.files[0].group_ids == ["p1"] * 3
+    assert volume_layout(cases).positions == [3, 4, 8, 1, 2, 3]
     np.savez(bundle, scans=images, scans_slice=np.array([1, 2]))
     with pytest.raises(InputError, match="scans_slice has 2 entries for 5 slices"):
         slice_numbers(load_cases([f"{bundle}:scans"], pre).files)

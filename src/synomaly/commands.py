@@ -257,8 +257,7 @@ def run_evaluate(
 ) -> dict[str, Any]:
     """Evaluate against masks: per-case and aggregate metrics as JSON and CSV in ``output``."""
     from synomaly.evaluate import evaluate, write_evaluation
-    from synomaly.volume_keeper import slice_numbers
-    from synomaly.volumes import volume_layout
+    from synomaly.volumes import slice_numbers, volume_layout
 
     output = Path(output)
     if (output / "metrics.json").exists() and not overwrite:

@@ -84,11 +84,16 @@ def expand(spec: str | Path, recursive: bool = False) -> list[Source]:
     return [Source(path) for path in list_inputs(source.path, recursive)]
 
 
-def _ids(source: Source, n: int) -> tuple[list[str], list[str]]:
-    """Case ids (file[, slice]) and group ids (patient/volume) for ``n`` slices of ``source``."""
+def _ids(source: Source, props: ImageProperties, n: int) -> tuple[list[str], list[str]]:
+    """Case ids (file[, slice]) and group ids (patient/volume) for the ``n`` slices read from ``source``.
+
+    An ``.npz`` array's slices are named by their index in the array, so a slice range keeps them and their
+    ``<key>_ids`` groups."""
     if source.key is not None:
-        case_ids = [f"{source.key}[{i}]" for i in range(n)]
-        return case_ids, read_npz_ids(source.path, source.key, n) or case_ids
+        taken = props.slice_indices if len(props.slice_indices) == n else list(range(n))
+        case_ids = [f"{source.key}[{i}]" for i in taken]
+        groups = read_npz_ids(source.path, source.key, props.slice_count or n)
+        return case_ids, [groups[i] for i in taken] if groups else case_ids
     stem = source.path.name
     case_ids = [stem] if n == 1 else [f"{stem}[{i}]" for i in range(n)]
     return case_ids, [stem] * n
@@ -121,7 +126,7 @@ def load_file(source: Source, preprocessing: Preprocessing, slice_axis: int = 2,
         raise InputError(source.name, "this model's foreground is 'given': pass a foreground mask per input "
                                       "(--foreground-masks)")
     images, fg, fit = preprocessing.apply(raw, region)
-    case_ids, group_ids = _ids(source, len(raw))
+    case_ids, group_ids = _ids(source, props, len(raw))
     return FileCases(source, props, fit, raw, case_ids, group_ids), images, fg
 
 

@@ -7,7 +7,7 @@ the host as the batches go by. The chosen volumes are those with the largest ref
 (most lesion pixels over their slices) and, where there is one, a volume with no reference lesion,
 so the viewer also shows what the detector flags in a healthy-looking scan.
 
-A volume's slices are ordered by their number within the volume (:func:`slice_numbers`): the
+A volume's slices are ordered by their number within the volume (:func:`synomaly.volumes.slice_numbers`): the
 ``<key>_slice`` array of an ``.npz`` bundle where it has one (``lgg_flair`` does), else the slice
 number along the slice axis of a NIfTI volume or the position in a DICOM series or stack.
 """
@@ -23,31 +23,14 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from synomaly.data import FileCases
     from synomaly.detect import DetectionOutput
 
-__all__ = ["KEEP_VOLUMES", "MAX_VIEWER_SLICES", "VolumeKeeper", "slice_numbers"]
+__all__ = ["KEEP_VOLUMES", "MAX_VIEWER_SLICES", "VolumeKeeper"]
 
 KEEP_VOLUMES = 4
 MAX_VIEWER_SLICES = 256  # per volume: a longer volume is kept as the window of this many slices around its lesion
 _IMAGES = ("image", "reconstruction", "anomaly_map")
 _MASKS = ("mask", "target", "foreground")
-
-
-def slice_numbers(files: Sequence[FileCases]) -> list[int]:
-    """Each slice's number within its volume (:func:`synomaly.volumes.slice_positions`), for the slices of
-    ``files`` in order; a file that records none numbers its slices as read.
-
-    Raises:
-        InputError: A ``<key>_slice`` array that cannot be read, or has the wrong length or type.
-    """
-    from synomaly.volumes import slice_positions
-
-    numbers: list[int] = []
-    for record in files:
-        positions = slice_positions(record)
-        numbers += positions if positions is not None else list(range(len(record.raw)))
-    return numbers
 
 
 class VolumeKeeper:

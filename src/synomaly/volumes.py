@@ -10,12 +10,14 @@ is scaled to the model's grid, where the evaluation runs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from synomaly.data import Cases, FileCases
 from synomaly.errors import InputError
+from synomaly.io import read_npz_slices
 
 SPATIAL_FORMATS = ("nifti", "dicom-series")  # formats whose affine gives a voxel volume
 
@@ -45,6 +47,20 @@ def volume_layout(cases: Cases) -> VolumeLayout:
     return VolumeLayout(positions, voxel_ml)
 
 
+def slice_numbers(files: Sequence[FileCases]) -> list[int]:
+    """Each slice's number within its volume (:func:`slice_positions`), for the slices of ``files`` in order;
+    a file that records none numbers its slices as read.
+
+    Raises:
+        InputError: A ``<key>_slice`` array that cannot be read, or has the wrong length or type.
+    """
+    numbers: list[int] = []
+    for record in files:
+        positions = slice_positions(record)
+        numbers += positions if positions is not None else list(range(len(record.raw)))
+    return numbers
+
+
 def _positions(record: FileCases, count: int) -> list[int | None]:
     positions = slice_positions(record)
     return list(positions) if positions is not None else [None] * count
@@ -62,7 +78,7 @@ def slice_positions(record: FileCases) -> list[int] | None:
     """
     props = record.properties
     taken = props.slice_indices if len(props.slice_indices) == len(record.raw) else None
-    stored = None if record.source.key is None else _npz_slices(record.source.path, record.source.key)
+    stored = None if record.source.key is None else read_npz_slices(record.source.path, record.source.key)
     if stored is None:
         return None if taken is None else [int(i) for i in taken]
     taken = taken if taken is not None else list(range(len(record.raw)))
@@ -70,23 +86,6 @@ def slice_positions(record: FileCases) -> list[int] | None:
         raise InputError(record.source.path, f"{record.source.key}_slice has {len(stored)} entries for "
                                              f"{props.slice_count} slices of {record.source.key}")
     return [int(stored[i]) for i in taken]
-
-
-def _npz_slices(path, key: str) -> np.ndarray | None:
-    """The integer array ``<key>_slice`` of an ``.npz`` bundle, or None when it has none."""
-    from synomaly.io._numpy import _LOAD_ERRORS, _member_header, _member_name
-
-    name = f"{key}_slice"
-    try:
-        with np.load(path, allow_pickle=False) as bundle:
-            if name not in bundle.files:
-                return None
-            shape, dtype = _member_header(bundle.zip, _member_name(bundle.zip, name))
-            if len(shape) != 1 or dtype.kind not in "iu":
-                raise InputError(path, f"{name} must be a 1-D integer array, got {dtype} of shape {list(shape)}")
-            return bundle[name]
-    except _LOAD_ERRORS as error:
-        raise InputError(path, f"cannot read {name} ({error})") from None
 
 
 def model_voxel_ml(record: FileCases) -> float | None:

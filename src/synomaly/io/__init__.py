@@ -24,7 +24,7 @@ from synomaly.io._api import read_images, read_mask, write_image
 from synomaly.io._base import SUPPORTED_SUFFIXES, WRITABLE_SUFFIXES, ImageProperties, suffix_of
 from synomaly.io._geometry import geometry_mismatch, model_pixel_spacing, slice_orientation, training_geometry
 from synomaly.io._nifti import slices_to_volume, volume_to_slices
-from synomaly.io._numpy import read_npz_ids
+from synomaly.io._numpy import read_npz_ids, read_npz_slices
 from synomaly.io._paths import list_inputs, output_stem
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "read_images",
     "read_mask",
     "read_npz_ids",
+    "read_npz_slices",
     "slice_orientation",
     "slices_to_volume",
     "suffix_of",

@@ -100,6 +100,27 @@ def read_npz_ids(path: Path, key: str, count: int) -> list[str] | None:
     return None if ids is None else [str(g) for g in ids]
 
 
+def read_npz_slices(path: Path, key: str) -> np.ndarray | None:
+    """The integer array ``<key>_slice`` stored beside array ``key`` (slice numbers), or ``None`` when there is none.
+
+    Raises:
+        InputError: The array cannot be read, is too large, or is not a 1-D integer array.
+    """
+    name = f"{key}_slice"
+    try:
+        with np.load(path, allow_pickle=False) as bundle:
+            if name not in bundle.files:
+                return None
+            shape, dtype = _member_header(bundle.zip, _member_name(bundle.zip, name))
+            if len(shape) != 1 or dtype.kind not in "iu":
+                raise InputError(path, f"{name} must be a 1-D integer array, got {dtype} of shape {list(shape)}")
+            if math.prod(shape) * dtype.itemsize > MAX_DECOMPRESSED_BYTES:
+                raise InputError(path, f"{name} holds {math.prod(shape):,} entries, more than the limit allows")
+            return bundle[name]
+    except _LOAD_ERRORS as error:
+        raise InputError(path, f"cannot read {name} ({error})") from None
+
+
 def write_npy(tmp: Path, stack: np.ndarray, two_d: bool) -> None:
     """Save the array exactly; ``[1, H, W]`` is saved as ``[H, W]`` when ``two_d``."""
     np.save(tmp, stack[0] if two_d and stack.shape[0] == 1 else stack, allow_pickle=False)
