@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
-from speed import save
+from speed import cpu_model, save
 
 from synomaly import SynomalyPipeline
 from synomaly.commands import load_labelled
@@ -30,10 +29,10 @@ from synomaly.metrics import confusion_counts, dice
 def agreement(folder: str, data: list[str], masks: list[str] | None, batch: int) -> dict:
     """Masks of float32 and bfloat16 ``detect`` over ``data``, compared with each other and with ``masks``."""
     runs = {}
+    cases = load_labelled(SynomalyPipeline.open(folder, "cpu"), data, masks, 2, None)
+    foreground = cases.foreground
     for precision in ("32", "bf16"):
         pipe = SynomalyPipeline.open(folder, "cpu", precision)
-        cases = load_labelled(pipe, data, masks, 2, None)
-        foreground = cases.foreground
         outs = []
         for start in range(0, len(cases.images), batch):
             part = slice(start, start + batch)
@@ -66,7 +65,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     result = agreement(args.model, args.data, args.masks, args.batch)
-    result.update({"device": f"{platform.machine()} CPU, {torch.get_num_threads()} threads", "torch": torch.__version__,
+    threads = torch.get_num_threads()
+    result.update({"device": f"{cpu_model()}, {threads} thread{'s' if threads > 1 else ''}", "torch": torch.__version__,
                    "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
                    "command": "python benchmarks/precision.py " + " ".join(sys.argv[1:])})
     print(json.dumps(result, indent=1))

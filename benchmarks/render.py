@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -185,7 +186,7 @@ def speed_section() -> list[str]:
             out += precision_agreement(s)
             continue
         if "ways" in s:  # the command as run, writing where the result now lies
-            s["command"] = " ".join(s["command"].split(" --out ")[0:1] + [f"--out {path.relative_to(ROOT)}"])
+            s["command"] = re.sub(r"--out \S+", f"--out {path.relative_to(ROOT)}", s["command"])
             out += volume_speed(s)
             continue
         out += [f"### `{s['preset']}` preset ({s['parameters']:,} parameters, {s['image_size']} px) on {s['device']}"
@@ -209,9 +210,9 @@ def precision_agreement(s: dict) -> list[str]:
             f"Command: `{s['command']}`, commit {s['commit']}, torch {s['torch']}.", "",
             f"Over {s['slices']} slices ({s['slices_with_a_mask']} with a mask in either precision), the bfloat16 masks "
             f"agree with the float32 ones at Dice {s['dice_between_mean']:.3f} per slice (mean) and "
-            f"{s['dice_between_pooled']:.3f} pooled; {s['pixels_differing']:.2%} of the pixels differ. Dice against the "
-            f"reference on the tumour slices: {s['dice_reference_mean_32']:.3f} in float32, "
-            f"{s['dice_reference_mean_bf16']:.3f} in bfloat16.", ""]
+            f"{s['dice_between_pooled']:.3f} pooled; {s['pixels_differing']:.2%} of the pixels differ."
+            + (f" Dice against the reference on the tumour slices: {s['dice_reference_mean_32']:.3f} in float32, "
+               f"{s['dice_reference_mean_bf16']:.3f} in bfloat16." if "dice_reference_mean_32" in s else ""), ""]
 
 
 def volume_speed(s: dict) -> list[str]:
@@ -224,19 +225,19 @@ def volume_speed(s: dict) -> list[str]:
            "| way | `detect` batch | seconds (median) | × the one-image loop | first run (s) |", "|---|---:|---:|---:|---:|"]
     out += [f"| {w['name']} | {w['detect_batch']} | {w['seconds']:.2f} | {reference / w['seconds']:.1f}× | {w['first_run_seconds']:.2f} |"
             for w in s["ways"]]
-    fastest = min(s["profile"], key=lambda r: r["ms_per_image"])
-    floor = s["stages"] * s["slices"] * fastest["ms_per_image"] / 1000
-    default = next(w["seconds"] for w in s["ways"] if w["name"] == "one batch, defaults")
-    out += ["", f"Forward-only floor (fp32): {s['stages']} stages × {s['slices']} slices × {fastest['ms_per_image']:.1f} ms "
-            f"(the profile's fastest batch, {fastest['batch']}) = {floor:.2f} s; `detect` with the defaults takes "
-            f"{default / floor:.2f}× that (the profile runs without channels-last, which the defaults use on CPUs)."]
+    floors = [w for w in s["ways"] if w.get("forward_floor_seconds")]
+    if floors:
+        out += ["", "Forward-only floor: the network alone over the volume as `detect` calls it (the same chunks), "
+                f"times {s['stages']} stages: " + "; ".join(
+                    f"{w['name']} {w['forward_floor_seconds']:.2f} s, so `detect` adds {w['seconds'] / w['forward_floor_seconds'] - 1:+.0%}"
+                    for w in floors) + "."]
     trained = RESULTS / "cpu" / "lgg_flair" / "synomaly.json"
     if trained.is_file():  # a trained model stops most images early: the cost scales with the evaluations it runs
         nfe = json.loads(trained.read_text())["nfe_mean"]
         out += ["", f"A trained model stops images early: the `cpu` profile's `synomaly` model on `lgg_flair` test slices runs "
                 f"{nfe:.2f} of {s['stages']} stages on average, so each way above takes about {nfe / s['stages']:.0%} of its "
                 f"time there (scaled from the evaluations, not timed): "
-                + ", ".join(f"{w['name']} {w['seconds'] * nfe / s['stages']:.1f} s" for w in s["ways"][-3:]) + "."]
+                + ", ".join(f"{w['name']} {w['seconds'] * nfe / s['stages']:.1f} s" for w in s["ways"]) + "."]
     kinds = [k for k, _ in KINDS] + ["other"]
     out += ["", "Where the network's time goes (torch profiler, self time by operator kind; one call per batch, fp32):", "",
             "| batch | ms per image | " + " | ".join(kinds) + " |", "|---:|---:|" + "---:|" * len(kinds)]

@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import json
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -35,7 +36,8 @@ from synomaly.synthetic import healthy_phantoms, insert_lesions
 
 
 def timed(fn, repeats: int, device: torch.device, warm_up: bool = True) -> float:
-    """Median wall seconds of ``fn()`` over ``repeats`` runs, after one warm-up run."""
+    """Median wall seconds of ``fn()`` over ``repeats`` runs (the mean of the middle two for an even count), after one
+    warm-up run."""
     if warm_up:
         fn()
     times = []
@@ -47,7 +49,7 @@ def timed(fn, repeats: int, device: torch.device, warm_up: bool = True) -> float
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return statistics.median(times)
 
 
 def images_for(n: int, size: int, device: torch.device) -> torch.Tensor:
@@ -180,16 +182,28 @@ def volume(preset: str, device: torch.device, n: int, stages: int, repeats: int,
         start = time.perf_counter()
         run(pipe, batch)  # warm-up (and compilation)
         warm[name] = time.perf_counter() - start
+    t = torch.full((n,), 100, device=device)
+
+    def forward(pipe: SynomalyPipeline) -> None:  # the network alone, as detect calls it: the floor of one stage
+        with torch.inference_mode():
+            pipe.network(x, t)
+
+    floored = [name for name in ("one batch, defaults", "one batch, defaults, bf16") if name in pipes]
     times: dict[str, list[float]] = {name: [] for name in pipes}
+    forwards: dict[str, list[float]] = {name: [] for name in floored}
     for _ in range(repeats):
         for name, (pipe, batch) in pipes.items():
             times[name].append(timed(lambda pipe=pipe, batch=batch: run(pipe, batch), 1, device, warm_up=False))
+        for name in floored:
+            forwards[name].append(timed(lambda name=name: forward(pipes[name][0]), 1, device, warm_up=False))
     default = pipes["one batch, defaults"][0]
     return {
         "preset": preset, "parameters": count_parameters(fused), "image_size": size, "slices": n, "stages": stages,
         "forward_batch": default.forward_batch, "channels_last": default.channels_last,
-        "ways": [{"name": name, "seconds": sorted(ts)[len(ts) // 2], "first_run_seconds": warm[name],
-                  "detect_batch": pipes[name][1]} for name, ts in times.items()],
+        "ways": [{"name": name, "seconds": statistics.median(ts), "all_seconds": ts, "first_run_seconds": warm[name],
+                  "detect_batch": pipes[name][1],
+                  "forward_floor_seconds": stages * statistics.median(forwards[name]) if name in forwards else None}
+                 for name, ts in times.items()],
         "profile": profile_forward(SynomalyPipeline(fused, config, forward_batch=never, channels_last=False), size, device,
                                    [1, 8, 32, 64, n], max(1, repeats)),
     }
@@ -230,7 +244,7 @@ def main() -> None:
     else:
         result = measure(args.preset, device, args.batches, args.repeats, args.stages, args.bf16, args.train_batch)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    cpu = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    cpu = f"{cpu_model()}, {torch.get_num_threads()} threads"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
     result.update({"device": name, "bf16": args.bf16, "commit": commit, "torch": torch.__version__,
                    "command": "python benchmarks/speed.py " + " ".join(sys.argv[1:])})
@@ -246,6 +260,18 @@ def main() -> None:
     print(f"\nbatched detect over {o['images']} images: {o['batched_s']:.2f} s; one at a time: {o['single_s']:.2f} s ({o['speedup']:.1f}x)")
     print(f"training step (batch {tr['batch']}): {1000 * tr['step_s']:.0f} ms; Synomaly noise for the batch: {1000 * tr['noise_s']:.2f} ms")
     save(result, args.out)
+
+
+def cpu_model() -> str:
+    """The CPU's model name and its bfloat16 instructions (from /proc/cpuinfo where there is one)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return f"{platform.processor() or platform.machine()} CPU"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "CPU")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    bf16 = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+    return f"{name} ({', '.join(bf16) if bf16 else 'no bfloat16 instructions'})"
 
 
 def save(result: dict, out: Path | None) -> None:

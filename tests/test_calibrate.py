@@ -77,8 +77,8 @@ def _row(stages: int, dice: float, se: float, nfe: float | None = None, t: int =
         ([_row(1, 0.50, 0.005), _row(2, 0.60, 0.005), _row(5, 0.61, 0.005)], 2, 2),
         # within the error, the fewest stages win even over a higher Dice at more stages.
         ([_row(5, 0.61, 0.05), _row(3, 0.60, 0.01), _row(1, 0.57, 0.01)], 0, 2),
-        # rows of an older progress file have no standard error: the best point.
-        ([{k: v for k, v in _row(5, 0.61, 0).items() if k != "dice_se"}, _row(1, 0.60, 0.1)], 0, 0),
+        # a standard error of zero: the best point.
+        ([_row(5, 0.61, 0.0), _row(1, 0.60, 0.1)], 0, 0),
         # equal Dice at equal stages: fewer network evaluations, then smaller t.
         ([_row(3, 0.6, 0.0, nfe=2.5, t=200), _row(3, 0.6, 0.0, nfe=2.5, t=100), _row(3, 0.6, 0.0, nfe=3.0)], 1, 1),
     ],
@@ -314,3 +314,19 @@ def test_calibrating_the_shipped_model_is_refused_before_any_work(tmp_path, monk
     with pytest.raises(ConfigError, match="shipped with the package"):
         run_calibrate("demo", ["missing.npz:x"], device="cpu")
     assert list(tmp_path.iterdir()) == []  # no ./demo folder made to hold the progress or thresholds
+
+
+def test_the_low_dice_warning_reads_the_best_point_not_the_chosen_one():
+    from synomaly.calibration_rules import CalibrationResult, apply_fallbacks
+
+    def result(best: float, chosen: float) -> CalibrationResult:
+        return CalibrationResult(detect={"threshold": 0.2}, method="dice-grid", score=chosen, table=[],
+                                 healthy_percentile_threshold=0.3, n_anomalous=40, n_healthy=10,
+                                 best={"dice": best, "dice_se": 0.02})
+
+    within = result(best=0.06, chosen=0.045)  # fewer stages within the error, below LOW_DICE: the best is not
+    apply_fallbacks(within)
+    assert within.warnings == []
+    low = result(best=0.04, chosen=0.03)
+    apply_fallbacks(low)
+    assert any("the best validation Dice is 0.040" in w for w in low.warnings)

@@ -60,6 +60,7 @@ from synomaly.metrics import confusion_counts, dice
 from synomaly.pipeline import SynomalyPipeline
 
 log = logging.getLogger(__name__)
+ROW_FORMAT = 2  # the fields of a kept grid row (2: with ``dice_se``); progress files of another format are not reused
 
 __all__ = ["CALIBRATION_KEYS", "LOW_DICE", "SELECTIONS", "CalibrationGrid", "CalibrationResult", "UpperPercentile", "calibrate",
            "json_safe", "write_thresholds"]
@@ -103,7 +104,8 @@ class _FinishedPasses:
 def _fingerprint(pipeline: SynomalyPipeline, tensors: tuple[Tensor | None, ...], seed: int, batch_size: int) -> str:
     """SHA-256 over the weights, the config, the data, the seed, the batch size and what draws the noise and runs the
     network (device type, bf16, torch version): a CPU and a GPU generator give different noise for one seed."""
-    setting = [pipeline.config.to_dict(), seed, batch_size, pipeline.device.type, pipeline.bf16, torch.__version__]
+    setting = [pipeline.config.to_dict(), seed, batch_size, pipeline.device.type, pipeline.bf16, torch.__version__,
+               ROW_FORMAT]
     digest = hashlib.sha256(json.dumps(setting, sort_keys=True, default=str).encode())
 
     def add(tensor: Tensor) -> None:

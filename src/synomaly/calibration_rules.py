@@ -134,8 +134,9 @@ def apply_fallbacks(result: CalibrationResult) -> None:
         _warn(result, "no healthy validation slices: the healthy-percentile threshold is not available")
     elif result.healthy_percentile_threshold is None:
         _warn(result, "the healthy validation slices have no foreground pixels: no healthy-percentile threshold")
-    if result.method == "dice-grid" and result.score is not None and result.score < LOW_DICE:
-        _warn(result, f"the best validation Dice is {result.score:.3f}: the model finds almost none of the lesions at any "
+    best = result.best["dice"] if result.best is not None else result.score
+    if result.method == "dice-grid" and best is not None and best < LOW_DICE:
+        _warn(result, f"the best validation Dice is {best:.3f}: the model finds almost none of the lesions at any "
                       "setting of the grid; check the training (steps, loss), the preprocessing and the masks before using it")
     if result.method == "dice-grid":
         return
@@ -177,7 +178,7 @@ def choose_row(table: list[dict[str, Any]], selection: str = "fewer-stages") -> 
     best = best_row(table)
     if selection == "best":
         return best
-    floor = best["dice"] - best.get("dice_se", 0.0)  # rows kept from an older progress file have no standard error
+    floor = best["dice"] - best["dice_se"]
     close = [row for row in table if round(row["dice"], 12) >= round(floor, 12)]
     fewest = min(row["max_stages"] for row in close)
     return best_row([row for row in close if row["max_stages"] == fewest])

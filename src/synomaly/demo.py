@@ -201,9 +201,9 @@ def run_demo(output: str | Path = "synomaly-demo", *, train_steps: int = 0, devi
                                                                     " (shipped model; add --train-steps N to train it here).")
     best = result.best
     if best is not None and best["max_stages"] != result.detect["max_stages"]:
-        notes += (f" Calibration chose {result.detect['max_stages']} stage(s) at validation Dice {result.score:.3f}: the best "
-                  f"point, {best['max_stages']} stages at {best['dice']:.3f}, is within its standard error "
-                  f"({best['dice_se']:.3f} over {best['n']} slices), and fewer stages cost less.")
+        notes += (f" Calibration chose {result.detect['max_stages']} stage(s) at validation Dice {result.score:.3f}, within "
+                  f"one standard error ({best['dice_se']:.3f}, {best['n']} slices) of the best point's {best['dice']:.3f} "
+                  f"at {best['max_stages']} stages; fewer stages cost less.")
     path = build_report(output / "evaluation", report, title="Synomaly demo: MNI152 brain template with synthetic lesions",
                         notes=notes, model_info=model_summary(pipe), overwrite=overwrite)
     log.info("demo report: %s (%.0f s)", path, seconds)
