@@ -229,7 +229,7 @@ def volume_speed(s: dict) -> list[str]:
     if floors:
         out += ["", "Forward-only floor: the network alone over the volume as `detect` calls it (the same chunks), "
                 f"times {s['stages']} stages: " + "; ".join(
-                    f"{w['name']} {w['forward_floor_seconds']:.2f} s, so `detect` adds {w['seconds'] / w['forward_floor_seconds'] - 1:+.0%}"
+                    f"{w['name']} {w['forward_floor_seconds']:.2f} s (`detect` takes {w['seconds'] / w['forward_floor_seconds']:.2f}× that)"
                     for w in floors) + "."]
     trained = RESULTS / "cpu" / "lgg_flair" / "synomaly.json"
     if trained.is_file():  # a trained model stops most images early: the cost scales with the evaluations it runs

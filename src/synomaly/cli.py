@@ -68,10 +68,10 @@ def _common(parser: Any, device: bool = True) -> None:
 
 def _execution(parser: Any) -> None:
     parser.add_argument("--precision", default="32", choices=["32", "bf16"],
-                        help="network arithmetic: 32 (float32, exact) or bf16 (bfloat16 autocast: several times faster on "
+                        help="network arithmetic: 32 (float32, exact) or bf16 (bfloat16 autocast: faster on "
                              "GPUs and on CPUs with AMX; masks differ from float32's in about 0.1 percent of pixels)")
-    parser.add_argument("--compile", action="store_true", help="run the network through torch.compile (pays off on GPUs "
-                                                               "for large inputs; the first batch compiles)")
+    parser.add_argument("--compile", action="store_true", help="run the network through torch.compile (pays off over "
+                                                               "many inputs on GPUs, and with bf16 on CPUs; the first batch compiles)")
 
 
 def _mask_suffix(parser: Any, paired: bool = True) -> None:
