@@ -210,7 +210,7 @@ def _counts_line(aggregate: Mapping[str, Any]) -> str:
     line = (f"{format_value(aggregate.get('n_cases'))} test slices: {format_value(aggregate.get('n_anomalous'))} "
             f"anomalous, {format_value(aggregate.get('n_healthy'))} healthy")
     if "n_volumes" in aggregate:
-        line += (f"; {format_value(aggregate['n_volumes'])} volumes "
+        line += (f"; {format_value(aggregate['n_volumes'])} volume{'' if aggregate['n_volumes'] == 1 else 's'} "
                  f"({format_value(aggregate.get('n_volumes_anomalous'))} anomalous)")
     return line + "."
 
