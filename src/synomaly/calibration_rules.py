@@ -158,7 +158,7 @@ def _warn(result: CalibrationResult, message: str) -> None:
 
 
 def grid_row(point: tuple[int, int, float, int, str], dice_sum: float, nfe_sum: float, n: int,
-             dice_squares: float = 0.0) -> dict[str, Any]:
+             dice_squares: float) -> dict[str, Any]:
     """A table row: the settings (in ``TUNED_FIELDS`` order), mean Dice, its standard error (from the sum of the
     squared per-slice Dice values) and network evaluations over ``n`` slices."""
     mean = dice_sum / n
