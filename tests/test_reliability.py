@@ -431,11 +431,11 @@ def test_skip_mode_reports_every_bad_file_and_keeps_the_good_ones(files, tiny_mo
 KILL_DETECT = """
 import sys, time
 import synomaly.detect_files as detect_files
-original = detect_files._write_case_outputs
+original = detect_files.write_case_outputs
 def slow(*args, **kwargs):
     time.sleep(0.3)
     return original(*args, **kwargs)
-detect_files._write_case_outputs = slow
+detect_files.write_case_outputs = slow
 from synomaly.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -490,7 +490,7 @@ def test_a_failure_after_reading_is_one_named_input_and_summary_json_is_always_w
     import synomaly.detect_files as detect_files
 
     inputs = _three_pngs(tmp_path / "in")
-    original = detect_files._write_case_outputs
+    original = detect_files.write_case_outputs
 
     def failing(case_dir, *args, **kwargs):  # one output written, then the writer fails as nibabel does
         if case_dir.name == "b":
@@ -499,7 +499,7 @@ def test_a_failure_after_reading_is_one_named_input_and_summary_json_is_always_w
             raise HeaderDataError("Could not decompose affine")
         return original(case_dir, *args, **kwargs)
 
-    monkeypatch.setattr(detect_files, "_write_case_outputs", failing)
+    monkeypatch.setattr(detect_files, "write_case_outputs", failing)
     out = tmp_path / "out"
     code = main(["--quiet", "detect", *map(str, inputs), "-m", str(tiny_model_dir), "-o", str(out), "--device", "cpu",
                  "--on-error", on_error])
