@@ -181,6 +181,14 @@ ABLATIONS = {
     "abl-seed1": Method({"noise": "synomaly"}, stages=MULTI, train_options={"seed": 1},
                         note="`synomaly` (the preset's recipe) with training seed 1: the seed spread"),
     "abl-seed1-1stage": Method({}, shares="abl-seed1", note="`abl-seed1`, one stage"),
+    # The adopted lgg_flair point (t 100, kernel 7, threshold 0.1) and the busi point (t 300, kernel 7) lie on the grid's
+    # edges, so the grid is extended past them on validation; same model, calibration only.
+    "abl-grid-low": Method({}, shares="synomaly", stages=MULTI, t=(50, 100, 200), kernel=(5, 7, 9),
+                           threshold=(0.05, 0.075, 0.1, 0.15, 0.2),
+                           note="`synomaly` calibrated on a grid past its lower edges: t 50, kernel 9, thresholds 0.05 and 0.075"),
+    "abl-grid-high": Method({}, shares="synomaly", stages=MULTI, t=(300, 400, 500), kernel=(7, 9, 11),
+                            threshold=(0.15, 0.2, 0.25, 0.3, 0.35),
+                            note="`synomaly` calibrated on a grid past its upper edges: t 400 and 500, kernels 9 and 11"),
     "abl-fixed-range": Method({"noise": "synomaly"}, stages=MULTI, train_options=BOTH_FLIPS,
                               preprocess={"lgg_flair": {"normalization": "fixed", "foreground": "none"}},
                               note="keep the data's per-volume scale (0..255 to [-1, 1]) instead of per-slice min-max"),
