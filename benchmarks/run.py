@@ -314,19 +314,29 @@ def level_matched_auroc(per_case: list[dict[str, Any]], distances: np.ndarray, n
     return float(image_auroc(scores[keep], labels[keep].bool()))
 
 
+UNSUPERVISED_KEYS = ("dice_mean", "dice_pooled", "iou_mean", "fpr_healthy_mean")
+
+
 def unsupervised_metrics(record: dict[str, Any], folder: Path, data: Path, profile: Profile, device: str,
-                         foreground: list[str] | None) -> dict[str, Any]:
-    """Test metrics at the threshold a user without lesion masks gets: the healthy validation percentile."""
+                         foreground: list[str] | None, scored: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Test metrics at the threshold a user without lesion masks gets: the healthy validation percentile.
+
+    ``scored``: the test evaluation's ``aggregate_at`` rows (one-stage settings score that threshold in the same pass);
+    otherwise, multi-stage, a second evaluation runs at it.
+    """
     from synomaly.commands import run_evaluate
 
     threshold = record["calibration"]["healthy_percentile_threshold"]
     if threshold is None:
         return {"threshold": None}
+    for row in scored or ():
+        if row["threshold"] == threshold:
+            return {"threshold": threshold, "same_pass": True, **{key: row[key] for key in UNSUPERVISED_KEYS}}
     log.info("evaluating %s at the unsupervised threshold %.3f", record["method"], threshold)
     metrics = run_evaluate(folder / "model", [f"{data}:test_anomalous", f"{data}:test_healthy"], [f"{data}:test_masks", "none"],
                            folder / "evaluation-unsupervised", detect={"threshold": threshold}, foreground_masks=foreground,
                            batch_size=profile.detect_batch, device=device, overwrite=True)["aggregate"]
-    return {"threshold": threshold, **{key: metrics[key] for key in ("dice_mean", "dice_pooled", "iou_mean", "fpr_healthy_mean")}}
+    return {"threshold": threshold, **{key: metrics[key] for key in UNSUPERVISED_KEYS}}
 
 
 def run_one(profile_name: str, dataset_name: str, name: str, data_root: Path, runs: Path, results: Path,
@@ -360,8 +370,11 @@ def run_one(profile_name: str, dataset_name: str, name: str, data_root: Path, ru
     log.info("evaluating %s on test", name)
     start = time.perf_counter()
     test_foreground = foreground_of(method, dataset, test)
+    unsupervised = calibration["healthy_percentile_threshold"]
+    one_stage = calibration["detect"]["max_stages"] == 1 and unsupervised is not None
     metrics = run_evaluate(model, test, [f"{data}:test_masks", "none"], base / name / "evaluation",
-                           foreground_masks=test_foreground, batch_size=profile.detect_batch, device=device, overwrite=True)
+                           foreground_masks=test_foreground, batch_size=profile.detect_batch, device=device, overwrite=True,
+                           also_thresholds=(unsupervised,) if one_stage else ())
     eval_seconds = time.perf_counter() - start
     agg = metrics["aggregate"]
     n_anomalous = agg["n_anomalous"]
@@ -403,7 +416,8 @@ def run_one(profile_name: str, dataset_name: str, name: str, data_root: Path, ru
     }
     if not get_method(METHODS[trained_by].train.get("method", "diffusion")).reconstructs_image:
         record["metrics"]["ssim_healthy"] = None  # its "reconstruction" is x - p, no image
-    record["unsupervised"] = unsupervised_metrics(record, base / name, data, profile, device, test_foreground)
+    record["unsupervised"] = unsupervised_metrics(record, base / name, data, profile, device, test_foreground,
+                                                  metrics.get("aggregate_at"))
     _atomic.write_json(out, json_safe(record))
     log.info("%s/%s/%s: test Dice %.3f (validation %.3f) -> %s", profile_name, dataset_name, name,
              agg["dice_mean"], calibration["score"] or float("nan"), out)

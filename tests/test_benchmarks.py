@@ -58,9 +58,11 @@ def test_finished_runs_are_skipped(smoke_results):
 
 def test_unsupervised_threshold_is_evaluated_too(smoke_results):
     _, _, folder, _ = smoke_results
-    record = json.loads((folder / "synomaly.json").read_text())
-    assert record["unsupervised"]["threshold"] == record["calibration"]["healthy_percentile_threshold"]
-    assert 0 <= record["unsupervised"]["dice_mean"] <= 1
+    for method, same_pass in (("synomaly", False), ("synomaly-1stage", True)):  # one stage: scored in the test pass
+        record = json.loads((folder / f"{method}.json").read_text())
+        assert record["unsupervised"]["threshold"] == record["calibration"]["healthy_percentile_threshold"]
+        assert 0 <= record["unsupervised"]["dice_mean"] <= 1
+        assert record["unsupervised"].get("same_pass", False) is same_pass
 
 
 def test_docs_benchmarks_is_rendered_from_the_committed_results():

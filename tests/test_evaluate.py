@@ -285,3 +285,30 @@ def test_kept_cases_record_the_foreground_their_maps_count_in(random_pipeline, p
         if case in kept:
             assert np.array_equal(out.cases["foreground"][kept[case]], foreground[j, 0].numpy())
             assert not out.cases["anomaly_map"][kept[case]][~foreground[j, 0].numpy()].any()
+
+
+@pytest.mark.slow
+def test_also_thresholds_equal_separate_one_stage_evaluations(trained, data):
+    # With a foreground and the small-component filter, as a calibrated model runs: the extra masks must be the
+    # masks a separate evaluation at that threshold makes.
+    images, targets = data
+    foreground = torch.ones_like(targets)
+    foreground[..., :4, :] = False
+    common = dict(case_ids=CASE_IDS, batch_size=BATCH, keep_cases=2, progress=False, foreground=foreground, max_stages=1,
+                  min_size=3)
+    levels = (0.05, 0.12)
+    first = evaluate(trained, images, targets, threshold=0.2, also_thresholds=levels, **common).metrics
+    for row, level in zip(first["aggregate_at"], levels):
+        alone = evaluate(trained, images, targets, threshold=level, **common).metrics["aggregate"]
+        assert row["threshold"] == level
+        for key in ("dice_mean", "dice_pooled", "iou_mean", "fpr_healthy_mean"):
+            assert row[key] == pytest.approx(alone[key], abs=1e-12), key
+    assert first["aggregate_at"][0]["fpr_healthy_mean"] > first["aggregate"]["fpr_healthy_mean"]  # a lower threshold flags more
+    assert "aggregate_at" not in evaluate(trained, images, targets, **common).metrics
+
+
+def test_also_thresholds_are_refused_for_multi_stage_settings(random_pipeline, data):
+    images, targets = data
+    with pytest.raises(ConfigError, match="one-stage"):
+        evaluate(random_pipeline, images[:2], targets[:2], case_ids=CASE_IDS[:2], progress=False, max_stages=2,
+                 also_thresholds=(0.1,))

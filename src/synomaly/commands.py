@@ -254,8 +254,12 @@ def run_evaluate(
     foreground_masks: list[str] | None = None,
     overwrite: bool = False,
     recursive: bool = False,
+    also_thresholds: tuple[float, ...] = (),
 ) -> dict[str, Any]:
-    """Evaluate against masks: per-case and aggregate metrics as JSON and CSV in ``output``."""
+    """Evaluate against masks: per-case and aggregate metrics as JSON and CSV in ``output``.
+
+    ``also_thresholds`` (one-stage settings only) scores the masks at further thresholds from the same pass.
+    """
     from synomaly.evaluate import evaluate, write_evaluation
     from synomaly.volumes import slice_numbers, volume_layout
 
@@ -270,7 +274,8 @@ def run_evaluate(
     overrides = {k: v for k, v in (detect or {}).items() if v is not None}
     result = evaluate(pipe, cases.images, cases.masks, case_ids=cases.case_ids, group_ids=cases.group_ids,
                       slice_numbers=slice_numbers(cases.files), foreground=cases.foreground, volumes=volume_layout(cases),
-                      batch_size=batch_size, seed=seed, progress=show_progress(), **overrides)
+                      batch_size=batch_size, seed=seed, progress=show_progress(), also_thresholds=also_thresholds,
+                      **overrides)
     result.metrics["model"] = {"folder": str(model), "config": pipe.config.to_dict(), "precision": precision}
     result.metrics["data"] = {"images": list(data), "masks": list(masks),
                               "foreground masks": None if foreground_masks is None else list(foreground_masks)}

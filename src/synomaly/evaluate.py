@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +36,8 @@ from synomaly._evaluation_io import (
 )
 from synomaly.detect import DetectionOutput, check_inputs
 from synomaly.errors import ConfigError
-from synomaly.metrics import Counts, PixelRankingMetrics, SegmentationEvaluator, confusion_counts, dice
+from synomaly.maps import above_threshold, remove_small_components
+from synomaly.metrics import Counts, PixelRankingMetrics, SegmentationEvaluator, confusion_counts, dice, fpr, iou, nanmean_count
 from synomaly.pipeline import SynomalyPipeline
 from synomaly.volume_keeper import VolumeKeeper
 from synomaly.volumes import VolumeLayout
@@ -89,6 +91,7 @@ def evaluate(
     ap_thresholds: int | None = None,
     keep_cases: int = 12,
     progress: bool = True,
+    also_thresholds: Sequence[float] = (),
     **detect_overrides: Any,
 ) -> EvaluationResult:
     """Detect anomalies in test slices and measure them against the lesion masks.
@@ -110,6 +113,9 @@ def evaluate(
             bytes each, until the end), or a number of bins on ``clip(map / 2, 0, 1)`` (constant memory).
         keep_cases: How many cases to keep arrays of.
         progress: Show a progress bar.
+        also_thresholds: Further map thresholds whose masks are scored from the same pass (``aggregate_at``
+            in the metrics: Dice, IoU and healthy-slice FPR). One-stage settings only: a later stage's
+            input depends on the threshold, so a multi-stage mask cannot be made from the final map.
         **detect_overrides: ``DetectConfig`` fields overriding the pipeline's settings.
 
     Returns:
@@ -120,12 +126,16 @@ def evaluate(
     if volumes is not None and not len(volumes.positions) == len(volumes.voxel_ml) == len(images):
         raise ValueError(f"got a volume layout of {len(volumes.positions)} slices for {len(images)} images")
     config = pipeline.detect_config(**detect_overrides)
+    if also_thresholds and config.max_stages != 1:
+        raise ConfigError("also_thresholds", f"needs one-stage settings (max_stages 1, got {config.max_stages}): later stages "
+                                             "depend on the threshold")
     anomalous = masks.flatten(1).any(1) if masks is not None else torch.zeros(len(images), dtype=torch.bool)
     state = _State(
         evaluator=SegmentationEvaluator(ap_thresholds=ap_thresholds, map_max=MAP_MAX, volume_connectivity=config.connectivity),
         curves=PixelRankingMetrics(CURVE_THRESHOLDS, MAP_MAX, curves=True),
         stages=_StageDice(config.max_stages),
         keeper=_CaseKeeper(keep_cases, int(anomalous.sum()), int((~anomalous).sum())),
+        at=_AtThresholds(tuple(also_thresholds), config.min_size, config.connectivity),
     )
     kept_volumes = VolumeKeeper(masks, group_ids, slice_numbers, len(images))
     generator = torch.Generator(device=pipeline.device).manual_seed(seed)
@@ -162,6 +172,36 @@ def _batch_mask(masks: Tensor | None, batch: slice, like: Tensor) -> Tensor:
     if masks is None:
         return torch.zeros_like(like, dtype=torch.bool)
     return masks[batch].to(like.device, torch.bool)
+
+
+class _AtThresholds:
+    """Dice, IoU and healthy-slice FPR of one-stage masks at further thresholds, from the same maps.
+
+    A one-stage mask is the (foreground-zeroed) map at or above the threshold, less its small components
+    (``synomaly.detect.stage_mask``), so another threshold needs no other network evaluation.
+    """
+
+    def __init__(self, thresholds: tuple[float, ...], min_size: int, connectivity: int) -> None:
+        self.thresholds, self.min_size, self.connectivity = thresholds, min_size, connectivity
+        self._counts: list[list[Counts]] = [[] for _ in thresholds]
+
+    def update(self, anomaly_map: Tensor, target: Tensor) -> None:
+        if not self.thresholds:
+            return
+        levels = torch.tensor(self.thresholds, device=anomaly_map.device, dtype=anomaly_map.dtype).view(-1, 1, 1, 1, 1)
+        masks, _ = remove_small_components(above_threshold(anomaly_map, levels).flatten(0, 1), self.min_size, self.connectivity)
+        for counts, mask in zip(self._counts, masks.unflatten(0, (len(self.thresholds), -1))):
+            counts.append(confusion_counts(mask, target).cpu())
+
+    def compute(self) -> list[dict[str, float]]:
+        rows = []
+        for threshold, parts in zip(self.thresholds, self._counts):
+            counts = Counts.cat(parts)
+            anomalous = counts.tp + counts.fn > 0
+            rows.append({"threshold": threshold, "dice_mean": nanmean_count(dice(counts)[anomalous])[0],
+                         "dice_pooled": float(dice(counts.sum())), "iou_mean": nanmean_count(iou(counts)[anomalous])[0],
+                         "fpr_healthy_mean": nanmean_count(fpr(counts)[~anomalous])[0]})
+        return rows
 
 
 class _OracleDice:
@@ -218,6 +258,7 @@ class _State:
     curves: PixelRankingMetrics  # binned, for the pooled PR and ROC curves
     stages: _StageDice
     keeper: _CaseKeeper
+    at: _AtThresholds
     oracle: _OracleDice = dataclasses.field(default_factory=_OracleDice)
     seconds: float = 0.0
     nfe_sum: int = 0
@@ -251,6 +292,7 @@ class _State:
         self.curves.update(out.anomaly_map, target)
         self.stages.update(out.stage_masks, target)
         self.oracle.update(out.anomaly_map, target)
+        self.at.update(out.anomaly_map, target)
         self.keeper.update(start, x0, target, out, dice(confusion_counts(out.mask, target)).cpu(), foreground)
         self.nfe_sum += int(out.nfe.sum())
         self.nfe_max = max(self.nfe_max, int(out.nfe.max()))
@@ -265,6 +307,8 @@ class _State:
             dice_per_stage=self.stages.compute(),
             **self.oracle.compute(),
         )
+        if self.at.thresholds:
+            metrics["aggregate_at"] = self.at.compute()
         metrics["curves"] = self.curves.curves()
         return metrics
 
