@@ -330,3 +330,22 @@ def test_the_low_dice_warning_reads_the_best_point_not_the_chosen_one():
     low = result(best=0.04, chosen=0.03)
     apply_fallbacks(low)
     assert any("the best validation Dice is 0.040" in w for w in low.warnings)
+
+
+def test_the_time_estimate_costs_one_network_call_even_for_autoddpm(random_pipeline, caplog):
+    import dataclasses
+
+    from synomaly.calibrate import _announce
+
+    pipe = random_pipeline
+    pipe.config = dataclasses.replace(pipe.config, detect=pipe.detect_config(sampler="autoddpm", chain_steps=2, inpaint_t=3,
+                                                                              resamplings=2))
+    calls = []
+    network = pipe.network
+    pipe.network = lambda x, t: calls.append(len(x)) or network(x, t)
+    size = pipe.preprocessing.size
+    images = torch.zeros(5, 1, size, size)
+    with caplog.at_level(logging.INFO, logger="synomaly.calibrate"):
+        _announce(pipe, images, CalibrationGrid(t=(20,), kernel=(3,), threshold=(0.1,), max_stages=(1,)), 3, 2, 4)
+    assert calls == [4]  # one batch through the network, not a 2 + 3 x 2 evaluation reconstruction
+    assert "at most 40 network evaluations" in caplog.text  # (2 + 6) per image, 5 images
