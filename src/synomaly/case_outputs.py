@@ -123,12 +123,12 @@ def _remove_stale(case_dir: Path, names: Any, written: set[str]) -> None:
 
 
 def _write_maps(case_dir: Path, record: Any, restored: dict[str, np.ndarray], settings: DetectConfig, pre: Preprocessing,
-                formats: tuple[str, ...]) -> dict[str, Any]:
-    """Write the mask, anomaly map and reconstruction; returns ``files`` (what ``score`` reads), ``pictures`` and ``scales``."""
+                formats: tuple[str, ...], spatial: bool) -> dict[str, Any]:
+    """Write the mask, anomaly map and reconstruction (NIfTI on the input's grid when ``spatial``); returns ``files``
+    (what ``score`` reads), ``pictures`` and ``scales``."""
     from synomaly.io import write_image
 
     props = record.properties
-    spatial = props.format in ("nifti", "dicom", "dicom-series") and props.affine is not None
     files: dict[str, str] = {}
     for suffix in [".nii.gz"] if spatial else [".npy"] if "npy" in formats else []:
         for name, array in restored.items():
@@ -178,7 +178,7 @@ def write_case_outputs(case_dir: Path, record: Any, images: np.ndarray, outputs:
     dropped = None
     if spatial and min_volume is not None:
         restored["mask"], dropped = _filter_volume(restored["mask"], record, outputs, min_volume, settings.connectivity)
-    fields = _write_maps(case_dir, record, restored, settings, pre, formats)
+    fields = _write_maps(case_dir, record, restored, settings, pre, formats, spatial)
     files = fields["files"]
     best = int(outputs["score"].argmax())
     best_outputs = {key: outputs[key][best, 0].numpy() for key in ("reconstruction", "anomaly_map", "mask")}
