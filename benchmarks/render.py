@@ -47,12 +47,17 @@ def oracle(m: dict) -> str:
 
 
 def earlier_recipe(r: dict, dataset: str) -> bool:
-    """Whether a run's model was preprocessed with another foreground rule than its dataset's preset has now."""
+    """Whether a run's model was made with another foreground rule or other training flips than its dataset's preset
+    has now (unless the run set them itself)."""
     from synomaly.preprocess import MODALITY_PRESETS
 
-    preset = MODALITY_PRESETS[DATASETS[dataset].preset]
-    recorded = (r["config"]["model"].get("preprocess") or {}).get("foreground", "none")
-    return recorded != preset["foreground"] and not r["config"].get("preprocess") and not r["config"].get("data_foreground")
+    preset, config = MODALITY_PRESETS[DATASETS[dataset].preset], r["config"]
+    recorded = (config["model"].get("preprocess") or {}).get("foreground", "none")
+    foreground = recorded != preset["foreground"] and not config.get("preprocess") and not config.get("data_foreground")
+    flips = (config["model"].get("training") or {}).get("flips")
+    flips = {True: "both", False: "none"}.get(flips, flips)
+    flips_differ = flips is not None and flips != preset.get("flips", "both") and "flips" not in (config.get("train_options") or {})
+    return foreground or flips_differ
 
 
 def metrics_table(runs: dict[str, dict], dataset: str = "") -> list[str]:
@@ -152,7 +157,7 @@ def dataset_section(profile: str, dataset: str) -> list[str]:
         out += [f"Not run yet: {', '.join(f'`{m}`' for m in missing)}.", ""]
     out += metrics_table(runs, dataset) + [""]
     if any(earlier_recipe(r, dataset) for r in runs.values()):
-        out += ["† made with an earlier preset, whose foreground rule differs from the current "
+        out += ["† made with an earlier preset, whose foreground rule or training flips differ from the current "
                 f"`{DATASETS[dataset].preset}` preset's; not yet rerun at the current defaults, so not a same-budget "
                 "comparison with the other rows.", ""]
     if dataset in VOLUME_DATASETS:

@@ -265,8 +265,11 @@ def train_model(name: str, method: Method, profile: Profile, dataset: Dataset, d
     train_method = method.train.get("method", "diffusion")
     if not get_method(train_method).trained:
         options["steps"] = 0
-    if config_file.exists() and json.loads(config_file.read_text())["training"].get("final_step") == options["steps"]:
-        return spent
+    if config_file.exists():
+        recorded = json.loads(config_file.read_text())
+        check_recipe(recorded, method, dataset, dataset_name, profile, options, config_file)
+        if recorded["training"].get("final_step") == options["steps"]:
+            return spent
     options["steps"] = max(options["steps"], 1)
     sources, masks = [f"{data}:train_healthy"], None
     if get_method(train_method).needs_masks:
@@ -282,6 +285,29 @@ def train_model(name: str, method: Method, profile: Profile, dataset: Dataset, d
     spent += time.perf_counter() - start
     _atomic.write_json(ledger, {"seconds": spent})
     return spent
+
+
+def check_recipe(recorded: dict[str, Any], method: Method, dataset: Dataset, dataset_name: str, profile: Profile,
+                 options: dict[str, Any], config_file: Path) -> None:
+    """Stop when a model folder was trained with another recipe than this run's (a preset changed since).
+
+    A finished or interrupted model is reused by name, so without this check a changed default (flips, foreground,
+    intensity scaling) would silently be measured with the old model.
+    """
+    from synomaly.preprocess import Preprocessing, preset_flips
+
+    pre = Preprocessing.from_preset(dataset.preset, size=profile.image_size, **(method.preprocess.get(dataset_name) or {}))
+    wanted = {f"preprocess.{k}": v for k, v in json.loads(json.dumps(pre.to_dict())).items()}
+    if get_method(method.train.get("method", "diffusion")).trained:
+        wanted["training.flips"] = options.get("flips") or preset_flips(dataset.preset)
+        wanted.update({f"training.{k}": options[k] for k in ("seed", "loss") if k in options})
+    flips = {True: "both", False: "none"}
+    have = {key: recorded.get(key.split(".")[0], {}).get(key.split(".")[1]) for key in wanted}
+    have = {key: flips.get(value, value) if key == "training.flips" else value for key, value in have.items()}
+    differ = [f"{key} {have[key]!r} there, {wanted[key]!r} now" for key in wanted if have[key] != wanted[key]]
+    if differ:
+        raise SystemExit(f"benchmark: {config_file.parent}: trained with another recipe ({'; '.join(differ)}); remove the "
+                         "folder (and the result files made with it) to train it again")
 
 
 def batch1_ms(model: Path, data: Path, device: str, foreground: list[str] | None, n: int = 16) -> float:

@@ -56,6 +56,20 @@ def test_finished_runs_are_skipped(smoke_results):
     assert {m: (folder / f"{m}.json").read_bytes() for m in methods} == before
 
 
+def test_a_model_trained_with_another_recipe_is_not_reused(smoke_results, monkeypatch):
+    run, argv, folder, _ = smoke_results
+    (folder / "synomaly.json").rename(folder / "synomaly.json.kept")
+    try:
+        # The preset's flips change after the model was trained: the harness stops instead of measuring the old model.
+        changed = dict(run.METHODS["synomaly"].train_options, flips="none")
+        monkeypatch.setitem(run.METHODS, "synomaly", run.dataclasses.replace(run.METHODS["synomaly"], train_options=changed))
+        with pytest.raises(SystemExit, match=r"synomaly/model: trained with another recipe \(training.flips 'horizontal' "
+                                             r"there, 'none' now\); remove the folder"):
+            run.main([*argv[:argv.index("--methods") + 1], "synomaly", *argv[argv.index("--data-root"):]])
+    finally:
+        (folder / "synomaly.json.kept").rename(folder / "synomaly.json")
+
+
 def test_unsupervised_threshold_is_evaluated_too(smoke_results):
     _, _, folder, _ = smoke_results
     for method, same_pass in (("synomaly", False), ("synomaly-1stage", True)):  # one stage: scored in the test pass

@@ -215,7 +215,8 @@ def test_computed_foreground_is_used_without_masks_and_erosion_is_recorded(tmp_p
     assert json.loads((out / "summary.json").read_text())["cases"][0]["score"] == [16.0] * 4
 
 
-@pytest.mark.parametrize("preset, flips, foreground", [("brain-flair", "horizontal", "auto"), ("ultrasound", "both", "disk")])
+@pytest.mark.parametrize("preset, flips, foreground", [("brain-flair", "horizontal", "auto"), ("ultrasound", "horizontal", "disk"),
+                                                     ("carotid-ultrasound", "both", "disk")])
 def test_presets_set_the_recipe_unless_told_otherwise(tmp_path, preset, flips, foreground):
     from synomaly.commands import run_train
 

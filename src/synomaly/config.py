@@ -275,7 +275,7 @@ class TrainConfig:
         ema_decay: Decay of the exponential moving average of the weights that is exported.
         loss: ``mse`` or ``hybrid`` (MSE plus the fixed-variance variational bound).
         flips: Random flips, each axis with probability 1/2: ``both``, ``horizontal`` (left-right
-            only: keeps brains upright), ``vertical`` or ``none``. ``true``/``false`` mean ``both``/``none``;
+            only: keeps brains and ultrasound upright), ``vertical`` or ``none``. ``true``/``false`` mean ``both``/``none``;
             ``None`` (the default) takes the modality preset's (``synomaly train``), else ``both``.
         precision: ``32`` or ``bf16`` (mixed).
         accelerator: Lightning accelerator (``auto``, ``cpu``, ``gpu``).

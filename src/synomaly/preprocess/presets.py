@@ -22,10 +22,13 @@ MODALITY_PRESETS: dict[str, dict[str, Any]] = {
         "flips": "horizontal",
     },
     "ultrasound": {
-        "description": "B-mode ultrasound with dark (hypoechoic) lesions, e.g. BUSI",
+        "description": "B-mode ultrasound with dark (hypoechoic) lesions, e.g. BUSI; images kept upright",
         "noise": {"sigma": 7.0, "threshold": 150.0, "offset": 0.5, "direction": -1},
         "reference_size": 128,
         "foreground": "disk",
+        # Chosen on busi validation Dice (docs/benchmarks.md, ablations): left-right flips only; the probe
+        # stays at the top, so depth keeps its direction (near-field speckle above, shadows below).
+        "flips": "horizontal",
     },
     "carotid-ultrasound": {
         "description": "carotid ultrasound as in the paper (plaques brighter than the lumen)",
