@@ -303,10 +303,13 @@ def check_recipe(recorded: dict[str, Any], method: Method, dataset: Dataset, dat
     if get_method(method.train.get("method", "diffusion")).trained:
         wanted["training.flips"] = options.get("flips") or preset_flips(dataset.preset)
         wanted.update({f"training.{k}": options[k] for k in ("seed", "loss") if k in options})
-    flips = {True: "both", False: "none"}
-    have = {key: recorded.get(key.split(".")[0], {}).get(key.split(".")[1]) for key in wanted}
-    have = {key: flips.get(value, value) if key == "training.flips" else value for key, value in have.items()}
-    differ = [f"{key} {have[key]!r} there, {wanted[key]!r} now" for key in wanted if have[key] != wanted[key]]
+    differ = []
+    for key, value in wanted.items():
+        section, name = key.split(".")
+        have = recorded.get(section, {}).get(name)
+        have = {True: "both", False: "none"}.get(have, have) if name == "flips" else have  # older folders: a bool
+        if have != value:
+            differ.append(f"{key} {have!r} there, {value!r} now")
     if differ:
         raise SystemExit(f"benchmark: {config_file.parent}: trained with another recipe ({'; '.join(differ)}); remove the "
                          "folder (and the result files made with it) to train it again")
