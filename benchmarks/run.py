@@ -194,6 +194,9 @@ ABLATIONS = {
     # On busi the test Dice still rises at the fifth stage (docs/benchmarks.md), so the stage cap is extended; same model.
     "abl-more-stages": Method({}, shares="synomaly", stages=(5, 7, 10),
                               note="`synomaly` calibrated with up to 10 stages (caps 5, 7, 10) instead of 2, 3, 5"),
+    "abl-fusion-continuous": Method({}, shares="synomaly", stages=MULTI, detect={"fusion": "continuous"},
+                                    note="`synomaly` with continuous fusion (weight: the thresholded difference, as the "
+                                    "reference scripts) instead of binary"),
     "abl-fixed-range": Method({"noise": "synomaly"}, stages=MULTI, train_options=BOTH_FLIPS,
                               preprocess={"lgg_flair": {"normalization": "fixed", "foreground": "none"}},
                               note="keep the data's per-volume scale (0..255 to [-1, 1]) instead of per-slice min-max"),
