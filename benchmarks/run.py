@@ -101,6 +101,7 @@ class Method:
     t: tuple[int, ...] | None = None  # None: the profile's grid
     kernel: tuple[int, ...] | None = None
     threshold: tuple[float, ...] | None = None
+    fusion: tuple[str, ...] = ("binary",)  # the multi-stage fusion modes of the grid
     note: str = ""
 
 
@@ -194,7 +195,7 @@ ABLATIONS = {
     # On busi the test Dice still rises at the fifth stage (docs/benchmarks.md), so the stage cap is extended; same model.
     "abl-more-stages": Method({}, shares="synomaly", stages=(5, 7, 10),
                               note="`synomaly` calibrated with up to 10 stages (caps 5, 7, 10) instead of 2, 3, 5"),
-    "abl-fusion-continuous": Method({}, shares="synomaly", stages=MULTI, detect={"fusion": "continuous"},
+    "abl-fusion-continuous": Method({}, shares="synomaly", stages=MULTI, fusion=("continuous",),
                                     note="`synomaly` with continuous fusion (weight: the thresholded difference, as the "
                                     "reference scripts) instead of binary"),
     "abl-fixed-range": Method({"noise": "synomaly"}, stages=MULTI, train_options=BOTH_FLIPS,
@@ -398,7 +399,7 @@ def run_one(profile_name: str, dataset_name: str, name: str, data_root: Path, ru
     if method.shares:
         link_model(base / trained_by / "model", model, method.infer_preprocess)
     grid = CalibrationGrid(t=method.t or profile.t, kernel=method.kernel or profile.kernel,
-                           threshold=method.threshold or profile.threshold, max_stages=method.stages)
+                           threshold=method.threshold or profile.threshold, max_stages=method.stages, fusion=method.fusion)
     log.info("calibrating %s on validation", name)
     val, test = [f"{data}:val_anomalous", f"{data}:val_healthy"], [f"{data}:test_anomalous", f"{data}:test_healthy"]
     calibration = run_calibrate(model, val, masks=[f"{data}:val_masks", "none"], foreground_masks=foreground_of(method, dataset, val),
