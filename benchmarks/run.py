@@ -293,6 +293,12 @@ def train_model(name: str, method: Method, profile: Profile, dataset: Dataset, d
     return spent
 
 
+def recorded_flips(training: dict[str, Any]) -> str | None:
+    """The training flips a model folder records (older folders record a bool)."""
+    flips = training.get("flips")
+    return {True: "both", False: "none"}.get(flips, flips)
+
+
 def check_recipe(recorded: dict[str, Any], method: Method, dataset: Dataset, dataset_name: str, profile: Profile,
                  options: dict[str, Any], config_file: Path) -> None:
     """Stop when a model folder was trained with another recipe than this run's (a preset changed since).
@@ -310,8 +316,7 @@ def check_recipe(recorded: dict[str, Any], method: Method, dataset: Dataset, dat
     differ = []
     for key, value in wanted.items():
         section, name = key.split(".")
-        have = recorded.get(section, {}).get(name)
-        have = {True: "both", False: "none"}.get(have, have) if name == "flips" else have  # older folders: a bool
+        have = recorded_flips(recorded.get(section, {})) if name == "flips" else recorded.get(section, {}).get(name)
         if have != value:
             differ.append(f"{key} {have!r} there, {value!r} now")
     if differ:
