@@ -203,8 +203,9 @@ ABLATIONS = {
                               note="keep the data's per-volume scale (0..255 to [-1, 1]) instead of per-slice min-max"),
     "abl-hybrid": Method({"noise": "synomaly"}, stages=MULTI, preprocess=NO_FG, train_options={"loss": "hybrid", **BOTH_FLIPS},
                          note="hybrid loss (MSE + variational bound) instead of MSE"),
-    "abl-3000-steps": Method({"noise": "synomaly"}, stages=MULTI, preprocess=NO_FG, train_options={"steps": 3000, **BOTH_FLIPS},
-                             note="3000 training steps instead of 1500"),
+    "abl-3000-steps": Method({"noise": "synomaly"}, stages=MULTI, train_options={"steps": 3000},
+                             note="`synomaly` (the preset's recipe) trained for 3000 steps instead of 1500"),
+    "abl-3000-steps-1stage": Method({}, shares="abl-3000-steps", note="`abl-3000-steps`, one stage"),
 }
 METHODS.update({name: dataclasses.replace(method, ablation=True) for name, method in ABLATIONS.items()})
 
