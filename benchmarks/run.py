@@ -212,6 +212,17 @@ ABLATIONS = {
 }
 METHODS.update({name: dataclasses.replace(method, ablation=True) for name, method in ABLATIONS.items()})
 
+# Each baseline without a foreground: only Synomaly noise uses the foreground in training, so for every other method it
+# acts at inference alone, and the same trained model, calibrated and evaluated with ``foreground: none``, shows what the
+# head mask adds to it (`synomaly`'s counterpart is `abl-hflip`, which is trained without one). Run on `lgg_flair`.
+NO_FOREGROUND = {f"{name}-no-fg": name for name in ("ddpm-gaussian", "ddpm-gaussian-multistage", "dae", "ddpm-simplex",
+                                                     "ddpm-simplex-1step", "autoddpm-ssim", "ddpm-coarse", "ddpm-pyramid",
+                                                     "supervised-unet", "vae", "fanogan")}
+METHODS.update({name: dataclasses.replace(METHODS[of], train={}, shares=METHODS[of].shares or of, ablation=True,
+                                          infer_preprocess={**METHODS[of].infer_preprocess, "foreground": "none"},
+                                          note=f"`{of}` without a foreground")
+                for name, of in NO_FOREGROUND.items()})
+
 
 def fewer_stages_choice(calibration: dict[str, Any]) -> dict[str, Any] | None:
     """The point and validation Dice that ``calibrate``'s default ``fewer-stages`` rule takes from the same grid."""

@@ -28,7 +28,7 @@ def load(name):
 def smoke_results(shared_data, tmp_path_factory):
     run = load("run")
     root = tmp_path_factory.mktemp("bench")
-    methods = ["synomaly", "synomaly-1stage", "ddpm-simplex", "dae", "supervised-unet"]
+    methods = ["synomaly", "synomaly-1stage", "ddpm-simplex", "dae", "dae-no-fg", "supervised-unet"]
     argv = ["--profile", "smoke", "--datasets", "lgg_flair", "--methods", *methods, "--data-root", str(shared_data),
             "--runs", str(root / "runs"), "--results", str(root / "results")]
     assert run.main(argv) == 0
@@ -47,6 +47,17 @@ def test_every_run_writes_the_required_fields(smoke_results):
     assert one_stage["trained_as"] == "synomaly" and one_stage["train_seconds"] == synomaly["train_seconds"]
     chain = json.loads((folder / "ddpm-simplex.json").read_text())
     assert chain["chosen"]["sampler"] == "chain" and chain["nfe_mean"] == 10
+
+
+def test_a_baseline_without_foreground_reuses_its_model_and_drops_the_head_mask(smoke_results):
+    run, argv, folder, _ = smoke_results
+    with_fg, without = (json.loads((folder / f"{m}.json").read_text()) for m in ("dae", "dae-no-fg"))
+    assert without["trained_as"] == "dae" and without["train_seconds"] == with_fg["train_seconds"]
+    runs = Path(argv[argv.index("--runs") + 1]) / "smoke" / "lgg_flair"
+    foreground = {m: json.loads((runs / m / "model" / "config.json").read_text())["preprocess"]["foreground"]
+                  for m in ("dae", "dae-no-fg")}
+    assert foreground == {"dae": "auto", "dae-no-fg": "none"}
+    assert (runs / "dae-no-fg" / "model" / "model.safetensors").read_bytes() == (runs / "dae" / "model" / "model.safetensors").read_bytes()
 
 
 def test_finished_runs_are_skipped(smoke_results):
