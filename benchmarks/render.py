@@ -142,17 +142,15 @@ def ablation_table(runs: dict[str, dict], baseline: dict | None) -> list[str]:
 
 def no_foreground_table(runs: dict[str, dict], with_foreground: dict[str, dict]) -> list[str]:
     """Each baseline's model with and without the foreground: what the foreground adds to it."""
-    def pair(get, without: dict, with_: dict | None) -> str:
-        return f"{fmt(get(with_)) if with_ else '–'} / {fmt(get(without))}"
-
+    columns = (lambda r: r["calibration"]["score"], lambda r: r["metrics"]["dice_mean"], lambda r: r["metrics"]["ap"],
+               lambda r: r["metrics"]["fpr_healthy_mean"])
     lines = ["| method | validation Dice with / without | test Dice (mean) with / without | AP with / without "
              "| healthy-slice FPR with / without | chosen t / kernel / threshold without |", "|---|---:|---:|---:|---:|---|"]
     for name, r in runs.items():
-        of, c = NO_FOREGROUND[name], r["chosen"]
-        w = with_foreground.get(of)
-        lines.append(f"| `{of}` | {pair(lambda x: x['calibration']['score'], r, w)} "
-                     f"| **{pair(lambda x: x['metrics']['dice_mean'], r, w)}** | {pair(lambda x: x['metrics']['ap'], r, w)} "
-                     f"| {pair(lambda x: x['metrics']['fpr_healthy_mean'], r, w)} | {c['t']} / {c['kernel']} / {c['threshold']} |")
+        w, c = with_foreground.get(NO_FOREGROUND[name]), r["chosen"]
+        cells = [f"{fmt(get(w)) if w else '–'} / {fmt(get(r))}" for get in columns]
+        cells[1] = f"**{cells[1]}**"
+        lines.append(f"| `{NO_FOREGROUND[name]}` | {' | '.join(cells)} | {c['t']} / {c['kernel']} / {c['threshold']} |")
     return lines
 
 
